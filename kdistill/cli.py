@@ -1,0 +1,106 @@
+"""Command line: kdistill run | demo | predict. Errors the user can fix print one line, no traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import build_config, preset_names
+from .errors import KdistillError
+
+EPILOG = """examples:
+  kdistill demo --out runs/demo
+  kdistill run --data DATA --out runs/exp1 --preset seed-nguyen
+  kdistill run --data DATA --out runs/exp2 --preset seed-shen --set image_size=128 --set student.epochs=20
+  kdistill run --data DATA --out runs/exp3 --config my.yaml
+  kdistill predict --run runs/exp1 --images more_photos/
+
+Any setting can be changed with --set section.key=value (see config.yaml in a run folder for all of them).
+Run again with the same --out to resume an interrupted run."""
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=preset_names(), help="a built-in recipe")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML file of settings (repeatable; later files win)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="override one setting, e.g. --set distill.temperature=4 (repeatable)")
+    parser.add_argument("--seed", type=int, help="random seed; the same seed repeats a run on the same machine")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="don't train the comparison student without a teacher")
+
+
+def _overrides(args: argparse.Namespace, **fixed) -> dict:
+    overrides = {key: value for key, value in fixed.items() if value is not None}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.device:
+        overrides["device"] = args.device
+    if args.skip_bad:
+        overrides["skip_bad"] = True
+    if args.no_baseline:
+        overrides["baseline"] = False
+    return overrides
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(
+        prog="kdistill", description="Distill a large pretrained image classifier into a small, fast student.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = main_parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="prepare data, train teacher, student and baseline, report, predict, export",
+                              description="From DATA/train/<class>/, DATA/val/<class>/ (optional) and DATA/test/ "
+                                          "(optional) to a distilled student, a report and predictions in OUT.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--data", required=True, help="image folder in the layout train/<class>/, val/<class>/, test/")
+    run.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
+    _add_setting_flags(run)
+
+    demo = commands.add_parser("demo", help="run the whole pipeline on the built-in digits dataset (no download)")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    _add_setting_flags(demo)
+
+    predict = commands.add_parser("predict", help="label new images with a finished run's student")
+    predict.add_argument("--run", required=True, help="a finished run folder (holds student.pt)")
+    predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    predict.add_argument("--output", help="CSV to write (default RUN/predictions-<folder name>.csv)")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    return main_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "predict":
+            from .predict import predict_folder
+
+            name = os.path.basename(os.path.normpath(args.images)) or "images"
+            output = args.output or os.path.join(args.run, f"predictions-{name}.csv")
+            count = predict_folder(args.run, args.images, output, args.batch_size, skip_bad=args.skip_bad)
+            print(f"wrote {count} predictions to {output}")
+            return 0
+        from .pipeline import run
+
+        if args.command == "demo":
+            from .demo import write_digits
+
+            data = write_digits(os.path.join(args.out, "data"))
+            cfg = build_config(args.preset or "demo", tuple(args.config), _overrides(args, data=data, out=args.out),
+                               args.sets)
+        else:
+            cfg = build_config(args.preset, tuple(args.config), _overrides(args, data=args.data, out=args.out),
+                               args.sets)
+        run(cfg)
+        return 0
+    except KdistillError as e:
+        print(f"kdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None) or getattr(args, "run", "")
+        print(f"\nkdistill: interrupted; finished epochs are saved in {out}. Run the same command again to "
+              f"resume.", file=sys.stderr)
+        return 130

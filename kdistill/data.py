@@ -1,0 +1,326 @@
+"""Data: scan the image folder, decode once into a uint8 cache, serve epochs as tensor slices.
+
+Layout: DATA/train/<class>/*, DATA/val/<class>/* (optional), DATA/test/** (optional, unlabelled).
+The cache lives in cache_dir/<key>/ where the key hashes every file's path, size and mtime plus
+the image size, so changed data can never be served from an old cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from filelock import FileLock
+from tqdm import tqdm
+
+from .errors import KdistillError
+from .fileio import atomic_write_text
+from .images import IGNORED_NAMES, IMAGE_SUFFIXES, decode_task
+
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitFiles:
+    root: str  # the folder file names are relative to
+    files: list[str]
+    labels: list[int] | None  # None for the unlabelled test split
+    stats: list[tuple[int, int]] = field(default_factory=list)  # (size, mtime_ns) per file
+
+
+@dataclass
+class DatasetFiles:
+    classes: list[str]
+    splits: dict[str, SplitFiles]
+    rejected: list[tuple[str, str]]  # (path, reason): non-image or unreadable entries
+    notices: list[str]
+
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image paths under root (relative, sorted) and the entries that are not usable images.
+
+    Follows folder symlinks but visits each real folder once, so a symlink loop ends.
+    """
+    images, rejected, seen = [], [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not _is_ignored(d))
+        for name in sorted(names):
+            if _is_ignored(name):
+                continue
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):  # a dangling symlink or a symlink loop
+                rejected.append((path, "unreadable (broken or looping symlink)"))
+            elif os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+                rejected.append((path, "not an image file"))
+            else:
+                images.append(os.path.relpath(path, root))
+    return images, rejected
+
+
+def _class_folders(split_dir: str) -> list[str]:
+    return sorted(d for d in os.listdir(split_dir)
+                  if not _is_ignored(d) and os.path.isdir(os.path.join(split_dir, d)))
+
+
+def _labelled_split(split_dir: str, classes: list[str], rejected: list) -> SplitFiles:
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        if not os.path.isdir(class_dir):
+            continue
+        found, bad = list_images(class_dir)
+        rejected += bad
+        if not found and not bad:
+            raise KdistillError(f"class folder {class_dir} has no images")
+        files += [os.path.join(name, f) for f in found]
+        labels += [label] * len(found)
+    return SplitFiles(split_dir, files, labels)
+
+
+def _stratified_split(train: SplitFiles, fraction: float, seed: int) -> tuple[SplitFiles, SplitFiles]:
+    rng = np.random.default_rng(seed)
+    labels = np.array(train.labels)
+    val_index = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n_val = int(round(fraction * len(members))) if len(members) > 1 else 0
+        val_index += rng.permutation(members)[:n_val].tolist()
+    is_val = np.zeros(len(labels), bool)
+    is_val[val_index] = True
+
+    def pick(mask: np.ndarray) -> SplitFiles:
+        keep = np.flatnonzero(mask)
+        return SplitFiles(train.root, [train.files[i] for i in keep], [train.labels[i] for i in keep])
+    return pick(~is_val), pick(is_val)
+
+
+def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0) -> DatasetFiles:
+    if not os.path.isdir(data_dir):
+        raise KdistillError(f"data folder {data_dir} does not exist")
+    train_dir, val_dir, test_dir = (os.path.join(data_dir, s) for s in SPLITS)
+    if not os.path.isdir(train_dir):
+        raise KdistillError(f"{train_dir} is missing: expected DATA/train/<class>/ folders of images")
+    classes = _class_folders(train_dir)
+    if not classes:
+        raise KdistillError(f"{train_dir} has no class folders: expected DATA/train/<class>/ folders")
+    rejected: list[tuple[str, str]] = []
+    notices = []
+    train = _labelled_split(train_dir, classes, rejected)
+    if os.path.isdir(val_dir):
+        unknown = [c for c in _class_folders(val_dir) if c not in classes]
+        if unknown:
+            raise KdistillError(f"class {unknown[0]!r} in {val_dir} is not a class in {train_dir}")
+        val = _labelled_split(val_dir, classes, rejected)
+        if not val.files:
+            raise KdistillError(f"{val_dir} has no images")
+    else:
+        train, val = _stratified_split(train, val_fraction, seed)
+        notices.append(f"{val_dir} not found: holding out {val_fraction:.0%} of each training class "
+                       f"as validation (seeded with seed={seed})")
+    splits = {"train": train, "val": val}
+    if os.path.isdir(test_dir):
+        test_files, bad = list_images(test_dir)
+        rejected += bad
+        splits["test"] = SplitFiles(test_dir, test_files, None)
+    for split in splits.values():
+        for name in split.files:
+            st = os.stat(os.path.join(split.root, name))
+            split.stats.append((st.st_size, st.st_mtime_ns))
+    return DatasetFiles(classes, splits, rejected, notices)
+
+
+def cache_key(dataset: DatasetFiles, image_size: int, max_pixels: int) -> str:
+    described = {
+        "version": CACHE_VERSION, "image_size": image_size, "max_pixels": max_pixels,
+        "classes": dataset.classes,
+        "splits": {name: [split.files, split.labels, split.stats] for name, split in dataset.splits.items()},
+        "rejected": dataset.rejected,
+    }
+    blob = json.dumps(described, sort_keys=True, ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+@dataclass
+class SplitData:
+    images: torch.Tensor  # uint8 (N, 3, S, S), memory-mapped from the cache
+    labels: torch.Tensor | None  # int64 (N,)
+    files: list[str]  # relative to the split's folder
+
+
+@dataclass
+class PreparedData:
+    key: str
+    folder: str
+    classes: list[str]
+    mean: list[float]  # per channel, on the [0, 1] scale, from the training split
+    std: list[float]
+    splits: dict[str, SplitData]
+    skipped: list[tuple[str, str]]  # (path, reason)
+
+
+def _decode_split(split: SplitFiles, size: int, max_pixels: int, workers: int, out_path: str,
+                  name: str) -> tuple[list[int], list[tuple[str, str]]]:
+    """Decode every file of a split straight into a memory-mapped file; return the kept indices."""
+    n = len(split.files)
+    images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    tasks = [(i, os.path.join(split.root, f), size, max_pixels) for i, f in enumerate(split.files)]
+    ok = np.zeros(n, bool)
+    failures = []
+    progress = tqdm(total=n, desc=f"prepare {name}", unit="img", leave=False, disable=None)
+
+    def store(result: tuple) -> None:
+        index, array, reason = result
+        if array is None:
+            failures.append((tasks[index][1], reason))
+        else:
+            images[index] = array
+            ok[index] = True
+        progress.update(1)
+
+    if workers > 1 and n > 64:
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        with multiprocessing.get_context(method).Pool(workers) as pool:
+            for result in pool.imap_unordered(decode_task, tasks, chunksize=16):
+                store(result)
+    else:
+        for task in tasks:
+            store(decode_task(task))
+    progress.close()
+    kept = np.flatnonzero(ok).tolist()
+    if len(kept) < n:  # compact in place so the kept images are contiguous
+        for new, old in enumerate(kept):
+            if new != old:
+                images[new] = images[old]
+    images.flush()
+    del images
+    if len(kept) < n:
+        compacted = np.load(out_path, mmap_mode="r")[: len(kept)]
+        np.save(out_path + ".compact.npy", compacted)
+        os.replace(out_path + ".compact.npy", out_path)
+    return kept, sorted(failures)
+
+
+def _channel_stats(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images/255 over the whole split, in float64, chunk by chunk."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    count = 0
+    for start in range(0, len(images), chunk):
+        block = images[start:start + chunk].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += (block ** 2).sum(axis=(0, 2, 3))
+        count += block.shape[0] * block.shape[2] * block.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+def _build_cache(dataset: DatasetFiles, folder: str, size: int, max_pixels: int, workers: int,
+                 log) -> None:
+    os.makedirs(folder, exist_ok=True)
+    meta = {"version": CACHE_VERSION, "image_size": size, "classes": dataset.classes,
+            "splits": {}, "skipped": list(dataset.rejected)}
+    start = time.perf_counter()
+    total = 0
+    for name, split in dataset.splits.items():
+        tmp_path = os.path.join(folder, f".{name}.tmp.npy")
+        kept, failures = _decode_split(split, size, max_pixels, workers, tmp_path, name)
+        os.replace(tmp_path, os.path.join(folder, f"{name}.npy"))
+        meta["skipped"] += failures
+        meta["splits"][name] = {
+            "files": [split.files[i] for i in kept],
+            "labels": None if split.labels is None else [split.labels[i] for i in kept],
+            "bytes": os.path.getsize(os.path.join(folder, f"{name}.npy")),
+        }
+        total += len(split.files)
+    seconds = time.perf_counter() - start
+    train_images = np.load(os.path.join(folder, "train.npy"), mmap_mode="r")
+    if len(train_images) == 0:
+        raise KdistillError("no training image could be decoded")
+    meta["mean"], meta["std"] = _channel_stats(train_images)
+    # meta.json is written last: its presence marks a complete cache.
+    atomic_write_text(os.path.join(folder, "meta.json"), json.dumps(meta))
+    log(f"prepare: decoded {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} img/s, "
+        f"{workers} worker{'s' if workers > 1 else ''}) into {folder}")
+
+
+def _load_cache(folder: str) -> dict | None:
+    """The cache's metadata if every file is complete, else None (it will be rebuilt)."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        for name, split in meta["splits"].items():
+            if os.path.getsize(os.path.join(folder, f"{name}.npy")) != split["bytes"]:
+                return None
+            np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")  # checks the header
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: float = 0.2,
+            seed: int = 0, workers: int = 0, max_pixels: int = 89_478_485, skip_bad: bool = False,
+            log=print) -> PreparedData:
+    """Decode the dataset once into the cache (or reuse it) and map it as tensors."""
+    dataset = scan_dataset(data_dir, val_fraction, seed)
+    for notice in dataset.notices:
+        log(notice)
+    key = cache_key(dataset, image_size, max_pixels)
+    folder = os.path.join(cache_dir, key)
+    os.makedirs(cache_dir, exist_ok=True)
+    workers = workers or os.cpu_count() or 1
+    with FileLock(folder + ".lock"):  # two runs sharing the cache build it once
+        meta = _load_cache(folder)
+        if meta is None:
+            if os.path.exists(os.path.join(folder, "meta.json")):
+                log(f"prepare: the cache in {folder} is incomplete or corrupt; rebuilding it")
+            _build_cache(dataset, folder, image_size, max_pixels, workers, log)
+            meta = _load_cache(folder)
+            if meta is None:
+                raise KdistillError(f"the data cache in {folder} could not be read back after writing it")
+        else:
+            log(f"prepare: reusing the data cache in {folder}")
+    skipped = [tuple(item) for item in meta["skipped"]]
+    if skipped and not skip_bad:
+        path, reason = skipped[0]
+        more = f" (and {len(skipped) - 1} more bad files)" if len(skipped) > 1 else ""
+        raise KdistillError(f"bad input file {path}: {reason}{more}; fix or remove it, or pass "
+                            f"--skip-bad to skip bad files")
+    if skipped:
+        log(f"prepare: skipped {len(skipped)} bad files (--skip-bad), for example {skipped[0][0]}: "
+            f"{skipped[0][1]}")
+    splits = {}
+    for name, split in meta["splits"].items():
+        # mmap_mode "c" (copy-on-write) gives a writable view torch accepts without copying the file.
+        array = np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="c")
+        labels = None if split["labels"] is None else torch.tensor(split["labels"], dtype=torch.int64)
+        splits[name] = SplitData(torch.from_numpy(array), labels, split["files"])
+    if len(splits["val"].files) == 0:
+        raise KdistillError("no validation image could be decoded")
+    return PreparedData(key, folder, meta["classes"], meta["mean"], meta["std"], splits, skipped)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,3,H,W) on the device -> standardized float; mean/std shaped (1,3,1,1), [0,1] scale."""
+    return (images.float() / 255.0 - mean) / std
+
+
+def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    return order.split(batch_size)

@@ -1,0 +1,16 @@
+"""Distillation objectives: one small module per method, one interface.
+
+A distiller maps (student_logits, labels, teacher_logits) to a dict of named loss terms; "loss"
+is the one optimized, every term is logged. A new method is one new file registered here.
+"""
+from .base import CrossEntropy, Distiller
+from .kd import KD
+
+DISTILLERS: dict[str, type[Distiller]] = {"kd": KD}
+
+
+def build_distiller(method: str, temperature: float, alpha: float) -> Distiller:
+    return DISTILLERS[method](temperature=temperature, alpha=alpha)
+
+
+__all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "build_distiller"]

@@ -1,0 +1,86 @@
+"""Files written whole or not at all, and read without trusting them.
+
+Every write goes to a temporary file in the same folder, is flushed to disk, then renamed over
+the target, so a crash or a full disk leaves the previous version intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Any, Callable
+
+import torch
+
+from .errors import KdistillError
+
+
+@contextlib.contextmanager
+def _atomic_target(path: str):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write(path: str, write: Callable[[str], None], what: str) -> None:
+    """Run write(tmp_path), then rename tmp over path. On failure the old file is untouched."""
+    try:
+        with _atomic_target(path) as tmp:
+            write(tmp)
+    except OSError as e:
+        raise KdistillError(f"could not write {what} {path}: {e.strerror or e}; "
+                            f"the previous version, if any, is intact") from None
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+    atomic_write(path, write, "file")
+
+
+def save_torch(obj: Any, path: str, what: str = "checkpoint") -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), what)
+
+
+def load_torch(path: str, what: str = "checkpoint", map_location: str = "cpu") -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise KdistillError(f"refusing {what} {path}: it holds more than weights ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdistillError(f"{what} {path} is unreadable or corrupt ({message[:160]})") from None
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A hash of a model's tensors (names, shapes, dtypes, values), independent of file format."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,119 @@
+"""Models: a torchvision architecture (or module:callable) with its classifier swapped for our head.
+
+The head is found by module path (the model's last nn.Linear), never by rewriting the model, so
+any torchvision classifier and most third-party ones work unchanged.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import urllib.error
+
+import torch
+import torchvision
+from torch import nn
+
+from .errors import KdistillError
+from .fileio import load_torch
+
+
+def head_path(model: nn.Module) -> str:
+    """Module path of the classifier: the last nn.Linear in registration order."""
+    linear_paths = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linear_paths:
+        raise KdistillError(f"{type(model).__name__} has no nn.Linear classifier to replace")
+    return linear_paths[-1]
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def make_head(in_features: int, num_classes: int, dropout: float) -> nn.Module:
+    linear = nn.Linear(in_features, num_classes)
+    return nn.Sequential(nn.Dropout(dropout), linear) if dropout > 0 else linear
+
+
+def _imagenet_state_dict(arch: str) -> dict:
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(15)  # offline machines should fail in seconds, not minutes
+    try:
+        return torch.hub.load_state_dict_from_url(weights.url, progress=False, weights_only=True)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise KdistillError(
+            f"could not download ImageNet weights for {arch} ({getattr(e, 'reason', e)}); this machine "
+            f"looks offline. Download {weights.url} elsewhere and either put it at {cached} or pass "
+            f"weights=/path/to/{os.path.basename(weights.url)}") from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def read_state_dict(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise KdistillError(f"weights file {path} is unreadable or corrupt ({e})") from None
+    state = load_torch(path, what="weights file")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KdistillError(f"weights file {path} is not a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_weights(model: nn.Module, state: dict, source: str, head: str) -> None:
+    """Load every backbone tensor; the classifier's tensors may be absent or of another class count."""
+    own = model.state_dict()
+    head_keys = {k for k in own if k == head or k.startswith(head + ".")}
+    usable = {k: v for k, v in state.items() if k not in head_keys and not k.startswith(head + ".")}
+    missing = [k for k in own if k not in usable and k not in head_keys]
+    if missing:
+        raise KdistillError(f"weights {source} do not fit this architecture: {len(missing)} tensors "
+                            f"missing, for example {missing[0]!r}")
+    for key, value in usable.items():
+        if key in own and own[key].shape != value.shape:
+            raise KdistillError(f"weights {source} do not fit this architecture: {key} has shape "
+                                f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
+    model.load_state_dict({k: v for k, v in usable.items() if k in own}, strict=False)
+
+
+def build_model(arch: str, num_classes: int, dropout: float = 0.0,
+                weights: str = "none") -> tuple[nn.Module, str]:
+    """The architecture with `weights` loaded into its backbone and a fresh head for num_classes.
+
+    Returns the model and the module path of its new head.
+    """
+    if ":" in arch:
+        module_name, _, attr = arch.partition(":")
+        model = getattr(importlib.import_module(module_name), attr)()
+        if not isinstance(model, nn.Module):
+            raise KdistillError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
+    else:
+        model = torchvision.models.get_model(arch, weights=None)
+    path = head_path(model)
+    if weights == "imagenet":
+        _load_weights(model, _imagenet_state_dict(arch), f"imagenet ({arch})", path)
+    elif weights != "none":
+        _load_weights(model, read_state_dict(weights), weights, path)
+    old_head = model.get_submodule(path)
+    set_module(model, path, make_head(old_head.in_features, num_classes, dropout))
+    return model, path
+
+
+def trainable_part(model: nn.Module, head: str, head_only: bool) -> nn.Module:
+    """The module whose parameters train: the head alone (backbone frozen) or the whole model."""
+    if not head_only:
+        return model
+    model.requires_grad_(False)
+    return model.get_submodule(head).requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,188 @@
+"""The training loop: plain PyTorch, one function, used for the teacher, the student and the baseline.
+
+After every epoch the whole state (model, optimizer, scheduler, RNG states, history) is written
+atomically to last.pt, so a killed run resumes from its last finished epoch and ends with the
+same numbers as one that never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import batch_indices
+from .distillers import Distiller
+from .errors import KdistillError
+from .fileio import load_torch, save_torch
+
+
+@dataclass
+class Batches:
+    """One split served as batches: slices of a tensor, turned into model input on the device."""
+
+    inputs: torch.Tensor  # uint8 images (N,3,S,S) or cached float features (N,F)
+    labels: torch.Tensor
+    to_model_input: Callable[[torch.Tensor], torch.Tensor]  # device batch -> model input
+    # Per-sample tensors aligned with inputs, e.g. cached teacher logits.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The online teacher: model input -> logits, run on exactly the view the student sees.
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def iterate(self, batch_size: int, device: torch.device, shuffle: bool = False,
+                generator: torch.Generator | None = None):
+        """Yields (model_input, labels, teacher_logits or None)."""
+        for index in batch_indices(len(self), batch_size, shuffle, generator):
+            index = index.to(self.inputs.device)
+            x = self.to_model_input(self.inputs[index].to(device, non_blocking=True))
+            y = self.labels[index].to(device, non_blocking=True)
+            teacher_logits = None
+            if self.teacher is not None:
+                with torch.no_grad(), autocast(device):
+                    teacher_logits = self.teacher(x).float()
+            elif "teacher_logits" in self.extras:
+                teacher_logits = self.extras["teacher_logits"][index].to(device, non_blocking=True)
+            yield x, y, teacher_logits
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Batches, batch_size: int, device: torch.device) -> torch.Tensor:
+    model.eval()
+    outputs = []
+    for x, _, _ in batches.iterate(batch_size, device):
+        with autocast(device):
+            outputs.append(model(x).float().cpu())
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def evaluate(model: nn.Module, batches: Batches, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """(cross-entropy loss, accuracy) over a labelled split, in eval mode."""
+    logits = predict_logits(model, batches, batch_size, device)
+    labels = batches.labels.cpu()
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str, log) -> dict | None:
+    """last.pt if it loads; a corrupt one falls back to the previous good copy (last.pt.prev)."""
+    for candidate in (path, path + ".prev"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return load_torch(candidate)
+        except KdistillError as e:
+            log(f"warning: {e}; trying the previous checkpoint")
+    return None
+
+
+def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches,
+        objective: Distiller, cfg: TrainConfig, checkpoint_dir: str, device: torch.device,
+        seed: int, log=print) -> list[dict]:
+    """Train `trainable` (a part of `model`, or all of it) for cfg.epochs; return per-epoch history.
+
+    The rest of `model` stays in eval mode throughout, so a frozen backbone keeps its BatchNorm
+    statistics. The best-by-val weights are kept in checkpoint_dir/best.pt.
+    """
+    last_path = os.path.join(checkpoint_dir, "last.pt")
+    best_path = os.path.join(checkpoint_dir, "best.pt")
+    optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=cfg.lr,
+                                 weight_decay=cfg.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
+                 if cfg.lr_step else None)
+    shuffle_generator = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    start_epoch = 1
+    best_val_acc = -1.0
+
+    state = load_checkpoint(last_path, log)
+    if state is not None:
+        trainable.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        shuffle_generator.set_state(state["shuffle_rng"])
+        _restore_rng(state["rng"])
+        history = state["history"]
+        start_epoch = state["epoch"] + 1
+        best_val_acc = state["best_val_acc"]
+        if start_epoch <= cfg.epochs:
+            log(f"{name}: resuming after epoch {state['epoch']} of {cfg.epochs}")
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        started = time.perf_counter()
+        model.eval()
+        trainable.train()
+        sums: dict[str, torch.Tensor] = {}
+        correct = torch.zeros((), device=device)
+        seen = 0
+        lr = optimizer.param_groups[0]["lr"]
+        for batch, (x, y, teacher_logits) in enumerate(
+                train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator), 1):
+            with autocast(device):
+                logits = model(x)
+            terms = objective(logits.float(), y, teacher_logits)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise KdistillError(
+                    f"{name}: the loss became {loss.item()} at epoch {epoch}, batch {batch}; stopped. "
+                    f"The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
+                    f"try a lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0) + value.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+        if scheduler is not None:
+            scheduler.step()
+        val_loss, val_acc = evaluate(model, val, cfg.batch_size, device)
+        row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
+               "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc}
+        row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
+        row["seconds"] = time.perf_counter() - started
+        history.append(row)
+        if val_acc > best_val_acc:
+            best_val_acc = val_acc
+            save_torch(trainable.state_dict(), best_path, what="best checkpoint")
+        if os.path.exists(last_path):  # keep one older good copy in case the new one is damaged
+            os.replace(last_path, last_path + ".prev")
+        save_torch({"model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else {},
+                    "shuffle_rng": shuffle_generator.get_state(), "rng": _rng_state(),
+                    "history": history, "epoch": epoch, "best_val_acc": best_val_acc}, last_path)
+        terms_text = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
+                             if k.startswith("train_") and k not in ("train_loss", "train_acc"))
+        log(f"{name} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "
+            f"{row['train_acc']:.3f}{terms_text} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
+            f"lr {lr:.2g} | {row['seconds']:.1f}s")
+
+    trainable.load_state_dict(load_torch(best_path, what="best checkpoint"))
+    return history
