@@ -6,7 +6,7 @@ import os
 import sys
 
 from .config import build_config, preset_names
-from .errors import KdistillError
+from .errors import KdistillError, printable
 
 EPILOG = """examples:
   kdistill demo --out runs/demo
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
             name = os.path.basename(os.path.normpath(args.images)) or "images"
             output = args.output or os.path.join(args.run, f"predictions-{name}.csv")
-            count = predict_folder(args.run, args.images, output, args.batch_size, skip_bad=args.skip_bad)
+            count = predict_folder(args.run, args.images, output, args.batch_size, skip_bad=args.skip_bad,
+                                   log=lambda message: print(printable(message)))
             print(f"wrote {count} predictions to {output}")
             return 0
         from .pipeline import run
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
         return 0
     except KdistillError as e:
-        print(f"kdistill: error: {e}", file=sys.stderr)
+        print(printable(f"kdistill: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out", None) or getattr(args, "run", "")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .errors import KdistillError
 from .fileio import atomic_write_text
-from .images import IGNORED_NAMES, IMAGE_SUFFIXES, decode_task
+from .images import DEFAULT_MAX_PIXELS, IGNORED_NAMES, decode_task, entry_problem
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -50,27 +50,42 @@ def _is_ignored(name: str) -> bool:
 def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Image paths under root (relative, sorted) and the entries that are not usable images.
 
-    Follows folder symlinks but visits each real folder once, so a symlink loop ends.
+    Hidden files and OS litter (.DS_Store, Thumbs.db, ...) are ignored. Folder symlinks are
+    followed, except one pointing to a folder it is inside (a loop: it holds nothing new), and
+    each real folder is visited once, so the scan always ends. Unreadable folders are reported.
     """
     images, rejected, seen = [], [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+
+    def unreadable_folder(error: OSError) -> None:
+        rejected.append((error.filename or root, f"unreadable folder ({error.strerror or error})"))
+
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable_folder):
         real = os.path.realpath(folder)
         if real in seen:
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = sorted(d for d in subfolders if not _is_ignored(d))
+        kept = []
+        for name in sorted(subfolders):
+            sub = os.path.join(folder, name)
+            if _is_ignored(name):
+                continue
+            if os.path.islink(sub):
+                target = os.path.realpath(sub)
+                if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
+                    continue  # links back to an ancestor: a loop
+            kept.append(name)
+        subfolders[:] = kept
         for name in sorted(names):
             if _is_ignored(name):
                 continue
             path = os.path.join(folder, name)
-            if not os.path.isfile(path):  # a dangling symlink or a symlink loop
-                rejected.append((path, "unreadable (broken or looping symlink)"))
-            elif os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
-                rejected.append((path, "not an image file"))
+            problem = entry_problem(path)
+            if problem:
+                rejected.append((path, problem))
             else:
                 images.append(os.path.relpath(path, root))
-    return images, rejected
+    return sorted(images), sorted(rejected)
 
 
 def _class_folders(split_dir: str) -> list[str]:
@@ -140,7 +155,12 @@ def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0) -> Dat
         splits["test"] = SplitFiles(test_dir, test_files, None)
     for split in splits.values():
         for name in split.files:
-            st = os.stat(os.path.join(split.root, name))
+            path = os.path.join(split.root, name)
+            try:
+                st = os.stat(path)
+            except OSError as e:  # removed or changed while scanning
+                raise KdistillError(f"cannot read {path} ({e.strerror or e}); is the data folder "
+                                    f"changing while kdistill runs?") from None
             split.stats.append((st.st_size, st.st_mtime_ns))
     return DatasetFiles(classes, splits, rejected, notices)
 
@@ -275,7 +295,7 @@ def _load_cache(folder: str) -> dict | None:
 
 
 def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: float = 0.2,
-            seed: int = 0, workers: int = 0, max_pixels: int = 89_478_485, skip_bad: bool = False,
+            seed: int = 0, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, skip_bad: bool = False,
             log=print) -> PreparedData:
     """Decode the dataset once into the cache (or reuse it) and map it as tensors."""
     dataset = scan_dataset(data_dir, val_fraction, seed)

@@ -4,6 +4,9 @@ Pure Pillow + NumPy (no torch) so decode worker processes start light.
 """
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -11,11 +14,30 @@ from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # Files that file managers and OSes drop into folders; never data.
-IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db"}
+# Compared lower-cased; names starting with "." (.DS_Store, ._x.jpg, .git) are ignored as well.
+IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "__macosx"}
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
 
 
 class ImageError(Exception):
     """An image that can't be used; the message is the reason, without the path."""
+
+
+def entry_problem(path: str) -> str:
+    """Why the folder entry at path can't be an image file ("" if it can), without opening it."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "unreadable (a symlink loop)"
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            return "unreadable (a broken symlink: its target does not exist)"
+        return f"unreadable ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+        return "not a regular file"
+    if os.path.splitext(path)[1].lower() not in IMAGE_SUFFIXES:
+        return "not an image file"
+    return ""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -51,26 +73,51 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), Image.BILINEAR, box=box)
 
 
-def load_image(path: str, size: int, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> np.ndarray:
-    """The image at path, upright (EXIF orientation applied), RGB, resized and center-cropped."""
+def load_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The image at path, upright (EXIF orientation applied), RGB, resized and center-cropped.
+
+    Multi-frame files (animated GIF, multi-page TIFF) give their first frame. Raises ImageError,
+    never anything else, for a file that can't be used.
+    """
+    # Pillow checks Image.MAX_IMAGE_PIXELS when it reads the header, before allocating pixels;
+    # set it for this call only, so callers (and the next call) see their own limit.
+    previous = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
+        return _load(path, size, max_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _bomb(max_pixels: int) -> ImageError:
+    return ImageError(f"declares an image larger than max_image_pixels={max_pixels} "
+                      f"(possible decompression bomb)")
+
+
+def _load(path: str, size: int, max_pixels: int) -> np.ndarray:
+    try:
         with warnings.catch_warnings():
-            # Pillow only warns between 1x and 2x the limit; a declared-huge image is refused.
+            # Pillow's notes on odd but readable files (corrupt EXIF, palette transparency...) are
+            # not the user's concern; a declared-huge image is refused (Pillow only warns between
+            # 1x and 2x the limit, and raises above).
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
+                if max_pixels and opened.width * opened.height > max_pixels:
+                    raise _bomb(max_pixels)
                 upright = ImageOps.exif_transpose(opened)
                 upright.load()
                 rgb = to_rgb(upright)
+            return np.asarray(resize_center_crop(rgb, size), dtype=np.uint8).transpose(2, 0, 1).copy()
+    except ImageError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"declares an image larger than max_image_pixels={max_pixels} "
-                         f"(possible decompression bomb)") from None
+        raise _bomb(max_pixels) from None
     except Image.UnidentifiedImageError:
         raise ImageError("not a readable image (unknown or corrupt format)") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageError(f"cannot decode ({message[:120]})") from None
-    return np.asarray(resize_center_crop(rgb, size), dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
 def decode_task(task: tuple[int, str, int, int]) -> tuple[int, np.ndarray | None, str]:

@@ -77,11 +77,15 @@ def _load_weights(model: nn.Module, state: dict, source: str, head: str) -> None
     if missing:
         raise KdistillError(f"weights {source} do not fit this architecture: {len(missing)} tensors "
                             f"missing, for example {missing[0]!r}")
+    unexpected = [k for k in usable if k not in own]
+    if unexpected:
+        raise KdistillError(f"weights {source} do not fit this architecture: {len(unexpected)} tensors "
+                            f"it does not have, for example {unexpected[0]!r}")
     for key, value in usable.items():
-        if key in own and own[key].shape != value.shape:
+        if own[key].shape != value.shape:
             raise KdistillError(f"weights {source} do not fit this architecture: {key} has shape "
                                 f"{tuple(value.shape)}, the model expects {tuple(own[key].shape)}")
-    model.load_state_dict({k: v for k, v in usable.items() if k in own}, strict=False)
+    model.load_state_dict(usable, strict=False)
 
 
 def build_model(arch: str, num_classes: int, dropout: float = 0.0,

@@ -14,7 +14,7 @@ from torch import nn
 from .config import Config, read_yaml, result_differences, save_config
 from .data import PreparedData, SplitData, normalize, prepare
 from .distillers import CrossEntropy, build_distiller
-from .errors import KdistillError
+from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
 from .fileio import save_torch, state_dict_sha256
@@ -37,8 +37,9 @@ def make_logger(out: str):
     log_path = os.path.join(out, "log.txt")
 
     def log(message: str) -> None:
+        message = printable(message)
         print(message, flush=True)
-        with open(log_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+        with open(log_path, "a", encoding="utf-8") as f:
             f.write(message + "\n")
     return log
 

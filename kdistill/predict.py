@@ -12,7 +12,7 @@ from .data import list_images, normalize
 from .errors import KdistillError
 from .evaluate import write_predictions
 from .export import load_bundle
-from .images import decode_task
+from .images import DEFAULT_MAX_PIXELS, decode_task
 
 
 def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int = 64, workers: int = 0,
@@ -28,7 +28,7 @@ def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int =
     size = bundle["image_size"]
     mean = torch.tensor(bundle["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(bundle["std"]).view(1, 3, 1, 1)
-    tasks = [(i, os.path.join(images_dir, f), size, 89_478_485) for i, f in enumerate(files)]
+    tasks = [(i, os.path.join(images_dir, f), size, DEFAULT_MAX_PIXELS) for i, f in enumerate(files)]
     kept, logits = [], []
     workers = workers or os.cpu_count() or 1
     method = "fork" if sys.platform.startswith("linux") else "spawn"

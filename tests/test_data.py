@@ -1,0 +1,106 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from conftest import HYMENOPTERA, copy_slice
+from kdistill.data import normalize, prepare
+from kdistill.images import load_image
+
+
+@pytest.fixture(scope="module")
+def bees(tmp_path_factory):
+    """Real high-resolution photos of many sizes: 3 ants + 3 bees for train, 2 + 2 for val."""
+    return copy_slice(HYMENOPTERA, str(tmp_path_factory.mktemp("hym") / "data"), ["ants", "bees"],
+                      {"train": 3, "val": 2}, test=0)
+
+
+def reference_tensor(path: str, size: int) -> np.ndarray:
+    """The seed preprocessing with torchvision directly: Resize(size) then CenterCrop(size)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        cropped = TF.center_crop(TF.resize(image, size), size)
+    return np.asarray(cropped).transpose(2, 0, 1)
+
+
+def test_prepare_shapes_crop_and_statistics_match_an_independent_computation(bees, tmp_path):
+    size = 48
+    data = prepare(bees, size, str(tmp_path / "cache"), workers=2)
+    train = data.splits["train"]
+    assert data.classes == ["ants", "bees"]
+    assert train.images.shape == (6, 3, size, size) and train.images.dtype == torch.uint8
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert data.splits["val"].images.shape == (4, 3, size, size)
+    references = []
+    for index, name in enumerate(train.files):
+        reference = reference_tensor(os.path.join(bees, "train", name), size)
+        references.append(reference)
+        difference = np.abs(train.images[index].numpy().astype(int) - reference.astype(int))
+        assert difference.max() <= 1, name
+    stacked = np.stack(references).astype(np.float64) / 255
+    np.testing.assert_allclose(data.mean, stacked.mean(axis=(0, 2, 3)), atol=2e-3)
+    np.testing.assert_allclose(data.std, stacked.std(axis=(0, 2, 3)), atol=2e-3)
+    # Standardized on the device, the training split has mean ~0 and std ~1 per channel.
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data.std).view(1, 3, 1, 1)
+    standardized = normalize(train.images, mean, std)
+    assert standardized.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert (standardized.std(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-3
+
+
+def test_cache_is_reused_and_rebuilt_when_the_data_changes(bees, tmp_path):
+    messages = []
+    cache = str(tmp_path / "cache")
+    first = prepare(bees, 32, cache, workers=1, log=messages.append)
+    assert any("decoded 10 images" in m for m in messages)
+    messages.clear()
+    second = prepare(bees, 32, cache, workers=1, log=messages.append)
+    assert second.key == first.key and any("reusing the data cache" in m for m in messages)
+    assert torch.equal(first.splits["train"].images, second.splits["train"].images)
+    # Another image size is another cache.
+    assert prepare(bees, 24, cache, workers=1, log=messages.append).key != first.key
+    # Touching a file (new mtime) invalidates the key.
+    victim = os.path.join(bees, "train", "ants", sorted(os.listdir(os.path.join(bees, "train", "ants")))[0])
+    stat = os.stat(victim)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        assert prepare(bees, 32, cache, workers=1, log=messages.append).key != first.key
+    finally:
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_a_damaged_cache_is_rebuilt_with_a_message(bees, tmp_path):
+    cache = str(tmp_path / "cache")
+    first = prepare(bees, 32, cache, workers=1, log=lambda m: None)
+    expected = first.splits["train"].images.clone()
+    with open(os.path.join(first.folder, "train.npy"), "r+b") as f:
+        f.truncate(1000)
+    messages = []
+    again = prepare(bees, 32, cache, workers=1, log=messages.append)
+    assert any("incomplete or corrupt" in m for m in messages)
+    assert torch.equal(again.splits["train"].images, expected)
+
+
+def test_missing_val_folder_gives_an_announced_stratified_split(tmp_path):
+    from conftest import CIFAR
+    data_dir = copy_slice(CIFAR, str(tmp_path / "data"), ["cat", "dog"], {"train": 10}, test=0)
+    messages = []
+    data = prepare(data_dir, 16, str(tmp_path / "cache"), val_fraction=0.2, seed=1, workers=1,
+                   log=messages.append)
+    assert any("holding out 20%" in m for m in messages)
+    assert data.splits["val"].labels.tolist() == [0, 0, 1, 1]
+    assert len(set(data.splits["train"].files) & set(data.splits["val"].files)) == 0
+
+
+def test_images_decode_upright_and_resized(tmp_path):
+    path = str(tmp_path / "tall.png")
+    pixels = np.zeros((100, 40, 3), np.uint8)
+    pixels[:50] = 255  # top half white
+    Image.fromarray(pixels).save(path)
+    array = load_image(path, 20)
+    assert array.shape == (3, 20, 20)
+    # The center crop of a 40x100 image keeps rows 30..70 of the original: top half white.
+    assert array[:, :8].min() > 200 and array[:, 12:].max() < 50

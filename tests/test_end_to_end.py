@@ -1,0 +1,141 @@
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+import kdistill
+from conftest import ROOT, tiny_settings
+from kdistill.cli import main
+from kdistill.errors import KdistillError
+
+
+def comparable(out: str) -> dict:
+    """Everything a run reports except wall-clock times."""
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    for model in metrics["models"].values():
+        for timing in ("train_seconds", "latency_ms"):
+            model.pop(timing)
+    histories = {}
+    for name in metrics["models"]:
+        with open(os.path.join(out, "history", f"{name}.csv")) as f:
+            histories[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+    return {"metrics": metrics, "histories": histories}
+
+
+@pytest.fixture(scope="module")
+def finished_run(cifar_slice, tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    out = str(base / "run")
+    metrics = kdistill.run(tiny_settings(cifar_slice, out, str(base / "cache")))
+    return out, metrics
+
+
+def test_a_run_writes_every_output(finished_run, cifar_slice):
+    out, metrics = finished_run
+    for name in ("config.yaml", "metrics.json", "report.md", "loss.png", "accuracy.png", "predictions.csv",
+                 "student.pt", "student.onnx", "log.txt", "models/teacher.pt", "models/student.pt",
+                 "models/baseline.pt", "history/teacher.csv", "history/student.csv", "history/baseline.csv"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert set(metrics["models"]) == {"teacher", "student", "baseline"}
+    for name, model in metrics["models"].items():
+        for key in ("best_val_acc", "final_val_acc", "params", "size_mb", "gflops", "epochs", "train_seconds",
+                    "best_epoch", "latency_ms"):
+            assert key in model, (name, key)
+        assert 0 <= model["best_val_acc"] <= 1 and model["best_val_acc"] >= model["final_val_acc"]
+        assert model["size_mb"] == pytest.approx(os.path.getsize(os.path.join(out, "models", f"{name}.pt")) / 2**20)
+    assert metrics["models"]["student"]["epochs"] == 3 and metrics["models"]["teacher"]["epochs"] == 2
+    assert metrics["models"]["student"]["params"] == metrics["models"]["baseline"]["params"]
+    assert metrics["teacher_signal"] == "cached" and metrics["onnx_max_abs_diff"] < 1e-3
+    saved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert saved["student"]["epochs"] == 3 and saved["distill"]["alpha"] == 0.7
+    report = open(os.path.join(out, "report.md")).read()
+    assert "Distilled student" in report and "Best epoch" in report and "![loss](loss.png)" in report
+    with open(os.path.join(out, "history", "student.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "train_kd", "train_ce"} <= set(rows[0])
+    assert float(rows[2]["lr"]) == pytest.approx(1e-4)  # StepLR(step 2) has cut the rate for epoch 3
+    with open(os.path.join(out, "predictions.csv")) as f:
+        predictions = list(csv.DictReader(f))
+    assert len(predictions) == 10 and set(predictions[0]) == {"filename", "label", "confidence"}
+    assert sorted(p["filename"] for p in predictions) == sorted(os.listdir(os.path.join(cifar_slice, "test")))
+    assert all(p["label"] in ("airplane", "cat", "ship") and 0 < float(p["confidence"]) <= 1 for p in predictions)
+
+
+def test_predict_command_reproduces_the_run_predictions(finished_run, cifar_slice, tmp_path, capsys):
+    out, _ = finished_run
+    output = str(tmp_path / "more.csv")
+    assert main(["predict", "--run", out, "--images", os.path.join(cifar_slice, "test"), "--output", output]) == 0
+    with open(output) as f:
+        again = {row["filename"]: row for row in csv.DictReader(f)}
+    with open(os.path.join(out, "predictions.csv")) as f:
+        for row in csv.DictReader(f):
+            assert again[row["filename"]]["label"] == row["label"]
+            assert float(again[row["filename"]]["confidence"]) == pytest.approx(float(row["confidence"]), abs=2e-3)
+
+
+def test_onnx_student_matches_pytorch(finished_run):
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from kdistill.export import load_bundle
+
+    out, _ = finished_run
+    model, bundle = load_bundle(os.path.join(out, "student.pt"))
+    images = torch.rand(3, 3, 16, 16)
+    session = onnxruntime.InferenceSession(os.path.join(out, "student.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {"images": images.numpy()})[0]
+    mean, std = torch.tensor(bundle["mean"]).view(1, 3, 1, 1), torch.tensor(bundle["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model((images - mean) / std).numpy()
+    np.testing.assert_allclose(onnx_logits, expected, atol=1e-4)
+
+
+def test_rerun_reuses_finished_stages_and_other_settings_are_refused(finished_run, cifar_slice):
+    out, metrics = finished_run
+    settings = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    messages = []
+    again = kdistill.run(settings, log=messages.append)
+    assert not any(re.match(r"\w+ epoch \d+/\d+:", m) for m in messages)  # no epoch was trained again
+    assert any("reusing the data cache" in m for m in messages)
+    assert again["models"]["student"]["best_val_acc"] == metrics["models"]["student"]["best_val_acc"]
+    settings["student"]["epochs"] = 5
+    with pytest.raises(KdistillError, match="student.epochs"):
+        kdistill.run(settings)
+
+
+def test_a_run_killed_mid_training_resumes_to_identical_metrics(cifar_slice, tmp_path):
+    settings = tiny_settings(cifar_slice, "", str(tmp_path / "cache"),
+                             teacher={"arch": "resnet18", "mode": "head", "dropout": 0.5, "epochs": 2},
+                             student={"epochs": 4})
+    config_file = str(tmp_path / "settings.yaml")
+    yaml.safe_dump({k: v for k, v in settings.items() if k not in ("data", "out")}, open(config_file, "w"))
+    environment = dict(os.environ, PYTHONPATH=ROOT)
+
+    def command(out):
+        return [sys.executable, "-m", "kdistill", "run", "--data", cifar_slice, "--out", out, "--config", config_file]
+    reference = str(tmp_path / "reference")
+    subprocess.run(command(reference), check=True, env=environment, capture_output=True)
+
+    interrupted = str(tmp_path / "interrupted")
+    process = subprocess.Popen(command(interrupted), env=environment, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoint = os.path.join(interrupted, "checkpoints", "student", "last.pt")
+    deadline = time.time() + 300
+    while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(interrupted, "metrics.json")), "the run finished before the kill"
+    resumed = subprocess.run(command(interrupted), env=environment, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "student: resuming after epoch" in resumed.stdout
+    assert comparable(interrupted) == comparable(reference)

