@@ -86,7 +86,7 @@ class Config:
 
 
 # Settings that change where or how fast a run goes, never its numbers.
-NON_RESULT_KEYS = {"data", "out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile"}
+NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile"}
 
 
 def preset_names() -> list[str]:

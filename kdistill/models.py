@@ -36,7 +36,8 @@ def make_head(in_features: int, num_classes: int, dropout: float) -> nn.Module:
     return nn.Sequential(nn.Dropout(dropout), linear) if dropout > 0 else linear
 
 
-def _imagenet_state_dict(arch: str) -> dict:
+def imagenet_state_dict(arch: str) -> dict:
+    """torchvision's IMAGENET1K_V1 weights, from torch's hub cache or downloaded once into it."""
     weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     previous_timeout = socket.getdefaulttimeout()
@@ -103,7 +104,7 @@ def build_model(arch: str, num_classes: int, dropout: float = 0.0,
         model = torchvision.models.get_model(arch, weights=None)
     path = head_path(model)
     if weights == "imagenet":
-        _load_weights(model, _imagenet_state_dict(arch), f"imagenet ({arch})", path)
+        _load_weights(model, imagenet_state_dict(arch), f"imagenet ({arch})", path)
     elif weights != "none":
         _load_weights(model, read_state_dict(weights), weights, path)
     old_head = model.get_submodule(path)

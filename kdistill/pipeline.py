@@ -5,6 +5,7 @@ in the same folder finished, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -12,13 +13,13 @@ import torch
 from torch import nn
 
 from .config import Config, read_yaml, result_differences, save_config
-from .data import PreparedData, SplitData, normalize, prepare
+from .data import PreparedData, normalize, prepare
 from .distillers import CrossEntropy, build_distiller
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
 from .fileio import save_torch, state_dict_sha256
-from .models import build_model, trainable_part
+from .models import build_model, imagenet_state_dict, trainable_part
 from .report import write_report
 from .teacher_signal import cached_tensors, head_inputs, signal_key
 from .train import Batches, fit, predict_logits
@@ -45,20 +46,25 @@ def make_logger(out: str):
 
 
 class ImageBatcher:
-    """Turns cached uint8 splits into Batches: resident on the GPU when they fit, normalized there."""
+    """Serves the cached uint8 splits as Batches, normalized (and augmented) on the device.
+
+    On CUDA each split is copied to the GPU once when the whole dataset fits comfortably.
+    """
 
     def __init__(self, data: PreparedData, cfg: Config, device: torch.device):
-        self.device = device
+        self.splits = data.splits
         self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
         self.flip = cfg.augment == "flip"
         self.channels_last = device.type == "cuda"
-        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-        self.resident = device.type == "cuda" and sum(
-            s.images.numel() for s in data.splits.values()) < 0.4 * free
+        self.images = {name: split.images for name, split in data.splits.items()}
+        self.resident = device.type == "cuda" and (
+            sum(images.numel() for images in self.images.values()) < 0.4 * torch.cuda.mem_get_info(device)[0])
+        if self.resident:
+            self.images = {name: images.to(device) for name, images in self.images.items()}
 
-    def __call__(self, split: SplitData, augment: bool = False, **extra) -> Batches:
-        images = split.images.to(self.device) if self.resident else split.images
+    def __call__(self, name: str, augment: bool = False, **extra) -> Batches:
+        split = self.splits[name]
         labels = split.labels if split.labels is not None else torch.zeros(len(split.files), dtype=torch.int64)
         flip = augment and self.flip
 
@@ -68,7 +74,8 @@ class ImageBatcher:
                 mask = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
                 x = torch.where(mask, x.flip(3), x)
             return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        return Batches(images, labels, to_model_input, **extra)
+        return Batches(self.images[name], labels, to_model_input,
+                       release_pages=None if self.resident else split.release_pages, **extra)
 
 
 def _place(model: nn.Module, device: torch.device) -> nn.Module:
@@ -78,6 +85,8 @@ def _place(model: nn.Module, device: torch.device) -> nn.Module:
 
 def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device, log) -> tuple[nn.Module, list]:
     t = cfg.teacher
+    trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
+    log(f"teacher: {t.arch}, weights {t.weights}, {trained_part}, {t.epochs} epochs")
     torch.manual_seed(cfg.seed)
     teacher, head = build_model(t.arch, len(data.classes), t.dropout, t.weights)
     teacher = _place(teacher, device)
@@ -92,8 +101,8 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device
         key = signal_key("features", t.arch, state_dict_sha256(backbone), data.key)
 
         def compute() -> dict[str, torch.Tensor]:
-            return {name: head_inputs(teacher, head, batcher(split), t.batch_size, device)
-                    for name, split in (("train", train), ("val", val))}
+            return {name: head_inputs(teacher, head, batcher(name), t.batch_size, device)
+                    for name in ("train", "val")}
         features = cached_tensors(os.path.join(data.folder, "signal", f"features-{key}.pt"),
                                   {"train": len(train.files), "val": len(val.files)}, compute,
                                   "teacher features", log)
@@ -102,7 +111,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device
                       Batches(features["val"], val.labels, lambda x: x),
                       CrossEntropy(), t, checkpoint_dir, device, cfg.seed, log)
     else:
-        history = fit("teacher", teacher, trainable, batcher(train, augment=True), batcher(val),
+        history = fit("teacher", teacher, trainable, batcher("train", augment=True), batcher("val"),
                       CrossEntropy(), t, checkpoint_dir, device, cfg.seed, log)
     return teacher.eval().requires_grad_(False), history
 
@@ -110,6 +119,8 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device
 def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, val: Batches,
                   objective: nn.Module, device, log) -> tuple[nn.Module, list]:
     s = cfg.student
+    log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, {s.epochs} epochs, "
+        f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
     # The student and the baseline start from the same weights and see the same batch order:
     # the teacher is the only difference between them.
     torch.manual_seed(cfg.seed + 1)
@@ -134,7 +145,8 @@ def summarize(arch: str, model: nn.Module, history: list[dict], weights_file: st
 def _check_out_folder(cfg: Config) -> None:
     """An --out holding a different experiment is refused rather than mixed or overwritten."""
     config_path = os.path.join(cfg.out, "config.yaml")
-    if os.path.exists(config_path):
+    # Only a folder where training has started holds results to protect.
+    if os.path.exists(config_path) and os.path.isdir(os.path.join(cfg.out, "checkpoints")):
         differences = result_differences(read_yaml(config_path, f"saved config {config_path}"), cfg.to_dict())
         if differences:
             raise KdistillError(f"{cfg.out} holds a run with other settings ({'; '.join(differences[:3])}); "
@@ -145,18 +157,31 @@ def run(cfg: Config, log=None) -> dict:
     """Run the whole experiment described by cfg (already validated); return metrics.json's content."""
     if not cfg.data or not cfg.out:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
+    cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     _check_out_folder(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))
     log = log or make_logger(cfg.out)
     device = resolve_device(cfg.device)
+    for part in (cfg.teacher, cfg.student):  # offline? say so now, not after preparing the data
+        if part.weights == "imagenet":
+            imagenet_state_dict(part.arch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    started = time.perf_counter()
+    started = last_lap = time.perf_counter()
+    stage_seconds: dict[str, float] = {}  # wall time of each stage in this invocation
 
+    def lap(stage: str) -> None:
+        nonlocal last_lap
+        now = time.perf_counter()
+        stage_seconds[stage] = round(now - last_lap, 2)
+        last_lap = now
+
+    log(f"prepare: scanning {cfg.data}")
     data = prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction,
                    seed=cfg.seed, workers=cfg.workers, max_pixels=cfg.max_image_pixels,
                    skip_bad=cfg.skip_bad, log=log)
     batcher = ImageBatcher(data, cfg, device)
+    lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
     train, val = data.splits["train"], data.splits["val"]
     histories, trained = {}, {}
@@ -164,26 +189,31 @@ def run(cfg: Config, log=None) -> dict:
     teacher, histories["teacher"] = train_teacher(cfg, data, batcher, device, log)
     save_torch(teacher.state_dict(), os.path.join(models_dir, "teacher.pt"), what="teacher weights")
     trained["teacher"] = (cfg.teacher.arch, teacher)
+    lap("teacher")
 
     signal = cfg.signal_mode()
     if signal == "cached":
         key = signal_key("logits", state_dict_sha256(teacher.state_dict()), data.key)
         logits = cached_tensors(
             os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
-            lambda: {"train": predict_logits(teacher, batcher(train), cfg.student.batch_size, device)},
+            lambda: {"train": predict_logits(teacher, batcher("train"), cfg.student.batch_size, device)},
             "teacher logits", log)["train"]
-        student_train = batcher(train, extras={"teacher_logits": logits})
+        student_train = batcher("train", extras={"teacher_logits": logits})
     else:
-        student_train = batcher(train, augment=True, teacher=teacher)
+        student_train = batcher("train", augment=True, teacher=teacher)
+    lap("teacher_signal")
     distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
-    student, histories["student"] = train_student("student", cfg, data, student_train, batcher(val),
+    student, histories["student"] = train_student("student", cfg, data, student_train, batcher("val"),
                                                   distiller, device, log)
     trained["student"] = (cfg.student.arch, student)
+    lap("student")
     if cfg.baseline:
-        baseline, histories["baseline"] = train_student("baseline", cfg, data, batcher(train, augment=True),
-                                                        batcher(val), CrossEntropy(), device, log)
+        baseline, histories["baseline"] = train_student("baseline", cfg, data, batcher("train", augment=True),
+                                                        batcher("val"), CrossEntropy(), device, log)
         trained["baseline"] = (cfg.student.arch, baseline)
+        lap("baseline")
 
+    log("report: measuring models, writing predictions, report and exports")
     models = {}
     for name, (arch, model) in trained.items():
         weights_file = os.path.join(models_dir, f"{name}.pt")
@@ -194,7 +224,7 @@ def run(cfg: Config, log=None) -> dict:
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
         write_predictions(os.path.join(cfg.out, "predictions.csv"), test.files,
-                          predict_logits(student, batcher(test), cfg.student.batch_size, device), data.classes)
+                          predict_logits(student, batcher("test"), cfg.student.batch_size, device), data.classes)
         log(f"predict: wrote {len(test.files)} predictions of the distilled student to "
             f"{os.path.join(cfg.out, 'predictions.csv')}")
 
@@ -204,10 +234,11 @@ def run(cfg: Config, log=None) -> dict:
     onnx_diff = export_onnx(os.path.join(cfg.out, "student.onnx"), student_cpu, cfg.image_size, data.mean, data.std)
     log(f"export: student.pt and student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e})")
 
+    lap("report_predict_export")
     metrics = {"classes": len(data.classes), "class_names": data.classes,
                "images": {name: len(split.files) for name, split in data.splits.items()},
                "skipped_files": len(data.skipped), "device": str(device), "teacher_signal": signal,
-               "onnx_max_abs_diff": onnx_diff, "models": models}
+               "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
              f"{m['params'] / 1e6:.1f}M params, {m['gflops']:.2f} GFLOPs" for name, m in models.items()]

@@ -69,6 +69,10 @@ def markdown(metrics: dict, config: dict) -> str:
         "", f"Distillation: method {d['method']}, T={d['temperature']}, alpha={d['alpha']}, teacher signal "
             f"{metrics['teacher_signal']}. GFLOPs count a multiply-add as two FLOPs, at "
             f"{config['image_size']} px. Latency: median of 20 forward passes on {metrics['device']}.",
+        "", "Wall time of each stage in the last invocation (s; a resumed run counts only what it redid): "
+            + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in metrics["stage_seconds"].items())
+            + ". The teacher's train time above counts its epochs only; one-off feature extraction for a "
+              "frozen backbone is part of the teacher stage.",
         "", "![loss](loss.png)", "", "![accuracy](accuracy.png)", "",
         "The fully resolved settings are in `config.yaml`; per-epoch numbers in `history/`.", "",
     ]

