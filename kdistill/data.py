@@ -97,6 +97,10 @@ def _class_folders(split_dir: str) -> list[str]:
 
 def _labelled_split(split_dir: str, classes: list[str], rejected: list) -> SplitFiles:
     files, labels = [], []
+    for name in sorted(os.listdir(split_dir)):  # images must sit inside a class folder
+        path = os.path.join(split_dir, name)
+        if not _is_ignored(name) and not os.path.isdir(path):
+            rejected.append((path, "not inside a class folder"))
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         if not os.path.isdir(class_dir):
@@ -219,8 +223,11 @@ def _decode_split(split: SplitFiles, size: int, max_pixels: int, workers: int, o
     ok = np.zeros(n, bool)
     failures = []
     progress = tqdm(total=n, desc=f"prepare {name}", unit="img", leave=False, disable=None)
+    release = _page_releaser(images)
+    done = 0
 
     def store(result: tuple) -> None:
+        nonlocal done
         index, array, reason = result
         if array is None:
             failures.append((tasks[index][1], reason))
@@ -228,6 +235,10 @@ def _decode_split(split: SplitFiles, size: int, max_pixels: int, workers: int, o
             images[index] = array
             ok[index] = True
         progress.update(1)
+        done += 1
+        if done % 512 == 0:  # written pages go to disk and leave the resident set
+            images.flush()
+            release()
 
     if workers > 1 and n > 64:
         method = "fork" if sys.platform.startswith("linux") else "spawn"
@@ -252,18 +263,23 @@ def _decode_split(split: SplitFiles, size: int, max_pixels: int, workers: int, o
     return kept, sorted(failures)
 
 
-def _channel_stats(images: np.ndarray, chunk: int = 512) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of images/255 over the whole split, in float64, chunk by chunk."""
-    total = np.zeros(3)
-    total_sq = np.zeros(3)
-    count = 0
+def _channel_stats(images: np.memmap, chunk: int = 64) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of images/255 over the whole split.
+
+    Sums of the uint8 values and of their squares are exact integers; chunks are small and their
+    pages released, so memory stays flat whatever the split's size.
+    """
+    total = np.zeros(3, np.int64)
+    total_sq = np.zeros(3, np.int64)
+    release = _page_releaser(images)
     for start in range(0, len(images), chunk):
-        block = images[start:start + chunk].astype(np.float64) / 255.0
-        total += block.sum(axis=(0, 2, 3))
-        total_sq += (block ** 2).sum(axis=(0, 2, 3))
-        count += block.shape[0] * block.shape[2] * block.shape[3]
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+        block = images[start:start + chunk]
+        total += block.sum(axis=(0, 2, 3), dtype=np.int64)
+        total_sq += np.square(block, dtype=np.uint16).sum(axis=(0, 2, 3), dtype=np.int64)
+        release()
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / (255.0 * count)
+    std = np.sqrt(np.maximum(total_sq / (255.0 ** 2 * count) - mean ** 2, 0.0))
     return mean.tolist(), std.tolist()
 
 
@@ -349,6 +365,9 @@ def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: flo
         splits[name] = SplitData(torch.from_numpy(array), labels, split["files"], _page_releaser(array))
     if len(splits["val"].files) == 0:
         raise KdistillError("no validation image could be decoded")
+    missing = sorted(set(range(len(meta["classes"]))) - set(meta["splits"]["train"]["labels"]))
+    if missing:
+        raise KdistillError(f"class {meta['classes'][missing[0]]!r} has no usable training image")
     return PreparedData(key, folder, meta["classes"], meta["mean"], meta["std"], splits, skipped)
 
 

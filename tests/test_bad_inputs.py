@@ -383,7 +383,7 @@ def test_cli_refuses_a_corrupt_image_before_training(tmp_path, capsys):
     write_truncated_jpeg(bad)
     out, cache = tmp_path / "run", tmp_path / "cache"
     code = cli.main(["run", "--data", data, "--out", str(out), "--set", "image_size=16",
-                     "--set", f"cache_dir={cache}"])
+                     "--set", f"cache_dir={cache}", "--set", "teacher.weights=none"])
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines

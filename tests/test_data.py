@@ -104,3 +104,20 @@ def test_images_decode_upright_and_resized(tmp_path):
     assert array.shape == (3, 20, 20)
     # The center crop of a 40x100 image keeps rows 30..70 of the original: top half white.
     assert array[:, :8].min() > 200 and array[:, 12:].max() < 50
+
+
+def test_an_image_outside_class_folders_and_a_class_left_empty_by_skipping_are_reported(tmp_path):
+    from conftest import CIFAR
+    from kdistill.errors import KdistillError
+
+    data_dir = copy_slice(CIFAR, str(tmp_path / "data"), ["cat", "dog"], {"train": 3, "val": 2}, test=0)
+    stray = os.path.join(data_dir, "train", "stray.jpg")
+    os.link(os.path.join(data_dir, "train", "cat", sorted(os.listdir(os.path.join(data_dir, "train", "cat")))[0]),
+            stray)
+    with pytest.raises(KdistillError, match="stray.jpg: not inside a class folder"):
+        prepare(data_dir, 16, str(tmp_path / "cache"), workers=1, log=lambda m: None)
+    for name in os.listdir(os.path.join(data_dir, "train", "dog")):
+        with open(os.path.join(data_dir, "train", "dog", name), "wb") as f:
+            f.write(b"broken")
+    with pytest.raises(KdistillError, match="class 'dog' has no usable training image"):
+        prepare(data_dir, 16, str(tmp_path / "cache"), workers=1, skip_bad=True, log=lambda m: None)
