@@ -255,7 +255,6 @@ def _decode_split(split: SplitFiles, size: int, max_pixels: int, workers: int, o
             if new != old:
                 images[new] = images[old]
     images.flush()
-    del images
     if len(kept) < n:
         compacted = np.load(out_path, mmap_mode="r")[: len(kept)]
         np.save(out_path + ".compact.npy", compacted)

@@ -68,14 +68,6 @@ def load_torch(path: str, what: str = "checkpoint", map_location: str = "cpu") -
         raise KdistillError(f"{what} {path} is unreadable or corrupt ({message[:160]})") from None
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """A hash of a model's tensors (names, shapes, dtypes, values), independent of file format."""
     digest = hashlib.sha256()

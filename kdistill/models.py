@@ -118,7 +118,3 @@ def trainable_part(model: nn.Module, head: str, head_only: bool) -> nn.Module:
         return model
     model.requires_grad_(False)
     return model.get_submodule(head).requires_grad_(True)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

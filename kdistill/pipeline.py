@@ -183,7 +183,7 @@ def run(cfg: Config, log=None) -> dict:
     batcher = ImageBatcher(data, cfg, device)
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
-    train, val = data.splits["train"], data.splits["val"]
+    train = data.splits["train"]
     histories, trained = {}, {}
 
     teacher, histories["teacher"] = train_teacher(cfg, data, batcher, device, log)
