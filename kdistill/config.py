@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import KdistillError
+from .images import DEFAULT_MAX_PIXELS
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Config:
     augment: str = "none"  # "none" or "flip" (random horizontal flip, done on the device)
     cache_dir: str = ""  # default: $KDISTILL_CACHE or ~/.cache/kdistill
     workers: int = 0  # decode processes; 0 = all cores
-    max_image_pixels: int = 89_478_485  # larger images are refused as decompression bombs
+    max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
     compile: bool = False  # torch.compile the student (CUDA only)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -327,12 +327,19 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(BAD))
-def test_bad_file_refused_in_one_line_naming_it(tmp_path, kind):
-    name, write, reason = BAD[kind]
+def dataset_with_bad_file(tmp_path, kind):
+    """The small two-class dataset with one bad file of the given kind in train/dog/."""
+    name, write, _ = BAD[kind]
     data = make_dataset(tmp_path / "data")
     bad = tmp_path / "data" / "train" / "dog" / name
     write(bad)
+    return data, bad
+
+
+@pytest.mark.parametrize("kind", sorted(BAD))
+def test_bad_file_refused_in_one_line_naming_it(tmp_path, kind):
+    reason = BAD[kind][2]
+    data, bad = dataset_with_bad_file(tmp_path, kind)
     with pytest.raises(KdistillError) as caught:
         quiet_prepare(data, tmp_path)
     message = str(caught.value)
@@ -344,10 +351,8 @@ def test_bad_file_refused_in_one_line_naming_it(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_file_skipped_with_skip_bad(tmp_path, kind):
-    name, write, _ = BAD[kind]
-    data = make_dataset(tmp_path / "data")
-    bad = tmp_path / "data" / "train" / "dog" / name
-    write(bad)
+    name = BAD[kind][0]
+    data, bad = dataset_with_bad_file(tmp_path, kind)
     prepared = quiet_prepare(data, tmp_path, skip_bad=True)
     assert [path for path, _ in prepared.skipped] == [str(bad)]
     train = prepared.splits["train"]
