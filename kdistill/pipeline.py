@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -83,7 +84,23 @@ def _place(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
-def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device, log) -> tuple[nn.Module, list]:
+class TrainedTeacher(NamedTuple):
+    model: nn.Module  # eval mode, frozen
+    head: str  # module path of the head
+    history: list[dict]
+    features: dict[str, torch.Tensor] | None  # cached backbone features per split (head-only mode)
+
+    def train_logits(self, batcher: ImageBatcher, batch_size: int, device) -> torch.Tensor:
+        """The teacher's logits for every training image (unaugmented view)."""
+        if self.features is not None:
+            # The head on the cached backbone features: the same logits, without a second backbone pass.
+            features = self.features["train"]
+            return predict_logits(self.model.get_submodule(self.head),
+                                  Batches(features, torch.zeros(len(features)), lambda x: x), batch_size, device)
+        return predict_logits(self.model, batcher("train"), batch_size, device)
+
+
+def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device, log) -> TrainedTeacher:
     t = cfg.teacher
     trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
     log(f"teacher: {t.arch}, weights {t.weights}, {trained_part}, {t.epochs} epochs")
@@ -94,6 +111,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device
     trainable = trainable_part(teacher, head, head_only)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints", "teacher")
     train, val = data.splits["train"], data.splits["val"]
+    features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and
         # train the head on them. Exact, and ten epochs cost one forward pass.
@@ -113,7 +131,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device
     else:
         history = fit("teacher", teacher, trainable, batcher("train", augment=True), batcher("val"),
                       CrossEntropy(), t, checkpoint_dir, device, cfg.seed, log)
-    return teacher.eval().requires_grad_(False), history
+    return TrainedTeacher(teacher.eval().requires_grad_(False), head, history, features)
 
 
 def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, val: Batches,
@@ -186,7 +204,8 @@ def run(cfg: Config, log=None) -> dict:
     train = data.splits["train"]
     histories, trained = {}, {}
 
-    teacher, histories["teacher"] = train_teacher(cfg, data, batcher, device, log)
+    trained_teacher = train_teacher(cfg, data, batcher, device, log)
+    teacher, histories["teacher"] = trained_teacher.model, trained_teacher.history
     save_torch(teacher.state_dict(), os.path.join(models_dir, "teacher.pt"), what="teacher weights")
     trained["teacher"] = (cfg.teacher.arch, teacher)
     lap("teacher")
@@ -196,7 +215,7 @@ def run(cfg: Config, log=None) -> dict:
         key = signal_key("logits", state_dict_sha256(teacher.state_dict()), data.key)
         logits = cached_tensors(
             os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
-            lambda: {"train": predict_logits(teacher, batcher("train"), cfg.student.batch_size, device)},
+            lambda: {"train": trained_teacher.train_logits(batcher, cfg.student.batch_size, device)},
             "teacher logits", log)["train"]
         student_train = batcher("train", extras={"teacher_logits": logits})
     else:

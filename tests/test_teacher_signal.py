@@ -6,6 +6,7 @@ import torch
 from kdistill.config import TrainConfig
 from kdistill.distillers import CrossEntropy
 from kdistill.models import build_model, trainable_part
+from kdistill.pipeline import TrainedTeacher
 from kdistill.teacher_signal import cached_tensors, head_inputs
 from kdistill.train import Batches, fit, predict_logits
 
@@ -75,3 +76,13 @@ def test_head_trained_on_cached_features_matches_head_trained_online(tmp_path):
         torch.testing.assert_close(cached_head.state_dict()[key], value, rtol=1e-4, atol=1e-5)
     for a, b in zip(online_history, cached_history):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 and a["val_acc"] == b["val_acc"]
+
+
+def test_teacher_logits_from_cached_features_equal_a_full_forward_pass():
+    torch.manual_seed(0)
+    teacher, head = build_model("resnet18", 4, dropout=0.3)
+    teacher.eval()
+    batches = image_batches()
+    features = head_inputs(teacher, head, batches, 16, CPU)
+    from_features = TrainedTeacher(teacher, head, [], {"train": features}).train_logits(None, 16, CPU)
+    torch.testing.assert_close(from_features, predict_logits(teacher, batches, 16, CPU), rtol=1e-4, atol=1e-4)
