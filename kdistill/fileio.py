@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -54,6 +55,41 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def save_torch(obj: Any, path: str, what: str = "checkpoint") -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp), what)
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of nested containers whose tensors are copied to the CPU: later in-place updates
+    (an optimizer step) cannot change it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: snapshot(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(value) for value in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """Runs file writes on one background thread, so training goes on while a checkpoint reaches
+    the disk. One write is in flight at most: submit() first waits for the previous one (and
+    re-raises its error, if any), then snapshots the arguments, so training may change them."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdistill-save")
+        self._pending: Future | None = None
+
+    def submit(self, write: Callable[..., None], *args: Any) -> None:
+        self.wait()
+        self._pending = self._executor.submit(write, *snapshot(args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Let the write in flight finish (an interrupted run keeps its last epoch), then stop."""
+        self._executor.shutdown(wait=True)
 
 
 def load_torch(path: str, what: str = "checkpoint", map_location: str = "cpu") -> Any:

@@ -20,7 +20,7 @@ from .config import TrainConfig
 from .data import batch_indices
 from .distillers import Distiller
 from .errors import KdistillError
-from .fileio import load_torch, save_torch
+from .fileio import BackgroundSaver, load_torch, save_torch
 
 
 @dataclass
@@ -107,6 +107,15 @@ def load_checkpoint(path: str, log) -> dict | None:
     return None
 
 
+def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> None:
+    if best_weights is not None:
+        save_torch(best_weights, os.path.join(checkpoint_dir, "best.pt"), what="best checkpoint")
+    last_path = os.path.join(checkpoint_dir, "last.pt")
+    if os.path.exists(last_path):  # keep one older good copy in case the new one is damaged
+        os.replace(last_path, last_path + ".prev")
+    save_torch(state, last_path)
+
+
 def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches,
         objective: Distiller, cfg: TrainConfig, checkpoint_dir: str, device: torch.device,
         seed: int, log=print) -> list[dict]:
@@ -140,54 +149,60 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
         if start_epoch <= cfg.epochs:
             log(f"{name}: resuming after epoch {state['epoch']} of {cfg.epochs}")
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        started = time.perf_counter()
-        model.eval()
-        trainable.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
-        seen = 0
-        lr = optimizer.param_groups[0]["lr"]
-        for batch, (x, y, teacher_logits) in enumerate(
-                train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator), 1):
-            with autocast(device):
-                logits = model(x)
-            terms = objective(logits.float(), y, teacher_logits)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise KdistillError(
-                    f"{name}: the loss became {loss.item()} at epoch {epoch}, batch {batch}; stopped. "
-                    f"The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
-                    f"try a lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0) + value.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
-        if scheduler is not None:
-            scheduler.step()
-        val_loss, val_acc = evaluate(model, val, cfg.batch_size, device)
-        row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
-               "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc}
-        row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
-        row["seconds"] = time.perf_counter() - started
-        history.append(row)
-        if val_acc > best_val_acc:
-            best_val_acc = val_acc
-            save_torch(trainable.state_dict(), best_path, what="best checkpoint")
-        if os.path.exists(last_path):  # keep one older good copy in case the new one is damaged
-            os.replace(last_path, last_path + ".prev")
-        save_torch({"model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else {},
-                    "shuffle_rng": shuffle_generator.get_state(), "rng": _rng_state(),
-                    "history": history, "epoch": epoch, "best_val_acc": best_val_acc}, last_path)
-        terms_text = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
-                             if k.startswith("train_") and k not in ("train_loss", "train_acc"))
-        log(f"{name} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "
-            f"{row['train_acc']:.3f}{terms_text} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
-            f"lr {lr:.2g} | {row['seconds']:.1f}s")
+    # Checkpoints are written in the background while the next epoch trains.
+    saver = BackgroundSaver()
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            model.eval()
+            trainable.train()
+            sums: dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), device=device)
+            seen = 0
+            lr = optimizer.param_groups[0]["lr"]
+            for batch, (x, y, teacher_logits) in enumerate(
+                    train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator), 1):
+                with autocast(device):
+                    logits = model(x)
+                terms = objective(logits.float(), y, teacher_logits)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise KdistillError(
+                        f"{name}: the loss became {loss.item()} at epoch {epoch}, batch {batch}; stopped. "
+                        f"The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
+                        f"try a lower lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0) + value.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+            if scheduler is not None:
+                scheduler.step()
+            val_loss, val_acc = evaluate(model, val, cfg.batch_size, device)
+            row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
+                   "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc}
+            row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
+            row["seconds"] = time.perf_counter() - started
+            history.append(row)
+            best_weights = None
+            if val_acc > best_val_acc:
+                best_val_acc = val_acc
+                best_weights = trainable.state_dict()
+            saver.submit(_save_epoch, checkpoint_dir, best_weights, {
+                "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler else {},
+                "shuffle_rng": shuffle_generator.get_state(), "rng": _rng_state(),
+                "history": history, "epoch": epoch, "best_val_acc": best_val_acc})
+            terms_text = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
+                                 if k.startswith("train_") and k not in ("train_loss", "train_acc"))
+            log(f"{name} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "
+                f"{row['train_acc']:.3f}{terms_text} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
+                f"lr {lr:.2g} | {row['seconds']:.1f}s")
+        saver.wait()
+    finally:
+        saver.close()
 
     trainable.load_state_dict(load_torch(best_path, what="best checkpoint"))
     return history

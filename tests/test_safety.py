@@ -3,6 +3,7 @@ import errno
 import multiprocessing
 import os
 import pickle
+import threading
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ from kdistill.config import TrainConfig
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy
 from kdistill.errors import KdistillError
-from kdistill.fileio import load_torch, save_torch
+from kdistill.fileio import BackgroundSaver, load_torch, save_torch
 from kdistill.models import build_model
-from kdistill.train import Batches, fit
+from kdistill.train import Batches, fit, load_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -110,6 +111,37 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, 
     monkeypatch.undo()
     assert load_torch(path) == {"epoch": 1}
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_a_checkpoint_write_failing_in_the_background_stops_training_and_keeps_the_last_good_one(
+        tmp_path, monkeypatch):
+    """fit writes checkpoints on a background thread; an error there must still reach the caller."""
+    real_save, targets = torch.save, []
+
+    def full_disk_after_epoch_1(obj, target):
+        targets.append(os.path.basename(target))
+        if len(targets) > 2:  # epoch 1 writes best.pt and last.pt
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, target)
+    monkeypatch.setattr(torch, "save", full_disk_after_epoch_1)
+    with pytest.raises(KdistillError, match="No space left on device"):
+        tiny_fit(tmp_path, epochs=4)
+    monkeypatch.undo()
+    assert load_checkpoint(str(tmp_path / "last.pt"), log=lambda m: None)["epoch"] == 1  # what a resume reads
+
+
+def test_background_saver_writes_what_the_tensors_held_when_submitted(tmp_path):
+    weights, stepped = torch.zeros(1000), threading.Event()
+
+    def save_after_the_step(obj, path):
+        stepped.wait(10)
+        save_torch(obj, path)
+    saver = BackgroundSaver()
+    saver.submit(save_after_the_step, {"w": weights, "history": [{"epoch": 1}]}, str(tmp_path / "a.pt"))
+    weights += 1  # an optimizer step while the write is still pending
+    stepped.set()
+    saver.close()
+    assert torch.equal(load_torch(str(tmp_path / "a.pt"))["w"], torch.zeros(1000))
 
 
 def _prepare_in_process(args):
