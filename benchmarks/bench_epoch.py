@@ -330,11 +330,11 @@ def memory_run(args) -> None:
     command = [sys.executable, "-m", "kdistill", "run", "--data", str(args.data), "--out", str(work / "run"),
                "--set", "image_size=224", "--set", "teacher.weights=none", "--set", "teacher.epochs=1",
                "--set", "student.epochs=1", "--set", "student.batch_size=64",
-               "--set", f"cache_dir={work / 'cache'}", "--no-baseline"]
+               "--set", f"cache_dir={work / 'cache'}"]
     for setting in args.set:
         command += ["--set", setting]
-    print("memory run (a full teacher + student pass over all images at 224 px; this can take an hour "
-          "or more on a small CPU):\n  " + " ".join(command), flush=True)
+    print("memory run (every stage of a run at 224 px, one epoch each for teacher, student and baseline; "
+          "about an hour on a small CPU):\n  " + " ".join(command), flush=True)
     started = time.perf_counter()
     code = subprocess.run(command, cwd=REPO_ROOT).returncode
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
