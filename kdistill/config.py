@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .augment import AUGMENTATIONS
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS
 
@@ -50,8 +51,12 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.5
     # "cached": teacher logits computed once per training image (exact without augmentation);
-    # "online": teacher runs on every (augmented) batch; "auto": cached unless augment is on.
+    # "views": with augmentation, logits for `views` stored augmented views per image, computed
+    # once; every epoch shows each image in one of them (FKD);
+    # "online": teacher runs on every (augmented) batch;
+    # "auto": cached without augmentation, views for flip, online for crop_flip.
     teacher_signal: str = "auto"
+    views: int = 8
 
 
 @dataclass
@@ -64,7 +69,9 @@ class Config:
     device: str = "auto"  # auto: cuda when present, else cpu
     baseline: bool = True  # also train the student without a teacher, for comparison
     skip_bad: bool = False  # skip unreadable images with a warning instead of stopping
-    augment: str = "none"  # "none" or "flip" (random horizontal flip, done on the device)
+    # "none", "flip" (random horizontal flip) or "crop_flip" (random crop of the image reflect-padded
+    # by image_size/8, then flip); done on the device, see augment.py
+    augment: str = "none"
     cache_dir: str = ""  # default: $KDISTILL_CACHE or ~/.cache/kdistill
     workers: int = 0  # decode processes; 0 = all cores
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
@@ -83,7 +90,9 @@ class Config:
     def signal_mode(self) -> str:
         if self.distill.teacher_signal != "auto":
             return self.distill.teacher_signal
-        return "cached" if self.augment == "none" else "online"
+        # The exact choice: flip has just two views per image, so both are stored; random crops
+        # are too many to store, so the teacher runs online on each one.
+        return {"none": "cached", "flip": "views"}.get(self.augment, "online")
 
 
 # Settings that change where or how fast a run goes, never its numbers.
@@ -221,7 +230,8 @@ def validate(cfg: Config) -> None:
     require(0 < cfg.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
     require(cfg.device == "auto" or cfg.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
             f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    require(cfg.augment in ("none", "flip"), "augment", f"must be none or flip, got {cfg.augment!r}")
+    require(cfg.augment in AUGMENTATIONS, "augment",
+            f"must be one of {', '.join(AUGMENTATIONS)}, got {cfg.augment!r}")
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     require(cfg.max_image_pixels > 0, "max_image_pixels", "must be > 0")
     for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
@@ -246,11 +256,14 @@ def validate(cfg: Config) -> None:
             f"must be one of {', '.join(sorted(DISTILLERS))}, got {cfg.distill.method!r}")
     require(cfg.distill.temperature > 0, "distill.temperature", f"must be > 0, got {cfg.distill.temperature}")
     require(0 <= cfg.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {cfg.distill.alpha}")
-    require(cfg.distill.teacher_signal in ("auto", "cached", "online"), "distill.teacher_signal",
-            f"must be auto, cached or online, got {cfg.distill.teacher_signal!r}")
+    require(cfg.distill.teacher_signal in ("auto", "cached", "views", "online"), "distill.teacher_signal",
+            f"must be auto, cached, views or online, got {cfg.distill.teacher_signal!r}")
     require(not (cfg.distill.teacher_signal == "cached" and cfg.augment != "none"),
             "distill.teacher_signal", "cannot be cached with augmentation: the teacher must see the "
-            "student's augmented view (use online)")
+            "student's augmented view (use views or online)")
+    require(not (cfg.distill.teacher_signal == "views" and cfg.augment == "none"), "distill.teacher_signal",
+            "views needs augmentation (set augment); without it, cached is exact")
+    require(cfg.distill.views >= 1, "distill.views", f"must be >= 1, got {cfg.distill.views}")
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .augment import apply_views, crop_padding, draw_views, stored_views
 from .config import Config, read_yaml, result_differences, save_config
 from .data import PreparedData, normalize, prepare
 from .distillers import CrossEntropy, build_distiller
@@ -56,7 +57,9 @@ class ImageBatcher:
         self.splits = data.splits
         self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
-        self.flip = cfg.augment == "flip"
+        self.augmentation = cfg.augment
+        self.image_size = cfg.image_size
+        self.pad = crop_padding(cfg.augment, cfg.image_size)
         self.channels_last = device.type == "cuda"
         self.images = {name: split.images for name, split in data.splits.items()}
         self.resident = device.type == "cuda" and (
@@ -64,19 +67,26 @@ class ImageBatcher:
         if self.resident:
             self.images = {name: images.to(device) for name, images in self.images.items()}
 
-    def __call__(self, name: str, augment: bool = False, **extra) -> Batches:
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _apply_view(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        return self._memory_format(apply_views(x, views, self.pad))
+
+    def __call__(self, name: str, augment: bool = False, views: torch.Tensor | None = None, **extra) -> Batches:
+        """augment: a fresh random view per image and epoch; views: (N, K, 3) stored views to replay."""
         split = self.splits[name]
         labels = split.labels if split.labels is not None else torch.zeros(len(split.files), dtype=torch.int64)
-        flip = augment and self.flip
+        draw = augment and self.augmentation != "none" and views is None
 
         def to_model_input(batch: torch.Tensor) -> torch.Tensor:
             x = normalize(batch, self.mean, self.std)
-            if flip:  # a random horizontal flip per image, as one tensor operation
-                mask = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
-                x = torch.where(mask, x.flip(3), x)
-            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+            if draw:
+                x = apply_views(x, draw_views(self.augmentation, len(x), self.image_size).to(x.device), self.pad)
+            return self._memory_format(x)
         return Batches(self.images[name], labels, to_model_input,
-                       release_pages=None if self.resident else split.release_pages, **extra)
+                       release_pages=None if self.resident else split.release_pages,
+                       views=views, apply_view=self._apply_view if views is not None else None, **extra)
 
 
 def _place(model: nn.Module, device: torch.device) -> nn.Module:
@@ -132,6 +142,33 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device
         history = fit("teacher", teacher, trainable, batcher("train", augment=True), batcher("val"),
                       CrossEntropy(), t, checkpoint_dir, device, cfg.seed, log)
     return TrainedTeacher(teacher.eval().requires_grad_(False), head, history, features)
+
+
+def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_teacher: TrainedTeacher,
+                         batcher: ImageBatcher, device, log) -> Batches:
+    """The student's training batches with the teacher's signal: cached, stored views, or online."""
+    teacher, train, batch_size = trained_teacher.model, data.splits["train"], cfg.student.batch_size
+    teacher_hash = state_dict_sha256(teacher.state_dict())
+    if signal == "cached":  # no augmentation: one set of logits per training image
+        key = signal_key("logits", teacher_hash, data.key)
+        logits = cached_tensors(
+            os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
+            lambda: {"train": trained_teacher.train_logits(batcher, batch_size, device)},
+            "teacher logits", log)["train"]
+        return batcher("train", extras={"teacher_logits": logits})
+    if signal == "views":  # FKD: logits for K stored augmented views per image
+        views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed)
+        count = views.shape[1]
+        if count != cfg.distill.views:
+            log(f"teacher signal: augment={cfg.augment} has {count} distinct views per image; storing those")
+        key = signal_key("views", teacher_hash, data.key, cfg.augment, str(count), str(cfg.seed))
+        logits = cached_tensors(
+            os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
+            lambda: {"train": torch.stack([predict_logits(teacher, batcher("train", views=views[:, k:k + 1]),
+                                                          batch_size, device) for k in range(count)], 1)},
+            f"teacher logits for {count} views per image", log)["train"]
+        return batcher("train", views=views, extras={"teacher_logits": logits})
+    return batcher("train", augment=True, teacher=teacher)  # online: the teacher sees each fresh view
 
 
 def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, val: Batches,
@@ -201,7 +238,6 @@ def run(cfg: Config, log=None) -> dict:
     batcher = ImageBatcher(data, cfg, device)
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
-    train = data.splits["train"]
     histories, trained = {}, {}
 
     trained_teacher = train_teacher(cfg, data, batcher, device, log)
@@ -211,15 +247,7 @@ def run(cfg: Config, log=None) -> dict:
     lap("teacher")
 
     signal = cfg.signal_mode()
-    if signal == "cached":
-        key = signal_key("logits", state_dict_sha256(teacher.state_dict()), data.key)
-        logits = cached_tensors(
-            os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
-            lambda: {"train": trained_teacher.train_logits(batcher, cfg.student.batch_size, device)},
-            "teacher logits", log)["train"]
-        student_train = batcher("train", extras={"teacher_logits": logits})
-    else:
-        student_train = batcher("train", augment=True, teacher=teacher)
+    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, device, log)
     lap("teacher_signal")
     distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
     student, histories["student"] = train_student("student", cfg, data, student_train, batcher("val"),

@@ -4,8 +4,11 @@
   its features (the head's input, caught with a forward pre-hook) are computed once per split.
 - Distillation without augmentation: the trained teacher's logits for every training image are
   computed once; a student epoch then costs a plain student epoch.
+- Distillation with augmentation, "views" mode (FKD): the logits for K stored augmented views per
+  image are computed once, and each epoch replays one of them (see augment.py).
 
-Each cache file is keyed by a hash of the weights that produced it and by the data cache key, and
+Each cache file is keyed by a hash of the weights that produced it and by the data cache key (and
+for views by the augmentation, K and the seed that draws them), and
 is checked when read; anything stale or damaged is recomputed.
 """
 from __future__ import annotations

@@ -30,8 +30,13 @@ class Batches:
     inputs: torch.Tensor  # uint8 images (N,3,S,S) or cached float features (N,F)
     labels: torch.Tensor
     to_model_input: Callable[[torch.Tensor], torch.Tensor]  # device batch -> model input
-    # Per-sample tensors aligned with inputs, e.g. cached teacher logits.
+    # Per-sample tensors aligned with inputs, e.g. cached teacher logits: (N, C), or (N, K, C)
+    # with stored views.
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Stored views (FKD): (N, K, 3) view parameters (see augment.py) and the function applying
+    # them to model input. Each time a sample is served, one of its K views is picked at random.
+    views: torch.Tensor | None = None
+    apply_view: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # The online teacher: model input -> logits, run on exactly the view the student sees.
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Called after each batch is copied out of memory-mapped inputs (see data.SplitData).
@@ -44,18 +49,26 @@ class Batches:
                 generator: torch.Generator | None = None):
         """Yields (model_input, labels, teacher_logits or None)."""
         for index in batch_indices(len(self), batch_size, shuffle, generator):
-            index = index.to(self.inputs.device)
-            x = self.inputs[index]
+            x = self.inputs[index.to(self.inputs.device)]
             if self.release_pages is not None:
                 self.release_pages()
             x = self.to_model_input(x.to(device, non_blocking=True))
+            pick = None
+            if self.views is not None:
+                count = self.views.shape[1]
+                # A single view needs no draw (and leaves the random state alone).
+                pick = (torch.randint(count, (len(index),), generator=generator) if count > 1
+                        else torch.zeros(len(index), dtype=torch.int64))
+                x = self.apply_view(x, self.views[index, pick].to(device, non_blocking=True))
             y = self.labels[index].to(device, non_blocking=True)
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad(), autocast(device):
                     teacher_logits = self.teacher(x).float()
             elif "teacher_logits" in self.extras:
-                teacher_logits = self.extras["teacher_logits"][index].to(device, non_blocking=True)
+                stored = self.extras["teacher_logits"][index]
+                teacher_logits = (stored if pick is None else stored[torch.arange(len(index)), pick]).to(
+                    device, non_blocking=True)
             yield x, y, teacher_logits
 
 

@@ -35,6 +35,7 @@ def test_layers_override_in_order(tmp_path):
     ("image_size=big", "image_size"),
     ("colour=red", "colour"),
     ("student.unknown_key=1", "student.unknown_key"),
+    ("augment=rotate", "augment"),
     ("augment=flip", None),  # valid
 ])
 def test_bad_settings_fail_up_front_naming_the_setting(setting, fragment):
@@ -49,8 +50,14 @@ def test_bad_settings_fail_up_front_naming_the_setting(setting, fragment):
 def test_cached_teacher_signal_with_augmentation_is_refused():
     with pytest.raises(KdistillError, match="teacher_signal"):
         build_config(sets=["augment=flip", "distill.teacher_signal=cached"])
-    assert build_config(sets=["augment=flip"]).signal_mode() == "online"
     assert build_config().signal_mode() == "cached"
+    assert build_config(sets=["augment=flip"]).signal_mode() == "views"  # both flips stored: exact
+    assert build_config(sets=["augment=crop_flip"]).signal_mode() == "online"
+    assert build_config(sets=["augment=crop_flip", "distill.teacher_signal=views"]).signal_mode() == "views"
+    with pytest.raises(KdistillError, match="views needs augmentation"):
+        build_config(sets=["distill.teacher_signal=views"])
+    with pytest.raises(KdistillError, match="distill.views"):
+        build_config(sets=["augment=crop_flip", "distill.views=0"])
 
 
 def test_yaml_with_code_is_not_executed(tmp_path):

@@ -129,8 +129,8 @@ def test_a_run_killed_mid_training_resumes_to_identical_metrics(cifar_slice, tmp
     assert comparable(interrupted) == comparable(reference)
 
 
-def test_with_augmentation_the_teacher_runs_online_on_the_augmented_view(cifar_slice, tmp_path):
-    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), augment="flip",
+def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(cifar_slice, tmp_path):
+    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
                              baseline=False, teacher={"mode": "head", "epochs": 1}, student={"epochs": 1})
     metrics = kdistill.run(settings, log=lambda m: None)
     assert metrics["teacher_signal"] == "online" and set(metrics["models"]) == {"teacher", "student"}
