@@ -50,20 +50,25 @@ def make_logger(out: str):
 class ImageBatcher:
     """Serves the cached uint8 splits as Batches, normalized (and augmented) on the device.
 
-    On CUDA each split is copied to the GPU once when the whole dataset fits comfortably.
+    On CUDA each split is copied to the GPU once when the whole dataset fits comfortably, and
+    batches are channels_last; `resident` and `channels_last` force either choice (tests use
+    them to run the GPU path on the CPU).
     """
 
-    def __init__(self, data: PreparedData, cfg: Config, device: torch.device):
+    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, resident: bool | None = None,
+                 channels_last: bool | None = None):
         self.splits = data.splits
         self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
         self.augmentation = cfg.augment
         self.image_size = cfg.image_size
         self.pad = crop_padding(cfg.augment, cfg.image_size)
-        self.channels_last = device.type == "cuda"
+        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
         self.images = {name: split.images for name, split in data.splits.items()}
-        self.resident = device.type == "cuda" and (
-            sum(images.numel() for images in self.images.values()) < 0.4 * torch.cuda.mem_get_info(device)[0])
+        if resident is None:
+            resident = device.type == "cuda" and (
+                sum(images.numel() for images in self.images.values()) < 0.4 * torch.cuda.mem_get_info(device)[0])
+        self.resident = resident
         if self.resident:
             self.images = {name: images.to(device) for name, images in self.images.items()}
 
