@@ -11,13 +11,16 @@ One run, same data, same machine, variants interleaved within each repeat (media
   (d) teacher stage with a frozen ResNet34 backbone, 10 epochs: naive (every image through the
       backbone every epoch) against kdistill's train_teacher (features once with head_inputs,
       then 10 head epochs on the cached features; the one-off extraction is in its time)
+  (e) with augmentation (crop_flip), kdistill's two distillation modes: K=8 stored views whose
+      teacher logits are computed once (FKD), and the teacher run online on every batch
 
 kdistill runs through its own functions (pipeline.train_student with student.epochs=1,
 pipeline.train_teacher with teacher.epochs=10). A student epoch is reported twice: its training
 loop (fit's pass over the training Batches, like for like with the naive loop) and the whole call,
 which adds what kdistill does around an epoch and the naive loop doesn't: building the model, a
 val pass over a tiny val split (--val-per-class images per class) and the crash-safe (fsync'd)
-checkpoint writes. The teacher stage is always the whole train_teacher call.
+checkpoint (snapshotted, then written on a background thread; with one epoch per call the call
+waits for that write at its end). The teacher stage is always the whole train_teacher call.
 
 Models have random weights (no download is possible here); that changes no timing.
 The naive DataLoader uses num_workers=0 by default: on the 2-core machine of RESULTS.md it was the
@@ -54,7 +57,7 @@ from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy, build_distiller
 from kdistill.models import build_model
-from kdistill.pipeline import ImageBatcher, train_student, train_teacher
+from kdistill.pipeline import ImageBatcher, TrainedTeacher, distillation_batches, train_student, train_teacher
 from kdistill.train import Batches, predict_logits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +66,7 @@ TEACHER, STUDENT = "resnet34", "resnet18"
 BATCH_SIZE = 64
 LR = 1e-3
 TEACHER_EPOCHS = 10
+VIEWS = 8  # stored views per image in the augmented (crop_flip) distillation variant
 MEMORY_TARGET_BYTES = 4 * 1024 ** 3
 DEVICE = torch.device("cpu")
 
@@ -222,6 +226,8 @@ VARIANTS = {  # key -> label; "_whole" rows are the same kdistill runs timed as 
     "kd_distill_whole": "  same, whole call (+build, val pass, checkpoints)",
     "naive_plain": "naive plain epoch (DataLoader+PIL, CE)",
     "naive_distill": "naive distill epoch (+teacher fwd every batch)",
+    "kd_views": "kdistill distill, crop_flip, stored views (K=8): loop",
+    "kd_online": "kdistill distill, crop_flip, teacher online: loop",
     "kd_teacher": "kdistill teacher stage (features once + 10 head ep.)",
     "naive_teacher": "naive teacher stage (10 ep. through frozen backbone)",
 }
@@ -244,7 +250,7 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
 
     # The distillation teacher: a ResNet34 in eval mode (random weights; same cost as trained ones).
     torch.manual_seed(0)
-    teacher, _ = build_model(TEACHER, num_classes, weights="none")
+    teacher, head = build_model(TEACHER, num_classes, weights="none")
     teacher.eval()
     n_val = len(data.splits["val"].files)
     warm_up(size, num_classes, {min(n, BATCH_SIZE), n % BATCH_SIZE or BATCH_SIZE,
@@ -256,12 +262,25 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
     logits_seconds = time.perf_counter() - started
     print(f"kdistill teacher logits, once per run: {logits_seconds:.1f} s for {n} images", flush=True)
 
+    # With augmentation (crop_flip), as pipeline.run serves it: K stored views or the teacher online.
+    augmented_cfg = dataclasses.replace(cfg, augment="crop_flip", distill=dataclasses.replace(
+        cfg.distill, views=VIEWS))
+    augmented = ImageBatcher(data, augmented_cfg, DEVICE)
+    trained_teacher = TrainedTeacher(teacher, head, [], None)
+    started = time.perf_counter()
+    views_batches = distillation_batches("views", augmented_cfg, data, trained_teacher, augmented, DEVICE, quiet)
+    views_seconds = time.perf_counter() - started
+    print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
+    online_batches = distillation_batches("online", augmented_cfg, data, trained_teacher, augmented, DEVICE, quiet)
+    distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
+
     runs = {
         "kd_plain": lambda: kdistill_student_epoch(cfg, data, batcher, batcher("train", augment=True),
                                                    CrossEntropy(), work),
         "kd_distill": lambda: kdistill_student_epoch(
-            cfg, data, batcher, batcher("train", extras={"teacher_logits": logits}),
-            build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha), work),
+            cfg, data, batcher, batcher("train", extras={"teacher_logits": logits}), distiller, work),
+        "kd_views": lambda: kdistill_student_epoch(cfg, data, augmented, views_batches, distiller, work),
+        "kd_online": lambda: kdistill_student_epoch(cfg, data, augmented, online_batches, distiller, work),
         "naive_plain": lambda: naive_student_epoch(loader, num_classes),
         "naive_distill": lambda: naive_student_epoch(loader, num_classes, teacher,
                                                      cfg.distill.temperature, cfg.distill.alpha),
@@ -281,7 +300,7 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
                 note = f"  (whole call {whole:.1f} s)"
             times[name].append(seconds)
             print(f"  repeat {repeat + 1}/{args.repeats}  {VARIANTS[name]:53s} {seconds:8.1f} s{note}", flush=True)
-    return {"size": size, "n": n, "times": times, "logits_seconds": logits_seconds}
+    return {"size": size, "n": n, "times": times, "logits_seconds": logits_seconds, "views_seconds": views_seconds}
 
 
 def report(results: list[dict], args) -> None:
@@ -299,6 +318,8 @@ def report(results: list[dict], args) -> None:
         print(f"  (teacher-stage img/s counts image-epochs: {TEACHER_EPOCHS} x {n})")
         print(f"  one-off kdistill teacher logits (not in the distill epoch): {r['logits_seconds']:.2f} s "
               f"= {r['logits_seconds'] / med['kd_plain']:.2f} plain epochs, paid once per run")
+        print(f"  one-off kdistill teacher logits for {VIEWS} stored views: {r['views_seconds']:.2f} s "
+              f"= {r['views_seconds'] / med['kd_plain']:.2f} plain epochs, paid once per run")
 
         def ratio(a: str, b: str) -> float:
             return med[a] / med[b]
@@ -315,6 +336,8 @@ def report(results: list[dict], args) -> None:
             ("  same, kdistill whole call", ratio("naive_distill", "kd_distill_whole"), "(speed-up)", None),
             ("naive teacher stage / cached teacher stage", ratio("naive_teacher", "kd_teacher"), ">= 5",
              ratio("naive_teacher", "kd_teacher") >= 5),
+            ("crop_flip: stored views / kdistill plain (loops)", ratio("kd_views", "kd_plain"), "(info)", None),
+            ("crop_flip: teacher online / stored views (loops)", ratio("kd_online", "kd_views"), "(info)", None),
         ]
         for label, value, target, ok in checks:
             verdict = "" if ok is None else ("met" if ok else "MISSED")
