@@ -29,6 +29,7 @@ compute threads and cost a start-up per epoch). --workers changes it.
 
     python benchmarks/bench_epoch.py --sizes 64 112 --limit 64 --repeats 3   # ~12 min on 2 CPU cores
     python benchmarks/bench_epoch.py --sizes 32 --limit 20 --repeats 1      # smoke test
+    python benchmarks/bench_epoch.py --sizes 64 --only kd_plain kd_distill naive_plain  # whole train split
     python benchmarks/bench_epoch.py --memory-run                           # peak RSS of `kdistill run` at 224 px
 """
 from __future__ import annotations
@@ -219,6 +220,8 @@ def warm_up(size: int, num_classes: int, batch_sizes: set[int]) -> None:
 
 # --- the benchmark ---------------------------------------------------------------------------
 
+RUNS = ("kd_plain", "kd_distill", "kd_views", "kd_online", "naive_plain", "naive_distill", "kd_teacher",
+        "naive_teacher")
 VARIANTS = {  # key -> label; "_whole" rows are the same kdistill runs timed as a whole fit call
     "kd_plain": "kdistill plain epoch (uint8 cache, CE): train loop",
     "kd_plain_whole": "  same, whole call (+build, val pass, checkpoints)",
@@ -267,10 +270,12 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
         cfg.distill, views=VIEWS))
     augmented = ImageBatcher(data, augmented_cfg, DEVICE)
     trained_teacher = TrainedTeacher(teacher, head, [], None)
-    started = time.perf_counter()
-    views_batches = distillation_batches("views", augmented_cfg, data, trained_teacher, augmented, DEVICE, quiet)
-    views_seconds = time.perf_counter() - started
-    print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
+    views_batches, views_seconds = None, None
+    if "kd_views" in args.only:
+        started = time.perf_counter()
+        views_batches = distillation_batches("views", augmented_cfg, data, trained_teacher, augmented, DEVICE, quiet)
+        views_seconds = time.perf_counter() - started
+        print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
     online_batches = distillation_batches("online", augmented_cfg, data, trained_teacher, augmented, DEVICE, quiet)
     distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
 
@@ -287,6 +292,7 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
         "kd_teacher": lambda: kdistill_teacher_stage(cfg, data, batcher, work),
         "naive_teacher": lambda: naive_teacher_stage(loader, num_classes),
     }
+    runs = {name: run for name, run in runs.items() if name in args.only}
     times = {name: [] for name in runs}
     order = list(runs)
     for repeat in range(args.repeats):
@@ -312,35 +318,37 @@ def report(results: list[dict], args) -> None:
         print(f"\nimage size {r['size']} px, {n} training images, batch {BATCH_SIZE}, Adam")
         print(f"  {'variant':53s} {'median s':>9s} {'img/s':>8s}   min-max s")
         for name, label in VARIANTS.items():
+            if name not in med:
+                continue
             images = n * (TEACHER_EPOCHS if name.endswith("teacher") else 1)
             t = r["times"][name]
             print(f"  {label:53s} {med[name]:9.2f} {images / med[name]:8.1f}   {min(t):.2f}-{max(t):.2f}")
-        print(f"  (teacher-stage img/s counts image-epochs: {TEACHER_EPOCHS} x {n})")
-        print(f"  one-off kdistill teacher logits (not in the distill epoch): {r['logits_seconds']:.2f} s "
-              f"= {r['logits_seconds'] / med['kd_plain']:.2f} plain epochs, paid once per run")
-        print(f"  one-off kdistill teacher logits for {VIEWS} stored views: {r['views_seconds']:.2f} s "
-              f"= {r['views_seconds'] / med['kd_plain']:.2f} plain epochs, paid once per run")
+        if "kd_teacher" in med or "naive_teacher" in med:
+            print(f"  (teacher-stage img/s counts image-epochs: {TEACHER_EPOCHS} x {n})")
+        for what, seconds in (("teacher logits (not in the distill epoch)", r["logits_seconds"]),
+                              (f"teacher logits for {VIEWS} stored views", r["views_seconds"])):
+            if seconds is not None and "kd_plain" in med:
+                print(f"  one-off kdistill {what}: {seconds:.2f} s = {seconds / med['kd_plain']:.2f} "
+                      f"plain epochs, paid once per run")
 
-        def ratio(a: str, b: str) -> float:
-            return med[a] / med[b]
-        checks = [  # (label, value, target, met?) ; None: for information
-            ("kdistill distill / kdistill plain (loops)", ratio("kd_distill", "kd_plain"), "<= 1.05",
-             ratio("kd_distill", "kd_plain") <= 1.05),
-            ("  same, whole calls", ratio("kd_distill_whole", "kd_plain_whole"), "<= 1.05",
-             ratio("kd_distill_whole", "kd_plain_whole") <= 1.05),
-            ("kdistill distill (loop) / naive plain", ratio("kd_distill", "naive_plain"), "<= 1.00 (no slower)",
-             ratio("kd_distill", "naive_plain") <= 1.0),
-            ("  same, kdistill whole call", ratio("kd_distill_whole", "naive_plain"), "<= 1.00 (no slower)",
-             ratio("kd_distill_whole", "naive_plain") <= 1.0),
-            ("naive distill / kdistill distill (loop)", ratio("naive_distill", "kd_distill"), "(speed-up)", None),
-            ("  same, kdistill whole call", ratio("naive_distill", "kd_distill_whole"), "(speed-up)", None),
-            ("naive teacher stage / cached teacher stage", ratio("naive_teacher", "kd_teacher"), ">= 5",
-             ratio("naive_teacher", "kd_teacher") >= 5),
-            ("crop_flip: stored views / kdistill plain (loops)", ratio("kd_views", "kd_plain"), "(info)", None),
-            ("crop_flip: teacher online / stored views (loops)", ratio("kd_online", "kd_views"), "(info)", None),
+        checks = [  # (label, numerator, denominator, target, upper bound or None for information)
+            ("kdistill distill / kdistill plain (loops)", "kd_distill", "kd_plain", "<= 1.05", 1.05),
+            ("  same, whole calls", "kd_distill_whole", "kd_plain_whole", "<= 1.05", 1.05),
+            ("kdistill distill (loop) / naive plain", "kd_distill", "naive_plain", "<= 1.00 (no slower)", 1.0),
+            ("  same, kdistill whole call", "kd_distill_whole", "naive_plain", "<= 1.00 (no slower)", 1.0),
+            ("naive distill / kdistill distill (loop)", "naive_distill", "kd_distill", "(speed-up)", None),
+            ("  same, kdistill whole call", "naive_distill", "kd_distill_whole", "(speed-up)", None),
+            ("naive teacher stage / cached teacher stage", "kd_teacher", "naive_teacher", ">= 5", 1 / 5),
+            ("crop_flip: stored views / kdistill plain (loops)", "kd_views", "kd_plain", "(info)", None),
+            ("crop_flip: teacher online / stored views (loops)", "kd_online", "kd_views", "(info)", None),
         ]
-        for label, value, target, ok in checks:
-            verdict = "" if ok is None else ("met" if ok else "MISSED")
+        for label, a, b, target, bound in checks:
+            if a not in med or b not in med:
+                continue
+            value = med[a] / med[b]
+            verdict = "" if bound is None else ("met" if value <= bound else "MISSED")
+            if a == "kd_teacher":  # shown as a speed-up
+                value = 1 / value
             print(f"  {label:53s} {value:6.2f}   target {target:20s} {verdict}")
     print(f"\npeak resident memory: this process {peak_rss_mib(resource.RUSAGE_SELF):.0f} MiB; "
           f"largest child (decode pool / DataLoader worker) {peak_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB "
@@ -381,6 +389,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0,
                         help="naive DataLoader num_workers (default 0: fastest measured here, see RESULTS.md)")
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS), metavar="VARIANT",
+                        help=f"time only these variants (default all: {' '.join(RUNS)})")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder under /tmp")
     parser.add_argument("--memory-run", action="store_true",
                         help="instead: run `kdistill run` at 224 px in a child process and report its peak RSS")
