@@ -51,6 +51,8 @@ class Batches:
             x = self.inputs[index.to(self.inputs.device)]
             if self.release_pages is not None:
                 self.release_pages()
+            if device.type == "cuda" and x.device.type == "cpu":
+                x = x.pin_memory()  # so the copy below runs asynchronously
             x = self.to_model_input(x.to(device, non_blocking=True))
             pick = None
             if self.views is not None:
@@ -168,6 +170,9 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             trainable.train()
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=device)
+            # The first batch whose loss was not finite, tracked on the device: checking it each
+            # batch would make the CPU wait for the GPU at every step.
+            first_bad_batch = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
             lr = optimizer.param_groups[0]["lr"]
             for batch, (x, y, teacher_logits) in enumerate(
@@ -176,11 +181,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     logits = model(x)
                 terms = objective(logits.float(), y, teacher_logits)
                 loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise KdistillError(
-                        f"{name}: the loss became {loss.item()} at epoch {epoch}, batch {batch}; stopped. "
-                        f"The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
-                        f"try a lower lr")
+                first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -188,6 +189,11 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     sums[key] = sums.get(key, 0) + value.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
+            if first_bad_batch.item():
+                raise KdistillError(
+                    f"{name}: the loss stopped being finite at epoch {epoch}, batch {first_bad_batch.item()}; "
+                    f"stopped. The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
+                    f"try a lower lr")
             if scheduler is not None:
                 scheduler.step()
             val_loss, val_acc = evaluate(model, val, cfg.batch_size, device)
