@@ -349,7 +349,7 @@ def report(results: list[dict], args) -> None:
             verdict = "" if bound is None else ("met" if value <= bound else "MISSED")
             if a == "kd_teacher":  # shown as a speed-up
                 value = 1 / value
-            print(f"  {label:53s} {value:6.2f}   target {target:20s} {verdict}")
+            print(f"  {label:53s} {value:6.3f}  target {target:20s} {verdict}")
     print(f"\npeak resident memory: this process {peak_rss_mib(resource.RUSAGE_SELF):.0f} MiB; "
           f"largest child (decode pool / DataLoader worker) {peak_rss_mib(resource.RUSAGE_CHILDREN):.0f} MiB "
           f"(ru_maxrss)")
