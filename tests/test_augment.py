@@ -74,4 +74,5 @@ def test_runs_with_stored_views(cifar_slice, tmp_path):
         metrics = kdistill.run(settings, log=lambda m: None)
         assert metrics["teacher_signal"] == "views"
         [stored] = glob.glob(str(cache / "*" / "signal" / "views-*.pt"))
-        assert torch.load(stored, weights_only=True)["train"].shape == (3 * 24, count, 3)
+        images, classes = 3 * 24, 3
+        assert torch.load(stored, weights_only=True)["train"].shape == (images, count, classes)
