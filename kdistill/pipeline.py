@@ -88,7 +88,8 @@ class ImageBatcher:
             x = normalize(batch, self.mean, self.std)
             if draw:
                 x = apply_views(x, draw_views(self.augmentation, len(x), self.image_size).to(x.device), self.pad)
-            return self._memory_format(x)
+            # Stored views are applied after this (Batches.iterate), which sets the memory format once.
+            return x if views is not None else self._memory_format(x)
         return Batches(self.images[name], labels, to_model_input,
                        release_pages=None if self.resident else split.release_pages,
                        views=views, apply_view=self._apply_view if views is not None else None, **extra)
@@ -153,6 +154,8 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
                          batcher: ImageBatcher, device, log) -> Batches:
     """The student's training batches with the teacher's signal: cached, stored views, or online."""
     teacher, train, batch_size = trained_teacher.model, data.splits["train"], cfg.student.batch_size
+    if signal == "online":  # the teacher sees each freshly drawn view
+        return batcher("train", augment=True, teacher=teacher)
     teacher_hash = state_dict_sha256(teacher.state_dict())
     if signal == "cached":  # no augmentation: one set of logits per training image
         key = signal_key("logits", teacher_hash, data.key)
@@ -161,19 +164,18 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
             lambda: {"train": trained_teacher.train_logits(batcher, batch_size, device)},
             "teacher logits", log)["train"]
         return batcher("train", extras={"teacher_logits": logits})
-    if signal == "views":  # FKD: logits for K stored augmented views per image
-        views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed)
-        count = views.shape[1]
-        if count != cfg.distill.views:
-            log(f"teacher signal: augment={cfg.augment} has {count} distinct views per image; storing those")
-        key = signal_key("views", teacher_hash, data.key, cfg.augment, str(count), str(cfg.seed))
-        logits = cached_tensors(
-            os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
-            lambda: {"train": torch.stack([predict_logits(teacher, batcher("train", views=views[:, k:k + 1]),
-                                                          batch_size, device) for k in range(count)], 1)},
-            f"teacher logits for {count} views per image", log)["train"]
-        return batcher("train", views=views, extras={"teacher_logits": logits})
-    return batcher("train", augment=True, teacher=teacher)  # online: the teacher sees each fresh view
+    # views (FKD): logits for K stored augmented views per image
+    views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed)
+    count = views.shape[1]
+    if count != cfg.distill.views:
+        log(f"teacher signal: augment={cfg.augment} has {count} distinct views per image; storing those")
+    key = signal_key("views", teacher_hash, data.key, cfg.augment, str(count), str(cfg.seed))
+    logits = cached_tensors(
+        os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
+        lambda: {"train": torch.stack([predict_logits(teacher, batcher("train", views=views[:, k:k + 1]),
+                                                      batch_size, device) for k in range(count)], 1)},
+        f"teacher logits for {count} views per image", log)["train"]
+    return batcher("train", views=views, extras={"teacher_logits": logits})
 
 
 def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, val: Batches,
