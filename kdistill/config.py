@@ -31,6 +31,7 @@ class TrainConfig:
     lr_step: int = 0  # StepLR step size in epochs; 0 keeps the learning rate constant
     lr_gamma: float = 0.1
     weight_decay: float = 0.0
+    normalize: str = "auto"
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Config:
     workers: int = 0  # decode processes; 0 = all cores
     max_image_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused as decompression bombs
     compile: bool = False  # torch.compile the student (CUDA only)
+    precision: str = "auto"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

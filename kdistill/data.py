@@ -22,10 +22,10 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from .errors import KdistillError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, file_sha256
 from .images import DEFAULT_MAX_PIXELS, IGNORED_NAMES, decode_task, entry_problem
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: content hashes in meta.json
 SPLITS = ("train", "val", "test")
 
 
@@ -283,7 +283,7 @@ def _channel_stats(images: np.memmap, chunk: int = 64) -> tuple[list[float], lis
 
 
 def _build_cache(dataset: DatasetFiles, folder: str, size: int, max_pixels: int, workers: int,
-                 log) -> None:
+                 log) -> dict:
     os.makedirs(folder, exist_ok=True)
     meta = {"version": CACHE_VERSION, "image_size": size, "classes": dataset.classes,
             "splits": {}, "skipped": list(dataset.rejected)}
@@ -298,6 +298,7 @@ def _build_cache(dataset: DatasetFiles, folder: str, size: int, max_pixels: int,
             "files": [split.files[i] for i in kept],
             "labels": None if split.labels is None else [split.labels[i] for i in kept],
             "bytes": os.path.getsize(os.path.join(folder, f"{name}.npy")),
+            "sha256": file_sha256(os.path.join(folder, f"{name}.npy")),
         }
         total += len(split.files)
     seconds = time.perf_counter() - start
@@ -305,31 +306,47 @@ def _build_cache(dataset: DatasetFiles, folder: str, size: int, max_pixels: int,
     if len(train_images) == 0:
         raise KdistillError("no training image could be decoded")
     meta["mean"], meta["std"] = _channel_stats(train_images)
+    meta["sha256"] = _meta_sha256(meta)
     # meta.json is written last: its presence marks a complete cache.
     atomic_write_text(os.path.join(folder, "meta.json"), json.dumps(meta))
     log(f"prepare: decoded {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} img/s, "
         f"{workers} worker{'s' if workers > 1 else ''}) into {folder}")
+    return meta
 
 
-def _load_cache(folder: str) -> dict | None:
-    """The cache's metadata if every file is complete, else None (it will be rebuilt)."""
+def _meta_sha256(meta: dict) -> str:
+    described = {key: value for key, value in meta.items() if key != "sha256"}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _load_cache(folder: str) -> tuple[dict | None, str]:
+    """(metadata, "") if every file is complete and has the content it was written with, else
+    (None, why): the cache will be rebuilt. Hashing reads every array once (about 1.3 GB/s here)."""
     try:
         with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
+        if meta.get("version") != CACHE_VERSION or meta.get("sha256") != _meta_sha256(meta):
+            return None, "meta.json was edited or comes from another kdistill version"
         for name, split in meta["splits"].items():
-            if os.path.getsize(os.path.join(folder, f"{name}.npy")) != split["bytes"]:
-                return None
-            np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")  # checks the header
-        return meta
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+            path = os.path.join(folder, f"{name}.npy")
+            if os.path.getsize(path) != split["bytes"]:
+                return None, f"{name}.npy is incomplete"
+            if file_sha256(path) != split["sha256"]:
+                return None, f"{name}.npy does not hold what was written (damaged or edited)"
+        return meta, ""
+    except FileNotFoundError:
+        return None, "it is incomplete"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"it is unreadable ({type(e).__name__})"
 
 
 def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: float = 0.2,
             seed: int = 0, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, skip_bad: bool = False,
-            log=print) -> PreparedData:
-    """Decode the dataset once into the cache (or reuse it) and map it as tensors."""
-    dataset = scan_dataset(data_dir, val_fraction, seed)
+            log=print, scanned: DatasetFiles | None = None) -> PreparedData:
+    """Decode the dataset once into the cache (or reuse it) and map it as tensors.
+
+    scanned: scan_dataset's result for these arguments, when the caller has it already."""
+    dataset = scanned or scan_dataset(data_dir, val_fraction, seed)
     for notice in dataset.notices:
         log(notice)
     key = cache_key(dataset, image_size, max_pixels)
@@ -337,16 +354,15 @@ def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: flo
     os.makedirs(cache_dir, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     with FileLock(folder + ".lock"):  # two runs sharing the cache build it once
-        meta = _load_cache(folder)
+        checked = time.perf_counter()
+        meta, problem = _load_cache(folder)
         if meta is None:
             if os.path.exists(os.path.join(folder, "meta.json")):
-                log(f"prepare: the cache in {folder} is incomplete or corrupt; rebuilding it")
-            _build_cache(dataset, folder, image_size, max_pixels, workers, log)
-            meta = _load_cache(folder)
-            if meta is None:
-                raise KdistillError(f"the data cache in {folder} could not be read back after writing it")
+                log(f"prepare: the data cache in {folder} is damaged ({problem}); rebuilding it")
+            meta = _build_cache(dataset, folder, image_size, max_pixels, workers, log)
         else:
-            log(f"prepare: reusing the data cache in {folder}")
+            log(f"prepare: reusing the data cache in {folder} (content checked in "
+                f"{time.perf_counter() - checked:.2f} s)")
     skipped = [tuple(item) for item in meta["skipped"]]
     if skipped and not skip_bad:
         path, reason = skipped[0]
@@ -370,9 +386,9 @@ def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: flo
     return PreparedData(key, folder, meta["classes"], meta["mean"], meta["std"], splits, skipped)
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,3,H,W) on the device -> standardized float; mean/std shaped (1,3,1,1), [0,1] scale."""
-    return (images.float() / 255.0 - mean) / std
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,3,H,W) on the device -> float in [0, 1]; each model standardizes it itself."""
+    return images.float() / 255.0
 
 
 def batch_indices(n: int, batch_size: int, shuffle: bool, generator: torch.Generator | None = None):

@@ -104,11 +104,22 @@ def load_torch(path: str, what: str = "checkpoint", map_location: str = "cpu") -
         raise KdistillError(f"{what} {path} is unreadable or corrupt ({message[:160]})") from None
 
 
-def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
-    """A hash of a model's tensors (names, shapes, dtypes, values), independent of file format."""
+def file_sha256(path: str, chunk_bytes: int = 16 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (memory stays flat whatever the file's size)."""
     digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of named tensors (names, shapes, dtypes, values), independent of file format."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -112,6 +112,51 @@ def build_model(arch: str, num_classes: int, dropout: float = 0.0,
     return model, path
 
 
+IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # what torchvision's weights expect
+
+
+class Standardized(nn.Module):
+    """A model that takes images scaled to [0, 1] and standardizes them with its own statistics.
+
+    Each model owns its input statistics: a pretrained backbone expects the ones it was trained
+    with, a model trained from scratch the training set's. The statistics are buffers, so they
+    are part of the state dict, of its hash (the teacher-signal cache keys) and of the export.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        return self.model((images01 - self.mean) / self.std)
+
+
+def input_statistics(normalize: str, weights: str, model: nn.Module, dataset_mean: list[float],
+                     dataset_std: list[float]) -> tuple[str, list[float], list[float]]:
+    """(name, mean, std) of the input standardization a model gets.
+
+    auto: the statistics pretrained weights were trained with (ImageNet's, or what a
+    module:callable model declares in its `input_normalization` attribute), the training set's
+    for a model trained from scratch.
+    """
+    if normalize == "auto":
+        declared = getattr(model, "input_normalization", None)
+        normalize = declared or ("imagenet" if weights != "none" else "dataset")
+    if normalize == "imagenet":
+        return "imagenet", *IMAGENET_STATS
+    return "dataset", list(dataset_mean), list(dataset_std)
+
+
+def standardized_model(arch: str, num_classes: int, dropout: float, weights: str, normalize: str,
+                       dataset_mean: list[float], dataset_std: list[float]) -> tuple[Standardized, str, str]:
+    """build_model with its input standardization in front: (model, head path, statistics name)."""
+    model, head = build_model(arch, num_classes, dropout, weights)
+    name, mean, std = input_statistics(normalize, weights, model, dataset_mean, dataset_std)
+    return Standardized(model, mean, std), f"model.{head}", name
+
+
 def trainable_part(model: nn.Module, head: str, head_only: bool) -> nn.Module:
     """The module whose parameters train: the head alone (backbone frozen) or the whole model."""
     if not head_only:

@@ -6,6 +6,7 @@ in the same folder finished, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import NamedTuple
@@ -13,18 +14,21 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .augment import apply_views, crop_padding, draw_views, stored_views
+from .augment import stored_views
+from .batcher import ImageBatcher
 from .config import Config, read_yaml, result_differences, save_config
-from .data import PreparedData, normalize, prepare
+from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
 from .distillers import CrossEntropy, build_distiller
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
-from .fileio import save_torch, state_dict_sha256
-from .models import build_model, imagenet_state_dict, trainable_part
+from .fileio import atomic_write_text, save_torch, tensors_sha256
+from .models import Standardized, imagenet_state_dict, standardized_model, trainable_part
 from .report import write_report
 from .teacher_signal import cached_tensors, head_inputs, signal_key
-from .train import Batches, fit, predict_logits
+from .train import Batches, fit, predict_logits, resolve_precision
+
+ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,82 +51,46 @@ def make_logger(out: str):
     return log
 
 
-class ImageBatcher:
-    """Serves the cached uint8 splits as Batches, normalized (and augmented) on the device.
-
-    On CUDA each split is copied to the GPU once when the whole dataset fits comfortably, and
-    batches are channels_last; `resident` and `channels_last` force either choice (tests use
-    them to run the GPU path on the CPU).
-    """
-
-    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, resident: bool | None = None,
-                 channels_last: bool | None = None):
-        self.splits = data.splits
-        self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
-        self.augmentation = cfg.augment
-        self.image_size = cfg.image_size
-        self.pad = crop_padding(cfg.augment, cfg.image_size)
-        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
-        self.images = {name: split.images for name, split in data.splits.items()}
-        if resident is None:
-            resident = device.type == "cuda" and (
-                sum(images.numel() for images in self.images.values()) < 0.4 * torch.cuda.mem_get_info(device)[0])
-        self.resident = resident
-        if self.resident:
-            self.images = {name: images.to(device) for name, images in self.images.items()}
-
-    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def _apply_view(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        return self._memory_format(apply_views(x, views, self.pad))
-
-    def __call__(self, name: str, augment: bool = False, views: torch.Tensor | None = None, **extra) -> Batches:
-        """augment: a fresh random view per image and epoch; views: (N, K, 3) stored views to replay."""
-        split = self.splits[name]
-        labels = split.labels if split.labels is not None else torch.zeros(len(split.files), dtype=torch.int64)
-        draw = augment and self.augmentation != "none" and views is None
-
-        def to_model_input(batch: torch.Tensor) -> torch.Tensor:
-            x = normalize(batch, self.mean, self.std)
-            if draw:
-                x = apply_views(x, draw_views(self.augmentation, len(x), self.image_size).to(x.device), self.pad)
-            # Stored views are applied after this (Batches.iterate), which sets the memory format once.
-            return x if views is not None else self._memory_format(x)
-        return Batches(self.images[name], labels, to_model_input,
-                       release_pages=None if self.resident else split.release_pages,
-                       views=views, apply_view=self._apply_view if views is not None else None, **extra)
-
-
 def _place(model: nn.Module, device: torch.device) -> nn.Module:
     model.to(device)
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
+class Compute(NamedTuple):
+    """Where and in which precision the numbers are computed; both are part of every result."""
+    device: torch.device
+    precision: str  # "fp32" or "bf16" (autocast)
+
+    def key(self) -> str:
+        return f"{self.device.type}-{self.precision}"
+
+
 class TrainedTeacher(NamedTuple):
-    model: nn.Module  # eval mode, frozen
+    model: Standardized  # eval mode, frozen
     head: str  # module path of the head
+    normalize: str  # the input statistics it was trained with
     history: list[dict]
     features: dict[str, torch.Tensor] | None  # cached backbone features per split (head-only mode)
 
-    def train_logits(self, batcher: ImageBatcher, batch_size: int, device) -> torch.Tensor:
+    def train_logits(self, batcher: ImageBatcher, batch_size: int, compute: Compute) -> torch.Tensor:
         """The teacher's logits for every training image (unaugmented view)."""
         if self.features is not None:
             # The head on the cached backbone features: the same logits, without a second backbone pass.
             features = self.features["train"]
             return predict_logits(self.model.get_submodule(self.head),
-                                  Batches(features, torch.zeros(len(features)), lambda x: x), batch_size, device)
-        return predict_logits(self.model, batcher("train"), batch_size, device)
+                                  Batches(features, torch.zeros(len(features)), lambda x: x), batch_size, *compute)
+        return predict_logits(self.model, batcher("train"), batch_size, *compute)
 
 
-def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device, log) -> TrainedTeacher:
+def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log) -> TrainedTeacher:
     t = cfg.teacher
-    trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
-    log(f"teacher: {t.arch}, weights {t.weights}, {trained_part}, {t.epochs} epochs")
     torch.manual_seed(cfg.seed)
-    teacher, head = build_model(t.arch, len(data.classes), t.dropout, t.weights)
-    teacher = _place(teacher, device)
+    teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
+                                                  data.mean, data.std)
+    trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
+    log(f"teacher: {t.arch}, weights {t.weights}, {trained_part}, input standardized with {normalize} "
+        f"statistics, {t.epochs} epochs")
+    teacher = _place(teacher, compute.device)
     head_only = t.mode == "head"
     trainable = trainable_part(teacher, head, head_only)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints", "teacher")
@@ -132,36 +100,36 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, device
         # The frozen backbone is a fixed function of the image: compute its features once and
         # train the head on them. Exact, and ten epochs cost one forward pass.
         backbone = {k: v for k, v in teacher.state_dict().items() if not k.startswith(head + ".")}
-        key = signal_key("features", t.arch, state_dict_sha256(backbone), data.key)
+        key = signal_key("features", t.arch, tensors_sha256(backbone), data.key, compute.key())
 
-        def compute() -> dict[str, torch.Tensor]:
-            return {name: head_inputs(teacher, head, batcher(name), t.batch_size, device)
+        def compute_features() -> dict[str, torch.Tensor]:
+            return {name: head_inputs(teacher, head, batcher(name), t.batch_size, *compute)
                     for name in ("train", "val")}
         features = cached_tensors(os.path.join(data.folder, "signal", f"features-{key}.pt"),
-                                  {"train": len(train.files), "val": len(val.files)}, compute,
+                                  {"train": len(train.files), "val": len(val.files)}, compute_features,
                                   "teacher features", log)
         history = fit("teacher", trainable, trainable,
                       Batches(features["train"], train.labels, lambda x: x),
                       Batches(features["val"], val.labels, lambda x: x),
-                      CrossEntropy(), t, checkpoint_dir, device, cfg.seed, log)
+                      CrossEntropy(), t, checkpoint_dir, compute.device, cfg.seed, log, compute.precision)
     else:
         history = fit("teacher", teacher, trainable, batcher("train", augment=True), batcher("val"),
-                      CrossEntropy(), t, checkpoint_dir, device, cfg.seed, log)
-    return TrainedTeacher(teacher.eval().requires_grad_(False), head, history, features)
+                      CrossEntropy(), t, checkpoint_dir, compute.device, cfg.seed, log, compute.precision)
+    return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features)
 
 
 def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_teacher: TrainedTeacher,
-                         batcher: ImageBatcher, device, log) -> Batches:
+                         batcher: ImageBatcher, compute: Compute, log) -> Batches:
     """The student's training batches with the teacher's signal: cached, stored views, or online."""
     teacher, train, batch_size = trained_teacher.model, data.splits["train"], cfg.student.batch_size
     if signal == "online":  # the teacher sees each freshly drawn view
         return batcher("train", augment=True, teacher=teacher)
-    teacher_hash = state_dict_sha256(teacher.state_dict())
+    teacher_hash = tensors_sha256(teacher.state_dict())
     if signal == "cached":  # no augmentation: one set of logits per training image
-        key = signal_key("logits", teacher_hash, data.key)
+        key = signal_key("logits", teacher_hash, data.key, compute.key())
         logits = cached_tensors(
             os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
-            lambda: {"train": trained_teacher.train_logits(batcher, batch_size, device)},
+            lambda: {"train": trained_teacher.train_logits(batcher, batch_size, compute)},
             "teacher logits", log)["train"]
         return batcher("train", extras={"teacher_logits": logits})
     # views (FKD): logits for K stored augmented views per image
@@ -169,50 +137,83 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
     count = views.shape[1]
     if count != cfg.distill.views:
         log(f"teacher signal: augment={cfg.augment} has {count} distinct views per image; storing those")
-    key = signal_key("views", teacher_hash, data.key, cfg.augment, str(count), str(cfg.seed))
+    key = signal_key("views", teacher_hash, data.key, cfg.augment, str(count), str(cfg.seed), compute.key())
     logits = cached_tensors(
         os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
         lambda: {"train": torch.stack([predict_logits(teacher, batcher("train", views=views[:, k:k + 1]),
-                                                      batch_size, device) for k in range(count)], 1)},
+                                                      batch_size, *compute) for k in range(count)], 1)},
         f"teacher logits for {count} views per image", log)["train"]
     return batcher("train", views=views, extras={"teacher_logits": logits})
 
 
+def without_teacher(batches: Batches) -> Batches:
+    """The same batches, views and order, without the teacher's signal: the baseline's input."""
+    return dataclasses.replace(batches, extras={}, teacher=None)
+
+
 def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, val: Batches,
-                  objective: nn.Module, device, log) -> tuple[nn.Module, list]:
+                  objective: nn.Module, compute: Compute, log) -> tuple[Standardized, str, list]:
+    """(model, its input statistics, history)."""
     s = cfg.student
-    log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, {s.epochs} epochs, "
-        f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
-    # The student and the baseline start from the same weights and see the same batch order:
-    # the teacher is the only difference between them.
+    # The student and the baseline start from the same weights and see the same inputs in the
+    # same order (same seeds, see train.fit): the teacher is the only difference between them.
     torch.manual_seed(cfg.seed + 1)
-    student, _ = build_model(s.arch, len(data.classes), s.dropout, s.weights)
-    student = _place(student, device)
-    if cfg.compile and device.type == "cuda":
+    student, _, normalize = standardized_model(s.arch, len(data.classes), s.dropout, s.weights, s.normalize,
+                                               data.mean, data.std)
+    log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, input standardized with "
+        f"{normalize} statistics, {s.epochs} epochs, "
+        f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
+    student = _place(student, compute.device)
+    if cfg.compile and compute.device.type == "cuda":
         student.compile()
-    history = fit(name, student, student, train, val, objective, s,
-                  os.path.join(cfg.out, "checkpoints", name), device, cfg.seed + 1, log)
-    return student.eval(), history
+    history = fit(name, student, student, train, val, objective, s, os.path.join(cfg.out, "checkpoints", name),
+                  compute.device, cfg.seed + 1, log, compute.precision)
+    return student.eval(), normalize, history
 
 
-def summarize(arch: str, model: nn.Module, history: list[dict], weights_file: str, image_size: int,
-              device: torch.device) -> dict:
+def summarize(arch: str, normalize: str, model: nn.Module, history: list[dict], weights_file: str,
+              image_size: int, device: torch.device) -> dict:
     best = max(history, key=lambda row: row["val_acc"])  # the first epoch reaching the best
-    return {"arch": arch, "best_val_acc": best["val_acc"], "best_epoch": best["epoch"],
-            "final_val_acc": history[-1]["val_acc"], "epochs": len(history),
+    return {"arch": arch, "input_standardization": normalize, "best_val_acc": best["val_acc"],
+            "best_epoch": best["epoch"], "final_val_acc": history[-1]["val_acc"], "epochs": len(history),
             "train_seconds": sum(row["seconds"] for row in history),
             **profile(model, weights_file, image_size, device)}
 
 
-def _check_out_folder(cfg: Config) -> None:
-    """An --out holding a different experiment is refused rather than mixed or overwritten."""
+def _describe_data(dataset: DatasetFiles, key: str) -> dict:
+    return {"key": key, "classes": dataset.classes,
+            "images": {name: len(split.files) for name, split in dataset.splits.items()}}
+
+
+def _check_out_folder(cfg: Config, data_identity: dict) -> None:
+    """An --out holding a different experiment, or the same one on other data, is refused rather
+    than mixed or overwritten."""
     config_path = os.path.join(cfg.out, "config.yaml")
     # Only a folder where training has started holds results to protect.
-    if os.path.exists(config_path) and os.path.isdir(os.path.join(cfg.out, "checkpoints")):
-        differences = result_differences(read_yaml(config_path, f"saved config {config_path}"), cfg.to_dict())
-        if differences:
-            raise KdistillError(f"{cfg.out} holds a run with other settings ({'; '.join(differences[:3])}); "
-                                f"use another --out, or the same settings to resume it")
+    if not (os.path.exists(config_path) and os.path.isdir(os.path.join(cfg.out, "checkpoints"))):
+        return
+    differences = result_differences(read_yaml(config_path, f"saved config {config_path}"), cfg.to_dict())
+    if differences:
+        raise KdistillError(f"{cfg.out} holds a run with other settings ({'; '.join(differences[:3])}); "
+                            f"use another --out, or the same settings to resume it")
+    data_path = os.path.join(cfg.out, "data.json")
+    if not os.path.exists(data_path):
+        return
+    try:
+        with open(data_path, encoding="utf-8") as f:
+            previous = json.load(f)
+    except (OSError, ValueError) as e:
+        raise KdistillError(f"{data_path} is unreadable ({e}); use another --out") from None
+    if previous.get("key") == data_identity["key"]:
+        return
+    if previous.get("classes") != data_identity["classes"]:
+        what = (f"{len(previous.get('classes') or [])} classes then, {len(data_identity['classes'])} now"
+                if len(previous.get("classes") or []) != len(data_identity["classes"]) else "other class names")
+    elif previous.get("images") != data_identity["images"]:
+        what = f"images per split {previous.get('images')} then, {data_identity['images']} now"
+    else:
+        what = "the same file counts, but files were added, removed, renamed or modified"
+    raise KdistillError(f"{cfg.out} holds a run on other data at {cfg.data} ({what}); use another --out")
 
 
 def run(cfg: Config, log=None) -> dict:
@@ -220,11 +221,16 @@ def run(cfg: Config, log=None) -> dict:
     if not cfg.data or not cfg.out:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
-    _check_out_folder(cfg)
+    # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
+    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
+    _check_out_folder(cfg, data_identity)
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+    atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
     log = log or make_logger(cfg.out)
     device = resolve_device(cfg.device)
+    compute = Compute(device, resolve_precision(cfg.precision, device))
     for part in (cfg.teacher, cfg.student):  # offline? say so now, not after preparing the data
         if part.weights == "imagenet":
             imagenet_state_dict(part.arch)
@@ -238,61 +244,64 @@ def run(cfg: Config, log=None) -> dict:
         stage_seconds[stage] = round(now - last_lap, 2)
         last_lap = now
 
-    log(f"prepare: scanning {cfg.data}")
+    log(f"prepare: {cfg.data}")
     data = prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction,
                    seed=cfg.seed, workers=cfg.workers, max_pixels=cfg.max_image_pixels,
-                   skip_bad=cfg.skip_bad, log=log)
+                   skip_bad=cfg.skip_bad, log=log, scanned=dataset)
     batcher = ImageBatcher(data, cfg, device)
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
     histories, trained = {}, {}
 
-    trained_teacher = train_teacher(cfg, data, batcher, device, log)
+    trained_teacher = train_teacher(cfg, data, batcher, compute, log)
     teacher, histories["teacher"] = trained_teacher.model, trained_teacher.history
     save_torch(teacher.state_dict(), os.path.join(models_dir, "teacher.pt"), what="teacher weights")
-    trained["teacher"] = (cfg.teacher.arch, teacher)
+    trained["teacher"] = (cfg.teacher.arch, trained_teacher.normalize, teacher)
     lap("teacher")
 
     signal = cfg.signal_mode()
-    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, device, log)
+    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log)
     lap("teacher_signal")
     distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
-    student, histories["student"] = train_student("student", cfg, data, student_train, batcher("val"),
-                                                  distiller, device, log)
-    trained["student"] = (cfg.student.arch, student)
+    student, normalize, histories["student"] = train_student("student", cfg, data, student_train, batcher("val"),
+                                                             distiller, compute, log)
+    trained["student"] = (cfg.student.arch, normalize, student)
     lap("student")
     if cfg.baseline:
-        baseline, histories["baseline"] = train_student("baseline", cfg, data, batcher("train", augment=True),
-                                                        batcher("val"), CrossEntropy(), device, log)
-        trained["baseline"] = (cfg.student.arch, baseline)
+        baseline, normalize, histories["baseline"] = train_student(
+            "baseline", cfg, data, without_teacher(student_train), batcher("val"), CrossEntropy(), compute, log)
+        trained["baseline"] = (cfg.student.arch, normalize, baseline)
         lap("baseline")
 
     log("report: measuring models, writing predictions, report and exports")
     models = {}
-    for name, (arch, model) in trained.items():
+    for name, (arch, normalize, model) in trained.items():
         weights_file = os.path.join(models_dir, f"{name}.pt")
         if name != "teacher":
             save_torch(model.state_dict(), weights_file, what=f"{name} weights")
-        models[name] = summarize(arch, model, histories[name], weights_file, cfg.image_size, device)
+        models[name] = summarize(arch, normalize, model, histories[name], weights_file, cfg.image_size, device)
 
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
         write_predictions(os.path.join(cfg.out, "predictions.csv"), test.files,
-                          predict_logits(student, batcher("test"), cfg.student.batch_size, device), data.classes)
+                          predict_logits(student, batcher("test"), cfg.student.batch_size, *compute), data.classes)
         log(f"predict: wrote {len(test.files)} predictions of the distilled student to "
             f"{os.path.join(cfg.out, 'predictions.csv')}")
 
     student_cpu = student.cpu()
     save_bundle(os.path.join(cfg.out, "student.pt"), student_cpu, cfg.student.arch, cfg.student.dropout,
-                data.classes, cfg.image_size, data.mean, data.std)
-    onnx_diff = export_onnx(os.path.join(cfg.out, "student.onnx"), student_cpu, cfg.image_size, data.mean, data.std)
-    log(f"export: student.pt and student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e})")
+                data.classes, cfg.image_size, models["student"]["input_standardization"])
+    val_images = data.splits["val"].images[:ONNX_PROBE_IMAGES]
+    onnx_diff = export_onnx(os.path.join(cfg.out, "student.onnx"), student_cpu, to_unit_range(val_images))
+    log(f"export: student.pt and student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e} on "
+        f"{len(val_images)} val images)")
 
     lap("report_predict_export")
     metrics = {"classes": len(data.classes), "class_names": data.classes,
                "images": {name: len(split.files) for name, split in data.splits.items()},
-               "skipped_files": len(data.skipped), "device": str(device), "teacher_signal": signal,
-               "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
+               "skipped_files": len(data.skipped), "device": str(device), "precision": compute.precision,
+               "teacher_signal": signal, "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds,
+               "models": models}
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
              f"{m['params'] / 1e6:.1f}M params, {m['gflops']:.2f} GFLOPs" for name, m in models.items()]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from .data import list_images, normalize
+from .data import list_images, to_unit_range
 from .errors import KdistillError
 from .evaluate import write_predictions
 from .export import load_bundle
@@ -16,18 +16,16 @@ from .images import DEFAULT_MAX_PIXELS, decode_task
 
 
 def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int = 64, workers: int = 0,
-                   skip_bad: bool = False, log=print) -> int:
+                   skip_bad: bool = False, log=print, trust_arch: bool = False) -> int:
     """Write filename,label,confidence for every image under images_dir; return how many."""
     bundle_path = os.path.join(run_dir, "student.pt")
     if not os.path.exists(bundle_path):
         raise KdistillError(f"{bundle_path} not found: is {run_dir} a finished kdistill run?")
     if not os.path.isdir(images_dir):
         raise KdistillError(f"image folder {images_dir} does not exist")
-    model, bundle = load_bundle(bundle_path)
+    model, bundle = load_bundle(bundle_path, trust_arch)
     files, rejected = list_images(images_dir)
     size = bundle["image_size"]
-    mean = torch.tensor(bundle["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(bundle["std"]).view(1, 3, 1, 1)
     tasks = [(i, os.path.join(images_dir, f), size, DEFAULT_MAX_PIXELS) for i, f in enumerate(files)]
     kept, logits = [], []
     workers = workers or os.cpu_count() or 1
@@ -43,7 +41,7 @@ def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int =
             if good:
                 batch = torch.from_numpy(np.stack([array for _, array in good]))
                 with torch.no_grad():
-                    logits.append(model(normalize(batch, mean, std)))
+                    logits.append(model(to_unit_range(batch)))
                 kept += [files[i] for i, _ in good]
     if not kept:
         raise KdistillError(f"no usable image in {images_dir}")

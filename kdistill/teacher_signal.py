@@ -21,19 +21,19 @@ import torch
 from torch import nn
 
 from .errors import KdistillError
-from .fileio import load_torch, save_torch
+from .fileio import load_torch, save_torch, tensors_sha256
 from .train import Batches, predict_logits
 
 
 @torch.no_grad()
 def head_inputs(model: nn.Module, head: str, batches: Batches, batch_size: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, precision: str = "fp32") -> torch.Tensor:
     """What the head module receives for every sample: the frozen backbone's features."""
     captured = []
     hook = model.get_submodule(head).register_forward_pre_hook(
         lambda module, args: captured.append(args[0].detach().float().cpu()))
     try:
-        predict_logits(model, batches, batch_size, device)
+        predict_logits(model, batches, batch_size, device, precision)
     finally:
         hook.remove()
     return torch.cat(captured)
@@ -45,19 +45,25 @@ def signal_key(*parts: str) -> str:
 
 def cached_tensors(path: str, expected_rows: dict[str, int], compute: Callable[[], dict[str, torch.Tensor]],
                    what: str, log) -> dict[str, torch.Tensor]:
-    """Load {split: tensor} from path if complete and well-formed, else compute and store it."""
+    """Load {split: tensor} from path if complete and unchanged since it was written, else compute
+    and store it. The file holds a sha256 of its tensors, checked on every read."""
     if os.path.exists(path):
+        problem = "unreadable or not a kdistill signal cache"
         try:
             stored = load_torch(path, what=what)
-            if isinstance(stored, dict) and all(
-                    isinstance(stored.get(k), torch.Tensor) and len(stored[k]) == n
-                    for k, n in expected_rows.items()):
-                log(f"{what}: reusing {path}")
-                return stored
+            tensors = stored.get("tensors") if isinstance(stored, dict) else None
+            if isinstance(tensors, dict) and all(isinstance(tensors.get(k), torch.Tensor) and len(tensors[k]) == n
+                                                 for k, n in expected_rows.items()):
+                if stored.get("sha256") == tensors_sha256(tensors):
+                    log(f"{what}: reusing {path}")
+                    return tensors
+                problem = "its content does not match its hash (damaged or edited)"
+            else:
+                problem = "incomplete"
         except KdistillError:
             pass
-        log(f"{what}: {path} is incomplete or corrupt; recomputing it")
+        log(f"{what}: {path} is {problem}; recomputing it")
     tensors = compute()
-    save_torch(tensors, path, what=what)
+    save_torch({"tensors": tensors, "sha256": tensors_sha256(tensors)}, path, what=what)
     log(f"{what}: computed once and stored in {path}")
     return tensors

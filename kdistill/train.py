@@ -21,6 +21,8 @@ from .distillers import Distiller
 from .errors import KdistillError
 from .fileio import BackgroundSaver, load_torch, save_torch
 
+VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
+
 
 @dataclass
 class Batches:
@@ -32,9 +34,11 @@ class Batches:
     # Per-sample tensors aligned with inputs, e.g. cached teacher logits: (N, C), or (N, K, C)
     # with stored views.
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Stored views (FKD): (N, K, 3) view parameters (see augment.py) and the function applying
-    # them to model input. Each time a sample is served, one of its K views is picked at random.
+    # Augmentation as view parameters (see augment.py), applied to model input by apply_view:
+    # either K stored views per sample, (N, K, 3), one picked at random each time a sample is
+    # served (FKD), or fresh views from draw_views(count, generator) for every batch.
     views: torch.Tensor | None = None
+    draw_views: Callable[[int, torch.Generator], torch.Tensor] | None = None
     apply_view: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # The online teacher: model input -> logits, run on exactly the view the student sees.
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -45,8 +49,14 @@ class Batches:
         return len(self.labels)
 
     def iterate(self, batch_size: int, device: torch.device, shuffle: bool = False,
-                generator: torch.Generator | None = None):
-        """Yields (model_input, labels, teacher_logits or None)."""
+                generator: torch.Generator | None = None, view_generator: torch.Generator | None = None,
+                precision: str = "fp32"):
+        """Yields (model_input, labels, teacher_logits or None).
+
+        generator orders the samples, view_generator picks or draws their views: two streams, so
+        the order never depends on how many views were drawn, and two trainings given the same
+        seeds see the same inputs batch by batch.
+        """
         for index in batch_indices(len(self), batch_size, shuffle, generator):
             x = self.inputs[index.to(self.inputs.device)]
             if self.release_pages is not None:
@@ -58,13 +68,15 @@ class Batches:
             if self.views is not None:
                 count = self.views.shape[1]
                 # A single view needs no draw (and leaves the random state alone).
-                pick = (torch.randint(count, (len(index),), generator=generator) if count > 1
+                pick = (torch.randint(count, (len(index),), generator=view_generator) if count > 1
                         else torch.zeros(len(index), dtype=torch.int64))
                 x = self.apply_view(x, self.views[index, pick].to(device, non_blocking=True))
+            elif self.draw_views is not None:
+                x = self.apply_view(x, self.draw_views(len(index), view_generator).to(device, non_blocking=True))
             y = self.labels[index].to(device, non_blocking=True)
             teacher_logits = None
             if self.teacher is not None:
-                with torch.no_grad(), autocast(device):
+                with torch.no_grad(), autocast(device, precision):
                     teacher_logits = self.teacher(x).float()
             elif "teacher_logits" in self.extras:
                 stored = self.extras["teacher_logits"][index]
@@ -73,23 +85,32 @@ class Batches:
             yield x, y, teacher_logits
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bfloat16 autocast on CUDA, float32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, batches: Batches, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict_logits(model: nn.Module, batches: Batches, batch_size: int, device: torch.device,
+                   precision: str = "fp32") -> torch.Tensor:
     model.eval()
     outputs = []
-    for x, _, _ in batches.iterate(batch_size, device):
-        with autocast(device):
+    for x, _, _ in batches.iterate(batch_size, device, precision=precision):
+        with autocast(device, precision):
             outputs.append(model(x).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
-def evaluate(model: nn.Module, batches: Batches, batch_size: int, device: torch.device) -> tuple[float, float]:
+def evaluate(model: nn.Module, batches: Batches, batch_size: int, device: torch.device,
+             precision: str = "fp32") -> tuple[float, float]:
     """(cross-entropy loss, accuracy) over a labelled split, in eval mode."""
-    logits = predict_logits(model, batches, batch_size, device)
+    logits = predict_logits(model, batches, batch_size, device, precision)
     labels = batches.labels.cpu()
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
@@ -119,6 +140,16 @@ def load_checkpoint(path: str, log) -> dict | None:
     return None
 
 
+def _check_same_computation(name: str, saved: dict, current: dict, checkpoint_dir: str) -> None:
+    """bf16 autocast, cudnn's autotuned kernels and CPU kernels give different numbers: a run
+    resumes only where it started, so it ends as one that never stopped would."""
+    if saved != current:
+        raise KdistillError(
+            f"{name}: the checkpoint in {checkpoint_dir} was trained on {saved['device']} in {saved['precision']}, "
+            f"this run uses {current['device']} in {current['precision']}; resuming would not repeat its numbers. "
+            f"Set device={saved['device']} and precision={saved['precision']} to resume, or use another --out")
+
+
 def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> None:
     if best_weights is not None:
         save_torch(best_weights, os.path.join(checkpoint_dir, "best.pt"), what="best checkpoint")
@@ -130,7 +161,7 @@ def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> 
 
 def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches,
         objective: Distiller, cfg: TrainConfig, checkpoint_dir: str, device: torch.device,
-        seed: int, log=print) -> list[dict]:
+        seed: int, log=print, precision: str = "fp32") -> list[dict]:
     """Train `trainable` (a part of `model`, or all of it) for cfg.epochs; return per-epoch history.
 
     The rest of `model` stays in eval mode throughout, so a frozen backbone keeps its BatchNorm
@@ -143,17 +174,23 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
                  if cfg.lr_step else None)
     shuffle_generator = torch.Generator().manual_seed(seed)
+    view_generator = torch.Generator().manual_seed(seed + VIEW_SEED_OFFSET)
+    # Where and how the numbers were computed: a resume elsewhere would not repeat them.
+    computed_on = {"device": device.type, "precision": precision}
     history: list[dict] = []
     start_epoch = 1
     best_val_acc = -1.0
 
     state = load_checkpoint(last_path, log)
     if state is not None:
+        _check_same_computation(name, state.get("computed_on", {"device": "cpu", "precision": "fp32"}),
+                                computed_on, checkpoint_dir)
         trainable.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         shuffle_generator.set_state(state["shuffle_rng"])
+        view_generator.set_state(state["view_rng"])
         _restore_rng(state["rng"])
         history = state["history"]
         start_epoch = state["epoch"] + 1
@@ -176,8 +213,9 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             seen = 0
             lr = optimizer.param_groups[0]["lr"]
             for batch, (x, y, teacher_logits) in enumerate(
-                    train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator), 1):
-                with autocast(device):
+                    train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator,
+                                  view_generator=view_generator, precision=precision), 1):
+                with autocast(device, precision):
                     logits = model(x)
                 terms = objective(logits.float(), y, teacher_logits)
                 loss = terms["loss"]
@@ -196,7 +234,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     f"try a lower lr")
             if scheduler is not None:
                 scheduler.step()
-            val_loss, val_acc = evaluate(model, val, cfg.batch_size, device)
+            val_loss, val_acc = evaluate(model, val, cfg.batch_size, device, precision)
             row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
                    "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc}
             row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
@@ -209,7 +247,8 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             saver.submit(_save_epoch, checkpoint_dir, best_weights, {
                 "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else {},
-                "shuffle_rng": shuffle_generator.get_state(), "rng": _rng_state(),
+                "shuffle_rng": shuffle_generator.get_state(), "view_rng": view_generator.get_state(),
+                "rng": _rng_state(), "computed_on": computed_on,
                 "history": history, "epoch": epoch, "best_val_acc": best_val_acc})
             terms_text = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
                                  if k.startswith("train_") and k not in ("train_loss", "train_acc"))

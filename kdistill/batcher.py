@@ -1,0 +1,62 @@
+"""The cached uint8 splits served as Batches: scaled to [0, 1] and augmented on the device.
+
+Each model standardizes its own input (models.Standardized), so one batch can feed a teacher
+that expects ImageNet's statistics and a student that expects the training set's.
+"""
+from __future__ import annotations
+
+import torch
+
+from .augment import apply_views, crop_padding, draw_views
+from .config import Config
+from .data import PreparedData, to_unit_range
+from .train import Batches
+
+
+class ImageBatcher:
+    """Serves the prepared splits as Batches.
+
+    On CUDA each split is copied to the GPU once when the whole dataset fits comfortably, and
+    batches are channels_last; `resident` and `channels_last` force either choice (tests use
+    them to run the GPU path on the CPU).
+    """
+
+    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, resident: bool | None = None,
+                 channels_last: bool | None = None):
+        self.splits = data.splits
+        self.augmentation = cfg.augment
+        self.image_size = cfg.image_size
+        self.pad = crop_padding(cfg.augment, cfg.image_size)
+        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
+        self.images = {name: split.images for name, split in data.splits.items()}
+        if resident is None:
+            resident = device.type == "cuda" and (
+                sum(images.numel() for images in self.images.values()) < 0.4 * torch.cuda.mem_get_info(device)[0])
+        self.resident = resident
+        if self.resident:
+            self.images = {name: images.to(device) for name, images in self.images.items()}
+
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _apply_view(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        return self._memory_format(apply_views(x, views, self.pad))
+
+    def _draw_views(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        return draw_views(self.augmentation, count, self.image_size, generator)
+
+    def __call__(self, name: str, augment: bool = False, views: torch.Tensor | None = None, **extra) -> Batches:
+        """augment: a fresh random view per image and epoch; views: (N, K, 3) stored views to replay."""
+        split = self.splits[name]
+        labels = split.labels if split.labels is not None else torch.zeros(len(split.files), dtype=torch.int64)
+        fresh = augment and self.augmentation != "none" and views is None
+        viewed = fresh or views is not None
+
+        def to_model_input(batch: torch.Tensor) -> torch.Tensor:
+            # A view is applied after this (Batches.iterate), and sets the memory format once.
+            x = to_unit_range(batch)
+            return x if viewed else self._memory_format(x)
+        return Batches(self.images[name], labels, to_model_input,
+                       release_pages=None if self.resident else split.release_pages, views=views,
+                       draw_views=self._draw_views if fresh else None,
+                       apply_view=self._apply_view if viewed else None, **extra)
