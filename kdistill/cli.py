@@ -67,8 +67,11 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--run", required=True, help="a finished run folder (holds student.pt)")
     predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
     predict.add_argument("--output", help="CSV to write (default RUN/predictions-<folder name>.csv)")
-    predict.add_argument("--batch-size", type=int, default=64)
-    predict.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when present)")
+    predict.add_argument("--strict", action="store_true",
+                         help="stop at the first file that is not a usable image (default: skip such files "
+                              "with one warning)")
     predict.add_argument("--trust-arch", action="store_true",
                          help="build an architecture outside torchvision and kdistill.zoo named by the bundle "
                               "(runs that module's code: only for bundles from people you trust)")
@@ -83,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
             name = os.path.basename(os.path.normpath(args.images)) or "images"
             output = args.output or os.path.join(args.run, f"predictions-{name}.csv")
-            count = predict_folder(args.run, args.images, output, args.batch_size, skip_bad=args.skip_bad,
-                                   log=lambda message: print(printable(message)), trust_arch=args.trust_arch)
+            count = predict_folder(args.run, args.images, output, args.batch_size, strict=args.strict,
+                                   device=args.device, log=lambda message: print(printable(message)),
+                                   trust_arch=args.trust_arch)
             print(f"wrote {count} predictions to {output}")
             return 0
         from .pipeline import run

@@ -40,9 +40,26 @@ def entry_problem(path: str) -> str:
     return ""
 
 
+def float_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Float pixels as 8 bits: [0, 1] data scaled by 255, any other range min-max scaled to 0..255
+    (a constant image outside [0, 1] gives 0); NaN and inf pixels give 0."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8)
+    low, high = values[finite].min(), values[finite].max()
+    if low >= 0 and high <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.where(finite, np.clip(np.round(scaled), 0, 255), 0).astype(np.uint8)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB: 16/32-bit grayscale scaled to 8 bits, alpha dropped."""
-    if image.mode.startswith("I") or image.mode == "F":
+    if image.mode == "F":  # float TIFFs: no fixed range, see float_to_uint8
+        gray = float_to_uint8(np.asarray(image, dtype=np.float64))
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode.startswith("I"):
         values = np.asarray(image, dtype=np.float64)
         # 16-bit images (mode I;16 or I) use the range 0..65535; scale so 65535 maps to 255.
         scaled = np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)

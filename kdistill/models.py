@@ -17,6 +17,14 @@ from torch import nn
 from .errors import KdistillError
 from .fileio import load_torch
 
+# torchvision models that return (logits, aux logits) in train mode: built without the auxiliary
+# heads (one plain logits tensor, like every other model), so the weights' aux tensors are dropped.
+# transform_input is on whatever the weights: ImageNet weights need it, and a saved student (rebuilt
+# with weights=none) must see its inputs exactly as in training.
+AUX_HEAD_ARCHS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+# Smallest image_size each torchvision architecture can take (smaller ones fail in its pooling).
+MIN_IMAGE_SIZE = {"googlenet": 15, "inception_v3": 75}
+
 
 def head_path(model: nn.Module) -> str:
     """Module path of the classifier: the last nn.Linear in registration order."""
@@ -89,6 +97,12 @@ def _load_weights(model: nn.Module, state: dict, source: str, head: str) -> None
     model.load_state_dict(usable, strict=False)
 
 
+def _without_aux(arch: str, state: dict) -> dict:
+    """The state dict less the auxiliary heads this arch is built without (see AUX_HEAD_ARCHS)."""
+    prefixes = AUX_HEAD_ARCHS.get(arch, ())
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+
+
 def build_model(arch: str, num_classes: int, dropout: float = 0.0,
                 weights: str = "none") -> tuple[nn.Module, str]:
     """The architecture with `weights` loaded into its backbone and a fresh head for num_classes.
@@ -100,13 +114,17 @@ def build_model(arch: str, num_classes: int, dropout: float = 0.0,
         model = getattr(importlib.import_module(module_name), attr)()
         if not isinstance(model, nn.Module):
             raise KdistillError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
+    elif arch in AUX_HEAD_ARCHS:
+        # torchvision's own initialization (slow) only where no weights will overwrite it, as torchvision does.
+        model = torchvision.models.get_model(arch, weights=None, aux_logits=False, transform_input=True,
+                                             init_weights=weights == "none")
     else:
         model = torchvision.models.get_model(arch, weights=None)
     path = head_path(model)
     if weights == "imagenet":
-        _load_weights(model, imagenet_state_dict(arch), f"imagenet ({arch})", path)
+        _load_weights(model, _without_aux(arch, imagenet_state_dict(arch)), f"imagenet ({arch})", path)
     elif weights != "none":
-        _load_weights(model, read_state_dict(weights), weights, path)
+        _load_weights(model, _without_aux(arch, read_state_dict(weights)), weights, path)
     old_head = model.get_submodule(path)
     set_module(model, path, make_head(old_head.in_features, num_classes, dropout))
     return model, path
@@ -163,3 +181,25 @@ def trainable_part(model: nn.Module, head: str, head_only: bool) -> nn.Module:
         return model
     model.requires_grad_(False)
     return model.get_submodule(head).requires_grad_(True)
+
+
+def check_train_output(arch: str, image_size: int, key: str = "arch", num_classes: int = 3) -> None:
+    """Refuse, in one line naming `key`, an architecture whose train-mode forward on a batch of two
+    image_size images is not one (2, num_classes) logits tensor (a tuple of aux logits, a dict...).
+
+    Builds a throwaway instance (weights=none), so call it once, before any work, for module:callable
+    architectures; the torchvision ones that need it are handled in build_model.
+    """
+    model, _ = build_model(arch, num_classes)
+    images = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            output = model.train()(images)
+    except Exception as e:  # whatever the third-party model raises, say which setting caused it
+        message = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise KdistillError(f"setting {key}: {arch} fails on a batch of 2 images of image_size={image_size} "
+                            f"in train mode ({message})") from None
+    if not isinstance(output, torch.Tensor) or tuple(output.shape) != (2, num_classes):
+        got = f"shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+        raise KdistillError(f"setting {key}: {arch} must return one logits tensor of shape (batch, classes) "
+                            f"in train mode, got {got} for a batch of 2 with {num_classes} classes")

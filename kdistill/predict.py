@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import sys
 
 import numpy as np
 import torch
+import yaml
 
 from .data import list_images, to_unit_range
 from .errors import KdistillError
@@ -15,37 +17,83 @@ from .export import load_bundle
 from .images import DEFAULT_MAX_PIXELS, decode_task
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda|cuda:N as a torch.device; auto is cuda when present, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise KdistillError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdistillError(f"--device is {name!r} but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise KdistillError(f"--device is {name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def run_max_pixels(run_dir: str) -> int:
+    """The run's own max_image_pixels (from RUN/config.yaml), or the default where it has none."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return DEFAULT_MAX_PIXELS
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise KdistillError(f"cannot read {path} ({str(e).splitlines()[0]})") from None
+    limit = settings.get("max_image_pixels", DEFAULT_MAX_PIXELS) if isinstance(settings, dict) else DEFAULT_MAX_PIXELS
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        raise KdistillError(f"{path}: max_image_pixels must be a positive integer, got {limit!r}")
+    return limit
+
+
+def _refuse(path: str, reason: str) -> KdistillError:
+    return KdistillError(f"bad input file {path}: {reason} (--strict; without it such files are skipped)")
+
+
 def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int = 64, workers: int = 0,
-                   skip_bad: bool = False, log=print, trust_arch: bool = False) -> int:
-    """Write filename,label,confidence for every image under images_dir; return how many."""
+                   strict: bool = False, device: str = "auto", log=print, trust_arch: bool = False) -> int:
+    """Write filename,label,confidence for every usable image under images_dir; return how many.
+
+    Files that are not usable images are skipped with one warning line, or with strict, the first
+    one stops everything with one line naming it.
+    """
+    if batch_size < 1:
+        raise KdistillError(f"--batch-size must be >= 1, got {batch_size}")
+    target = resolve_device(device)
     bundle_path = os.path.join(run_dir, "student.pt")
     if not os.path.exists(bundle_path):
         raise KdistillError(f"{bundle_path} not found: is {run_dir} a finished kdistill run?")
     if not os.path.isdir(images_dir):
         raise KdistillError(f"image folder {images_dir} does not exist")
+    max_pixels = run_max_pixels(run_dir)
     model, bundle = load_bundle(bundle_path, trust_arch)
+    model.to(target)
     files, rejected = list_images(images_dir)
+    if rejected and strict:
+        raise _refuse(*rejected[0])
     size = bundle["image_size"]
-    tasks = [(i, os.path.join(images_dir, f), size, DEFAULT_MAX_PIXELS) for i, f in enumerate(files)]
+    tasks = [(i, os.path.join(images_dir, f), size, max_pixels) for i, f in enumerate(files)]
     kept, logits = [], []
     workers = workers or os.cpu_count() or 1
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     with multiprocessing.get_context(method).Pool(workers) as pool:
         for start in range(0, len(tasks), batch_size):
             results = pool.map(decode_task, tasks[start:start + batch_size])
-            rejected += [(tasks[i][1], reason) for i, array, reason in results if array is None]
+            bad = [(tasks[i][1], reason) for i, array, reason in results if array is None]
+            if bad and strict:
+                raise _refuse(*bad[0])
+            rejected += bad
             good = [(i, array) for i, array, _ in results if array is not None]
-            if rejected and not skip_bad:
-                raise KdistillError(f"bad input file {rejected[0][0]}: {rejected[0][1]}; fix or remove it, "
-                                    f"or pass --skip-bad")
             if good:
-                batch = torch.from_numpy(np.stack([array for _, array in good]))
+                batch = torch.from_numpy(np.stack([array for _, array in good])).to(target)
                 with torch.no_grad():
-                    logits.append(model(to_unit_range(batch)))
+                    logits.append(model(to_unit_range(batch)).float().cpu())
                 kept += [files[i] for i, _ in good]
+    if rejected:
+        log(f"predict: skipped {len(rejected)} file(s) that are not usable images, for example "
+            f"{rejected[0][0]} ({rejected[0][1]})")
     if not kept:
         raise KdistillError(f"no usable image in {images_dir}")
     write_predictions(output, kept, torch.cat(logits), bundle["classes"])
-    if rejected:
-        log(f"predict: skipped {len(rejected)} bad files (--skip-bad), for example {rejected[0][0]}")
     return len(kept)

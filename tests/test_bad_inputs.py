@@ -537,13 +537,13 @@ def test_nested_test_folders_and_duplicate_names_stay_apart(tmp_path):
 def student_run(tmp_path_factory):
     """A finished-run folder holding a tiny student bundle, for `kdistill predict`."""
     from kdistill.export import save_bundle
-    from kdistill.models import build_model
+    from kdistill.models import Standardized, build_model
 
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     model, _ = build_model("mobilenet_v3_small", 2)
-    save_bundle(str(run / "student.pt"), model.eval(), "mobilenet_v3_small", 0.0, ["cat", "dog"], SIZE,
-                [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    save_bundle(str(run / "student.pt"), Standardized(model, [0.5] * 3, [0.25] * 3).eval(), "mobilenet_v3_small",
+                0.0, ["cat", "dog"], SIZE, "dataset")
     return str(run)
 
 
@@ -602,7 +602,7 @@ def test_predict_keeps_same_named_images_in_subfolders_apart(tmp_path, student_r
     assert read_predictions(output) == ["a/img.png", "b/c/img.png", "b/img.png"]
 
 
-def test_predict_refuses_a_bad_image_in_one_line(tmp_path, student_run):
+def test_predict_skips_a_bad_image_or_with_strict_refuses_it_in_one_line(tmp_path, student_run):
     from kdistill.predict import predict_folder
 
     images = tmp_path / "new"
@@ -610,9 +610,12 @@ def test_predict_refuses_a_bad_image_in_one_line(tmp_path, student_run):
     save_rgb(images / "good.png")
     write_truncated_jpeg(images / "bad.jpg")
     with pytest.raises(KdistillError) as caught:
-        predict_folder(student_run, str(images), str(tmp_path / "out.csv"), workers=1, log=lambda m: None)
+        predict_folder(student_run, str(images), str(tmp_path / "out.csv"), workers=1, strict=True,
+                       log=lambda m: None)
     assert str(images / "bad.jpg") in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out.csv").exists()
     output = tmp_path / "skipped.csv"
-    assert predict_folder(student_run, str(images), str(output), workers=1, skip_bad=True,
-                          log=lambda m: None) == 1
+    warnings_logged = []
+    assert predict_folder(student_run, str(images), str(output), workers=1, log=warnings_logged.append) == 1
     assert read_predictions(output) == ["good.png"]
+    assert len(warnings_logged) == 1 and str(images / "bad.jpg") in warnings_logged[0]
