@@ -1,11 +1,11 @@
-"""Command line: kdistill run | demo | predict. Errors the user can fix print one line, no traceback."""
+"""Command line: kdistill run | demo | predict | config. Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .config import build_config, preset_names
+from .config import build_config, preset_names, render_config
 from .errors import KdistillError, printable
 
 EPILOG = """examples:
@@ -14,8 +14,9 @@ EPILOG = """examples:
   kdistill run --data DATA --out runs/exp2 --preset seed-shen --set image_size=128 --set student.epochs=20
   kdistill run --data DATA --out runs/exp3 --config my.yaml
   kdistill predict --run runs/exp1 --images more_photos/
+  kdistill config --preset seed-nguyen > my.yaml
 
-Any setting can be changed with --set section.key=value (see config.yaml in a run folder for all of them).
+Any setting can be changed with --set section.key=value; `kdistill config` lists them all, described.
 Run again with the same --out to resume an interrupted run."""
 
 
@@ -30,6 +31,11 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     parser.add_argument("--no-baseline", action="store_true",
                         help="don't train the comparison student without a teacher")
+
+
+def _add_print_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings (a valid --config file) and exit without running")
 
 
 def _overrides(args: argparse.Namespace, **fixed) -> dict:
@@ -58,10 +64,19 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help="image folder in the layout train/<class>/, val/<class>/, test/")
     run.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
     _add_setting_flags(run)
+    _add_print_config_flag(run)
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the built-in digits dataset (no download)")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     _add_setting_flags(demo)
+    _add_print_config_flag(demo)
+
+    config = commands.add_parser("config", help="print the resolved settings, each described, without running",
+                                 description="Print the settings that run would use, as YAML with a comment "
+                                             "describing each one; the output is a valid --config file.")
+    config.add_argument("--data", default="", help="image folder (may be left out here)")
+    config.add_argument("--out", default="", help="run folder (may be left out here)")
+    _add_setting_flags(config)
 
     predict = commands.add_parser("predict", help="label new images with a finished run's student")
     predict.add_argument("--run", required=True, help="a finished run folder (holds student.pt)")
@@ -91,17 +106,23 @@ def main(argv: list[str] | None = None) -> int:
                                    trust_arch=args.trust_arch)
             print(f"wrote {count} predictions to {output}")
             return 0
-        from .pipeline import run
-
+        printing = args.command == "config" or args.print_config
         if args.command == "demo":
             from .demo import write_digits
 
-            data = write_digits(os.path.join(args.out, "data"))
+            data = os.path.join(args.out, "data")
+            if not printing:
+                data = write_digits(data)
             cfg = build_config(args.preset or "demo", tuple(args.config), _overrides(args, data=data, out=args.out),
                                args.sets)
         else:
             cfg = build_config(args.preset, tuple(args.config), _overrides(args, data=args.data, out=args.out),
                                args.sets)
+        if printing:
+            print(printable(render_config(cfg)), end="")
+            return 0
+        from .pipeline import run
+
         run(cfg)
         return 0
     except KdistillError as e:

@@ -1,19 +1,90 @@
+import dataclasses
+import re
+
 import pytest
+import torch
+import yaml
 
-from kdistill.config import build_config, preset_names, result_differences
+from kdistill import cli
+from kdistill.config import (Config, NON_RESULT_KEYS, build_config, leaves, load_preset, preset_names,
+                             read_yaml, result_differences, save_config)
 from kdistill.errors import KdistillError
+from kdistill.models import build_model, trainable_part
+
+SETTING_NAMES = [name for name, _, _ in leaves(Config())]
 
 
-def test_presets_hold_the_seed_recipes():
-    assert {"seed-nguyen", "seed-shen", "demo"} <= set(preset_names())
-    nguyen = build_config("seed-nguyen")
-    assert (nguyen.teacher.mode, nguyen.teacher.dropout, nguyen.teacher.epochs, nguyen.teacher.batch_size) == \
-        ("head", 0.5, 10, 64)
-    assert (nguyen.student.epochs, nguyen.student.lr_step, nguyen.distill.temperature, nguyen.distill.alpha) == \
-        (40, 10, 2.0, 0.25)
-    shen = build_config("seed-shen")
-    assert (shen.teacher.epochs, shen.teacher.batch_size, shen.student.epochs, shen.student.batch_size) == (5, 32, 50, 32)
-    assert (shen.teacher.dropout, shen.distill.temperature, shen.distill.alpha) == (0.0, 4.0, 0.7)
+def nested_yaml(name: str, text: str) -> str:
+    """`teacher.lr`, `1e-4` -> "teacher:\n  lr: 1e-4\n": one setting as a --config file's text."""
+    *sections, key = name.split(".")
+    lines = [f"{'  ' * depth}{section}:" for depth, section in enumerate(sections)]
+    return "\n".join(lines + [f"{'  ' * len(sections)}{key}: {text}"]) + "\n"
+
+
+def from_yaml(tmp_path, name: str, text: str) -> Config:
+    file = tmp_path / "settings.yaml"
+    file.write_text(nested_yaml(name, text))
+    return build_config(config_files=(str(file),))
+
+
+def value_of(cfg: Config, name: str):
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def assert_one_line_naming(error: pytest.ExceptionInfo, name: str) -> str:
+    message = str(error.value)
+    assert "\n" not in message, message
+    assert re.search(rf"\bsetting {re.escape(name)}(?![\w.])", message), message
+    return message
+
+
+# ---------------------------------------------------------------- presets
+
+
+def student_learning_rates(cfg) -> list[float]:
+    """The learning rate of each epoch, from an optimizer and scheduler built as kdistill.train.fit builds them."""
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([parameter], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma) if cfg.lr_step else None
+    rates = []
+    for _ in range(cfg.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    return rates
+
+
+def test_seed_nguyen_student_learning_rate_drops_tenfold_every_ten_epochs():
+    rates = student_learning_rates(build_config("seed-nguyen").student)
+    assert rates == pytest.approx([1e-3] * 10 + [1e-4] * 10 + [1e-5] * 10 + [1e-6] * 10, rel=1e-9)
+    shen = student_learning_rates(build_config("seed-shen").student)
+    assert len(shen) > 1 and len(set(shen)) == 1  # Shen: a constant learning rate
+
+
+def test_seed_nguyen_teacher_trains_only_a_dropout_linear_head():
+    teacher = build_config("seed-nguyen").teacher
+    model, head = build_model(teacher.arch, 10, teacher.dropout, weights="none")
+    layers = list(model.get_submodule(head).children())
+    assert [type(layer) for layer in layers] == [torch.nn.Dropout, torch.nn.Linear]
+    assert layers[0].p == 0.5 and layers[1].out_features == 10
+    trainable = trainable_part(model, head, teacher.mode == "head")
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trained == {id(p) for p in layers[1].parameters()} == {id(p) for p in trainable.parameters()}
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_preset_keys_are_all_settings(preset):
+    def names(mapping: dict, prefix: str = "") -> set[str]:
+        found = set()
+        for key, value in mapping.items():
+            found |= names(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+        return found
+
+    assert names(load_preset(preset)) <= set(SETTING_NAMES)
+    build_config(preset)  # every value valid
 
 
 def test_layers_override_in_order(tmp_path):
@@ -24,27 +95,204 @@ def test_layers_override_in_order(tmp_path):
     assert cfg.teacher.epochs == 5  # untouched preset value
 
 
-@pytest.mark.parametrize("setting, fragment", [
-    ("distill.temperature=0", "distill.temperature"),
-    ("distill.alpha=1.5", "distill.alpha"),
-    ("student.arch=resnet999", "student.arch"),
-    ("teacher.epochs=0", "teacher.epochs"),
-    ("student.lr=-1", "student.lr"),
-    ("teacher.weights=/nonexistent.pth", "teacher.weights"),
-    ("teacher.arch=nosuchmodule:build", "teacher.arch"),
-    ("image_size=big", "image_size"),
-    ("colour=red", "colour"),
-    ("student.unknown_key=1", "student.unknown_key"),
-    ("augment=rotate", "augment"),
-    ("augment=flip", None),  # valid
+# ---------------------------------------------------------------- small traps
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("student.lr", "1e-4", 1e-4),
+    ("student.lr", "1E-3", 1e-3),
+    ("distill.temperature", "3.", 3.0),
+    ("distill.alpha", ".5", 0.5),
+    ("max_image_pixels", "1_000", 1000),
+    ("image_size", "10.0", 10),  # an int with no fraction
 ])
-def test_bad_settings_fail_up_front_naming_the_setting(setting, fragment):
-    if fragment is None:
-        assert build_config("seed-nguyen", sets=[setting]).augment == "flip"
-        return
+def test_numbers_in_any_usual_notation_parse(tmp_path, name, text, expected):
+    assert value_of(build_config(sets=[f"{name}={text}"]), name) == expected
+    assert value_of(from_yaml(tmp_path, name, text), name) == expected
+
+
+def test_quoted_whole_number_is_an_int_and_a_fraction_is_refused(tmp_path):
+    assert from_yaml(tmp_path, "image_size", '"10"').image_size == 10
+    for refuse in (lambda: build_config(sets=["image_size=10.5"]), lambda: from_yaml(tmp_path, "image_size", "10.5")):
+        with pytest.raises(KdistillError, match="whole number") as error:
+            refuse()
+        assert_one_line_naming(error, "image_size")
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("False", False), ("yes", True), ("no", False),
+                                            ("on", True), ("OFF", False), ("1", True), ("0", False)])
+def test_boolean_settings_read_the_usual_words(tmp_path, text, expected):
+    assert build_config(sets=[f"baseline={text}"]).baseline is expected
+    assert from_yaml(tmp_path, "baseline", text).baseline is expected
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(KdistillError, match="does not exist") as error:
+        build_config(config_files=(str(missing),))
+    assert str(missing) in str(error.value)
+    assert cli.main(["config", "--config", str(missing)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"kdistill: error: config file {missing} does not exist"]
+
+
+def choice_fields() -> dict[str, list[str]]:
+    """Each setting with a fixed set of values, and those values as its error must list them."""
+    fields = {name: list(f.metadata["choices"]) for name, f, _ in leaves(Config()) if f.metadata["choices"]}
+    return {**fields, "device": ["auto", "cpu", "mps", "cuda", "cuda:N"]}
+
+
+def test_the_settings_with_fixed_values_are_declared():
+    assert {"augment", "teacher.mode", "distill.method", "distill.teacher_signal", "precision",
+            "teacher.normalize", "student.normalize"} < set(choice_fields())
+
+
+@pytest.mark.parametrize("name", sorted(choice_fields()))
+def test_a_value_not_allowed_lists_the_allowed_values(tmp_path, name):
+    for refuse in (lambda: build_config(sets=[f"{name}=no"]), lambda: from_yaml(tmp_path, name, "no")):
+        with pytest.raises(KdistillError) as error:
+            refuse()
+        message = assert_one_line_naming(error, name)
+        assert "'no'" in message and all(value in message for value in choice_fields()[name]), message
+
+
+def test_yaml_with_code_is_not_executed(tmp_path):
+    created = tmp_path / "pwned"
+    file = tmp_path / "evil.yaml"
+    file.write_text(f"seed: !!python/object/apply:os.system ['touch {created}']\n")
+    with pytest.raises(KdistillError, match="not valid YAML"):
+        build_config(config_files=(str(file),))
+    assert not created.exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("colour=red", "unknown setting 'colour'"),
+    ("student.unknown_key=1", "unknown setting 'student.unknown_key'"),
+    ("teacher=resnet34", "setting teacher must be a mapping of settings"),
+    ("teacher.arch.depth=3", "setting teacher.arch must be text, got {'depth': '3'}"),
+])
+def test_unknown_or_misplaced_settings_are_refused(setting, message):
     with pytest.raises(KdistillError) as error:
-        build_config("seed-nguyen", sets=[setting])
-    assert fragment in str(error.value) and "\n" not in str(error.value)
+        build_config(sets=[setting])
+    assert str(error.value) == message
+
+
+# ---------------------------------------------------------------- every setting's validation
+
+# setting -> (a value refused, a value accepted, what the accepted one reads as); values are YAML/--set text.
+CASES = {
+    "data": ("[a, b]", "photos/set 1", "photos/set 1"),
+    "out": ("{a: 1}", "runs/x", "runs/x"),
+    "image_size": ("7", "10.0", 10),
+    "val_fraction": ("1", ".25", 0.25),
+    "seed": ("-1", "1_000", 1000),
+    "device": ("cuda:x", "cuda:1", "cuda:1"),
+    "precision": ("fp16", "bf16", "bf16"),
+    "baseline": ("maybe", "no", False),
+    "skip_bad": ("2", "on", True),
+    "augment": ("rotate", "crop_flip", "crop_flip"),
+    "cache_dir": ("[c]", "some/cache", "some/cache"),
+    "workers": ("-1", "3", 3),
+    "max_image_pixels": ("0", "1E6", 1_000_000),
+    "compile": ("yes please", "true", True),
+    "teacher.arch": ("nosuchmodule:build", "resnet18", "resnet18"),
+    "teacher.weights": ("/nonexistent.pth", "none", "none"),
+    "teacher.dropout": ("1", "0.3", 0.3),
+    "teacher.epochs": ("0", "3", 3),
+    "teacher.batch_size": ("8.5", "8", 8),
+    "teacher.lr": ("-1", "1e-4", 1e-4),
+    "teacher.lr_step": ("-1", "5", 5),
+    "teacher.lr_gamma": ("0", "0.5", 0.5),
+    "teacher.weight_decay": ("-1e-4", "1e-4", 1e-4),
+    "teacher.normalize": ("standard", "dataset", "dataset"),
+    "teacher.mode": ("frozen", "full", "full"),
+    "student.arch": ("resnet999", "mobilenet_v3_small", "mobilenet_v3_small"),
+    "student.weights": ("imagenet1k", "imagenet", "imagenet"),
+    "student.dropout": ("-0.1", "0.5", 0.5),
+    "student.epochs": ("many", "12", 12),
+    "student.batch_size": ("0", "32", 32),
+    "student.lr": ("nan", "3e-3", 3e-3),
+    "student.lr_step": ("2.5", "10", 10),
+    "student.lr_gamma": ("1.5", "1", 1.0),
+    "student.weight_decay": ("true", "0.01", 0.01),
+    "student.normalize": ("no", "imagenet", "imagenet"),
+    "distill.method": ("dkd", "kd", "kd"),
+    "distill.temperature": ("0", "2", 2.0),
+    "distill.alpha": ("1.5", "0.9", 0.9),
+    "distill.teacher_signal": ("exact", "online", "online"),
+    "distill.views": ("0", "4", 4),
+}
+
+
+def test_the_table_covers_every_setting():
+    assert sorted(CASES) == sorted(SETTING_NAMES)
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_every_setting_refuses_a_bad_value_and_takes_a_good_one(tmp_path, name):
+    assert name in CASES, f"add a (bad, good, expected) case for the new setting {name}"
+    bad, good, expected = CASES[name]
+    with pytest.raises(KdistillError) as error:
+        from_yaml(tmp_path, name, bad)
+    assert_one_line_naming(error, name)
+    if not bad.startswith(("[", "{")):  # --set gives text; only a YAML file can give a list or a mapping
+        with pytest.raises(KdistillError) as error:
+            build_config(sets=[f"{name}={bad}"])
+        assert_one_line_naming(error, name)
+    from_file, from_set = from_yaml(tmp_path, name, good), build_config(sets=[f"{name}={good}"])
+    assert value_of(from_file, name) == expected and type(value_of(from_file, name)) is type(expected)
+    assert from_set == from_file
+
+
+# ---------------------------------------------------------------- kdistill config / --print-config
+
+
+def test_every_setting_and_section_has_a_one_line_description():
+    def check(target) -> None:
+        for f in dataclasses.fields(target):
+            text = f.metadata.get("help", "")
+            assert text and "\n" not in text, f"{f.name} needs a one-line description"
+            if dataclasses.is_dataclass(getattr(target, f.name)):
+                check(getattr(target, f.name))
+
+    check(Config())
+
+
+def test_config_command_prints_a_described_config_file_that_round_trips(tmp_path, capsys):
+    sets = ["cache_dir=no", "student.lr=1e-4", "data=dossier été/x: y", "augment=flip"]
+    assert cli.main(["config", "--preset", "seed-nguyen", *[arg for s in sets for arg in ("--set", s)]]) == 0
+    printed = capsys.readouterr().out
+    file = tmp_path / "printed.yaml"
+    file.write_text(printed, encoding="utf-8")
+    expected = build_config("seed-nguyen", sets=sets)
+    assert build_config(config_files=(str(file),)) == expected
+    for name, f, _ in leaves(Config()):
+        key = name.rpartition(".")[2]
+        assert re.search(rf"^ *{key}: .+  # {re.escape(f.metadata['help'])}$", printed, re.M), name
+    assert "  lr: 0.0001  # learning rate" in printed
+    saved = tmp_path / "run" / "config.yaml"  # a run folder's config.yaml is the same text
+    save_config(expected, str(saved))
+    assert saved.read_text(encoding="utf-8") == printed
+    assert read_yaml(str(saved), "saved config") == expected.to_dict()
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_print_config_runs_nothing(tmp_path, capsys, command):
+    out = tmp_path / "out"
+    data = ["--data", str(tmp_path / "data")] if command == "run" else []
+    assert cli.main([command, *data, "--out", str(out), "--set", "student.epochs=3", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["student"]["epochs"] == 3 and printed["out"] == str(out)
+    assert not out.exists()
+
+
+def test_result_differences_ignore_settings_that_do_not_change_numbers():
+    old = build_config(overrides={"device": "cpu", "out": "a"}).to_dict()
+    new = build_config(overrides={"device": "cuda", "out": "b"}, sets=["student.epochs=3"]).to_dict()
+    assert result_differences(old, new) == ["student.epochs (40 -> 3)"]
+    # Precision changes the numbers: a run folder made in bf16 is not resumed in fp32.
+    assert "precision" not in NON_RESULT_KEYS
+    assert result_differences(old, build_config(sets=["precision=fp32"]).to_dict()) == \
+        ["precision ('auto' -> 'fp32')"]
 
 
 def test_cached_teacher_signal_with_augmentation_is_refused():
@@ -58,16 +306,3 @@ def test_cached_teacher_signal_with_augmentation_is_refused():
         build_config(sets=["distill.teacher_signal=views"])
     with pytest.raises(KdistillError, match="distill.views"):
         build_config(sets=["augment=crop_flip", "distill.views=0"])
-
-
-def test_yaml_with_code_is_not_executed(tmp_path):
-    file = tmp_path / "evil.yaml"
-    file.write_text("seed: !!python/object/apply:os.system ['touch pwned']\n")
-    with pytest.raises(KdistillError, match="not valid YAML"):
-        build_config(config_files=(str(file),))
-
-
-def test_result_differences_ignore_settings_that_do_not_change_numbers():
-    old = build_config(overrides={"device": "cpu", "out": "a"}).to_dict()
-    new = build_config(overrides={"device": "cuda", "out": "b"}, sets=["student.epochs=3"]).to_dict()
-    assert result_differences(old, new) == ["student.epochs (40 -> 3)"]

@@ -21,7 +21,7 @@ from kdistill.config import Config, build_config, save_config
 from kdistill.errors import KdistillError
 from kdistill.export import load_bundle, save_bundle
 from kdistill.images import load_image
-from kdistill.models import build_model, check_train_output, Standardized
+from kdistill.models import Standardized, build_model, check_train_output
 from kdistill.predict import predict_folder, resolve_device
 
 SIZE = 16
