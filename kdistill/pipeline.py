@@ -20,7 +20,7 @@ from .distillers import CrossEntropy, build_distiller
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
-from .fileio import save_torch, state_dict_sha256
+from .fileio import remove_stale_temporaries, save_torch, state_dict_sha256
 from .models import build_model, imagenet_state_dict, trainable_part
 from .report import write_report
 from .teacher_signal import cached_tensors, head_inputs, signal_key
@@ -224,6 +224,7 @@ def run(cfg: Config, log=None) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))
     log = log or make_logger(cfg.out)
+    remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
     device = resolve_device(cfg.device)
     for part in (cfg.teacher, cfg.student):  # offline? say so now, not after preparing the data
         if part.weights == "imagenet":
