@@ -1,11 +1,11 @@
-"""Command line: kdistill run | demo | predict. Errors the user can fix print one line, no traceback."""
+"""Command line: kdistill run | demo | predict | cache. Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .config import build_config, preset_names
+from .config import Config, build_config, preset_names
 from .errors import KdistillError, printable
 
 EPILOG = """examples:
@@ -14,6 +14,7 @@ EPILOG = """examples:
   kdistill run --data DATA --out runs/exp2 --preset seed-shen --set image_size=128 --set student.epochs=20
   kdistill run --data DATA --out runs/exp3 --config my.yaml
   kdistill predict --run runs/exp1 --images more_photos/
+  kdistill cache --list
 
 Any setting can be changed with --set section.key=value (see config.yaml in a run folder for all of them).
 Run again with the same --out to resume an interrupted run."""
@@ -69,6 +70,15 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="CSV to write (default RUN/predictions-<folder name>.csv)")
     predict.add_argument("--batch-size", type=int, default=64)
     predict.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+
+    cache = commands.add_parser("cache", help="list or remove the decoded data caches",
+                                description="Each entry is one dataset decoded at one image size, with its "
+                                            "teacher-signal caches; a run rebuilds a removed entry.")
+    action = cache.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="one row per entry, then the total (the default)")
+    action.add_argument("--clear", nargs="*", metavar="KEY",
+                        help="remove these entries (keys from --list), or every entry when no key is given")
+    cache.add_argument("--cache-dir", help="the cache folder (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
     return main_parser
 
 
@@ -83,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             count = predict_folder(args.run, args.images, output, args.batch_size, skip_bad=args.skip_bad,
                                    log=lambda message: print(printable(message)))
             print(f"wrote {count} predictions to {output}")
+            return 0
+        if args.command == "cache":
+            from .cache import clear_cache, list_cache
+
+            cache_dir = Config(cache_dir=args.cache_dir or "").resolved_cache_dir()
+            lines = list_cache(cache_dir) if args.clear is None else clear_cache(cache_dir, args.clear)
+            print(printable("\n".join(lines)))
             return 0
         from .pipeline import run
 
