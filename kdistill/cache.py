@@ -7,6 +7,7 @@ between users: reusing a complete entry needs read access only; building one nee
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -34,14 +35,21 @@ def unwritable_entry(folder: str) -> KdistillError:
                          f"cache_dir (--set cache_dir=DIR or $KDISTILL_CACHE) to a folder of your own")
 
 
+def _not_writable(error: OSError) -> bool:
+    return isinstance(error, PermissionError) or error.errno == errno.EROFS
+
+
 @contextlib.contextmanager
 def entry_lock(folder: str, log):
     """Hold the entry's lock and yield True; yield False (no lock) where the lock file cannot be
-    opened for writing, as in another user's cache: the caller may then only read the entry."""
+    opened for writing, as in another user's cache or on a read-only disk: the caller may then
+    only read the entry."""
     lock = _lock(folder)
     try:
         lock.acquire()
-    except PermissionError:
+    except OSError as e:
+        if not _not_writable(e):
+            raise
         lock = None
     if lock is None:
         yield False
@@ -49,8 +57,10 @@ def entry_lock(folder: str, log):
     try:
         remove_stale_temporaries(folder, log)  # holding the lock: no build is under way
         yield True
-    except PermissionError:
-        raise unwritable_entry(folder) from None
+    except OSError as e:
+        if _not_writable(e):
+            raise unwritable_entry(folder) from None
+        raise
     finally:
         lock.release()
 
@@ -152,8 +162,8 @@ def clear_cache(cache_dir: str, keys: list[str]) -> list[str]:
         except Timeout:
             lines.append(f"skipped {key}: a running kdistill holds its lock")
             continue
-        except PermissionError:
-            lines.append(f"skipped {key}: you cannot write its lock file {folder}.lock")
+        except OSError as e:
+            lines.append(f"skipped {key}: cannot open its lock file {folder}.lock ({e.strerror or e})")
             continue
         size = _size(folder)
         try:  # the lock file goes last, while held: a waiter on it then retries on a new one

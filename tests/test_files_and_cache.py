@@ -227,10 +227,10 @@ def test_cache_list_shows_each_entry_and_clear_removes_one_or_all(tmp_path, caps
 def test_cache_clear_skips_an_entry_in_use_and_refuses_a_folder_that_is_not_a_cache(tmp_path, capsys):
     cache = str(tmp_path / "cache")
     data = prepare(make_images(str(tmp_path / "data")), 16, cache, workers=1, log=lambda m: None)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom filelock import FileLock\n"
-                               "lock = FileLock(sys.argv[1])\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(60)",
-         data.folder + ".lock"], stdout=subprocess.PIPE, text=True)
+    hold_the_lock = ("import sys, time\nfrom filelock import FileLock\nlock = FileLock(sys.argv[1])\n"
+                     "lock.acquire()\nprint('held', flush=True)\ntime.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold_the_lock, data.folder + ".lock"],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         code, out, _ = cache_command(capsys, "--clear", "--cache-dir", cache)
