@@ -1,11 +1,11 @@
-"""Command line: kdistill run | demo | predict | config. Errors the user can fix print one line, no traceback."""
+"""Command line: kdistill run | demo | predict | config | cache. Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from .config import build_config, preset_names, render_config
+from .config import Config, build_config, preset_names, render_config
 from .errors import KdistillError, printable
 
 EPILOG = """examples:
@@ -15,6 +15,7 @@ EPILOG = """examples:
   kdistill run --data DATA --out runs/exp3 --config my.yaml
   kdistill predict --run runs/exp1 --images more_photos/
   kdistill config --preset seed-nguyen > my.yaml
+  kdistill cache --list
 
 Any setting can be changed with --set section.key=value; `kdistill config` lists them all, described.
 Run again with the same --out to resume an interrupted run."""
@@ -90,6 +91,15 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument("--trust-arch", action="store_true",
                          help="build an architecture outside torchvision and kdistill.zoo named by the bundle "
                               "(runs that module's code: only for bundles from people you trust)")
+
+    cache = commands.add_parser("cache", help="list or remove the decoded data caches",
+                                description="Each entry is one dataset decoded at one image size, with its "
+                                            "teacher-signal caches; a run rebuilds a removed entry.")
+    action = cache.add_mutually_exclusive_group()
+    action.add_argument("--list", action="store_true", help="one row per entry, then the total (the default)")
+    action.add_argument("--clear", nargs="*", metavar="KEY",
+                        help="remove these entries (keys from --list), or every entry when no key is given")
+    cache.add_argument("--cache-dir", help="the cache folder (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
     return main_parser
 
 
@@ -105,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                                    device=args.device, log=lambda message: print(printable(message)),
                                    trust_arch=args.trust_arch)
             print(f"wrote {count} predictions to {output}")
+            return 0
+        if args.command == "cache":
+            from .cache import clear_cache, list_cache
+
+            cache_dir = Config(cache_dir=args.cache_dir or "").resolved_cache_dir()
+            lines = list_cache(cache_dir) if args.clear is None else clear_cache(cache_dir, args.clear)
+            print(printable("\n".join(lines)))
             return 0
         printing = args.command == "config" or args.print_config
         if args.command == "demo":

@@ -18,11 +18,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from filelock import FileLock
 from tqdm import tqdm
 
+from .cache import entry_lock, mark_used, unwritable_entry
 from .errors import KdistillError
-from .fileio import atomic_write_text, file_sha256
+from .fileio import atomic_write_text, file_sha256, temporary_name
 from .images import DEFAULT_MAX_PIXELS, IGNORED_NAMES, decode_task, entry_problem
 
 CACHE_VERSION = 2  # 2: content hashes in meta.json
@@ -286,11 +286,12 @@ def _build_cache(dataset: DatasetFiles, folder: str, size: int, max_pixels: int,
                  log) -> dict:
     os.makedirs(folder, exist_ok=True)
     meta = {"version": CACHE_VERSION, "image_size": size, "classes": dataset.classes,
+            "source": os.path.dirname(os.path.abspath(dataset.splits["train"].root)),
             "splits": {}, "skipped": list(dataset.rejected)}
     start = time.perf_counter()
     total = 0
     for name, split in dataset.splits.items():
-        tmp_path = os.path.join(folder, f".{name}.tmp.npy")
+        tmp_path = os.path.join(folder, temporary_name(f"{name}.npy"))
         kept, failures = _decode_split(split, size, max_pixels, workers, tmp_path, name)
         os.replace(tmp_path, os.path.join(folder, f"{name}.npy"))
         meta["skipped"] += failures
@@ -353,9 +354,11 @@ def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: flo
     folder = os.path.join(cache_dir, key)
     os.makedirs(cache_dir, exist_ok=True)
     workers = workers or os.cpu_count() or 1
-    with FileLock(folder + ".lock"):  # two runs sharing the cache build it once
+    with entry_lock(folder, log) as writable:  # two runs sharing the cache build it once
         checked = time.perf_counter()
         meta, problem = _load_cache(folder)
+        if meta is None and not writable:
+            raise unwritable_entry(folder)
         if meta is None:
             if os.path.exists(os.path.join(folder, "meta.json")):
                 log(f"prepare: the data cache in {folder} is damaged ({problem}); rebuilding it")
@@ -363,6 +366,7 @@ def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: flo
         else:
             log(f"prepare: reusing the data cache in {folder} (content checked in "
                 f"{time.perf_counter() - checked:.2f} s)")
+        mark_used(folder)
     skipped = [tuple(item) for item in meta["skipped"]]
     if skipped and not skip_bad:
         path, reason = skipped[0]

@@ -1,7 +1,9 @@
 """Files written whole or not at all, and read without trusting them.
 
 Every write goes to a temporary file in the same folder, is flushed to disk, then renamed over
-the target, so a crash or a full disk leaves the previous version intact.
+the target, so a crash or a full disk leaves the previous version intact. Temporary names carry
+the writer's pid, so the leftovers of a killed writer can be told from a write in progress.
+Written files get the mode the user's umask gives, like any file a program creates.
 """
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ import contextlib
 import hashlib
 import os
 import pickle
+import re
+import stat
 import tempfile
+import time
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -19,13 +24,100 @@ import torch
 from .errors import KdistillError
 
 
+def _umask_from_proc() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    found = _umask_from_proc()
+    if found is not None:
+        return found
+    # Without /proc, os.umask is the only reader and it also sets: swap it once, here, before
+    # any background writer thread exists, never at each write.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def new_file_mode() -> int:
+    """The mode a newly created file gets from the current umask (read from /proc on Linux, without
+    changing it; elsewhere the umask at import)."""
+    umask = _umask_from_proc()
+    return 0o666 & ~(_UMASK_AT_IMPORT if umask is None else umask)
+
+
+TEMPORARY_PREFIX = ".tmp-"
+# .tmp-<pid>-<random>-<name>, random from tempfile (atomic writes) or temporary_name (hex).
+_PID_TEMPORARY = re.compile(r"\.tmp-(\d+)-[a-z0-9_]+-.")
+# Names of earlier versions, without a pid: atomic writes' and data.py's decode temporaries.
+_OLD_TEMPORARY = re.compile(r"\.tmp-[a-z0-9_]{8}-.|\..+\.tmp\.npy(\.compact\.npy)?$")
+OLD_TEMPORARY_AGE_SECONDS = 24 * 3600
+
+
+def temporary_name(name: str) -> str:
+    """A hidden, unique name for a temporary file this process writes on the way to `name`."""
+    return f"{TEMPORARY_PREFIX}{os.getpid()}-{os.urandom(4).hex()}-{name}"
+
+
+def _process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or a number no process has: keep the file
+    return True
+
+
+def _is_stale(name: str, modified: float, now: float) -> bool:
+    pid_match = _PID_TEMPORARY.match(name)
+    if pid_match:
+        pid = int(pid_match.group(1))
+        return pid != os.getpid() and not _process_is_running(pid)
+    return bool(_OLD_TEMPORARY.match(name)) and now - modified > OLD_TEMPORARY_AGE_SECONDS
+
+
+def remove_stale_temporaries(folder: str, log) -> None:
+    """Delete, anywhere under folder, the temporary files of writes that were interrupted: those of
+    a process that no longer runs, and pid-less ones (earlier versions) older than a day."""
+    count, reclaimed, now = 0, 0, time.time()
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            if not name.startswith("."):
+                continue
+            path = os.path.join(parent, name)
+            try:
+                info = os.lstat(path)
+                if stat.S_ISREG(info.st_mode) and _is_stale(name, info.st_mtime, now):
+                    os.remove(path)
+                    count += 1
+                    reclaimed += info.st_size
+            except OSError:
+                continue  # gone meanwhile, or not ours to remove
+    if count:
+        log(f"removed {count} temporary file{'s' if count > 1 else ''} of interrupted writes in {folder} "
+            f"({reclaimed / 1e6:.1f} MB reclaimed)")
+
+
 @contextlib.contextmanager
 def _atomic_target(path: str):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-",
+                               suffix="-" + os.path.basename(path))
     os.close(fd)
     try:
+        os.chmod(tmp, new_file_mode())  # mkstemp makes it private (0600); give it the umask's mode
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

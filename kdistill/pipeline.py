@@ -22,7 +22,7 @@ from .distillers import CrossEntropy, build_distiller
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
-from .fileio import atomic_write_text, save_torch, tensors_sha256
+from .fileio import atomic_write_text, remove_stale_temporaries, save_torch, tensors_sha256
 from .models import Standardized, imagenet_state_dict, standardized_model, trainable_part
 from .report import write_report
 from .teacher_signal import cached_tensors, head_inputs, signal_key
@@ -229,6 +229,7 @@ def run(cfg: Config, log=None) -> dict:
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))
     atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
     log = log or make_logger(cfg.out)
+    remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
     device = resolve_device(cfg.device)
     compute = Compute(device, resolve_precision(cfg.precision, device))
     for part in (cfg.teacher, cfg.student):  # offline? say so now, not after preparing the data
