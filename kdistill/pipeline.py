@@ -23,7 +23,7 @@ from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
 from .fileio import atomic_write_text, remove_stale_temporaries, save_torch, tensors_sha256
-from .models import Standardized, imagenet_state_dict, standardized_model, trainable_part
+from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model, trainable_part
 from .report import write_report
 from .teacher_signal import cached_tensors, head_inputs, signal_key
 from .train import Batches, fit, predict_logits, resolve_precision
@@ -232,8 +232,10 @@ def run(cfg: Config, log=None) -> dict:
     remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
     device = resolve_device(cfg.device)
     compute = Compute(device, resolve_precision(cfg.precision, device))
-    for part in (cfg.teacher, cfg.student):  # offline? say so now, not after preparing the data
-        if part.weights == "imagenet":
+    for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
+        if ":" in part.arch:  # a third-party model that would crash in training: say so now
+            check_train_output(part.arch, cfg.image_size, f"{name}.arch")
+        if part.weights == "imagenet":  # offline? say so now, not after preparing the data
             imagenet_state_dict(part.arch)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     started = last_lap = time.perf_counter()
