@@ -109,7 +109,8 @@ def test_a_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, 
     environment = dict(os.environ, PYTHONPATH=ROOT)
 
     def command(out):
-        return [sys.executable, "-m", "kdistill", "run", "--data", digits_dataset, "--out", out, "--config", config_file]
+        return [sys.executable, "-m", "kdistill", "run", "--data", digits_dataset, "--out", out,
+                "--config", config_file]
     reference = str(tmp_path / "reference")
     subprocess.run(command(reference), check=True, env=environment, capture_output=True)
 
