@@ -1,33 +1,49 @@
 import os
-import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
-CIFAR = os.path.join(SHARED_DATA, "cifar10-seedlike")
-HYMENOPTERA = os.path.join(SHARED_DATA, "hymenoptera")
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def copy_slice(source: str, target: str, classes: list[str], per_class: dict[str, int], test: int) -> str:
-    """A small dataset in the seed layout made of the first files of each class of a shared dataset."""
+def write_digits_dataset(target: str, classes: list[str], per_class: dict[str, int], test: int,
+                         pixels: int = 16) -> str:
+    """A small dataset in the seed layout of real handwritten digits (scikit-learn's bundled 8x8
+    digits, no download), upscaled to `pixels` px grayscale PNGs.
+
+    classes are digit names ("zero", "one", ...); each class takes its first images for train,
+    the next for val (per_class, e.g. {"train": 24, "val": 8}); `test` further images of those
+    classes, taken in turn, go unlabelled into DATA/test/.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    unused = {name: np.flatnonzero(digits.target == DIGIT_NAMES.index(name)).tolist() for name in classes}
+
+    def save(index: int, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        values = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
+        image = Image.fromarray(values).resize((pixels, pixels), Image.BILINEAR)  # uint8 2-D: grayscale
+        image.save(os.path.join(folder, f"digit-{index:04d}.png"))
+
     for split, count in per_class.items():
         for name in classes:
-            os.makedirs(os.path.join(target, split, name))
-            for file in sorted(os.listdir(os.path.join(source, split, name)))[:count]:
-                shutil.copy(os.path.join(source, split, name, file), os.path.join(target, split, name, file))
-    if test:
-        os.makedirs(os.path.join(target, "test"))
-        for file in sorted(os.listdir(os.path.join(source, "test")))[:test]:
-            shutil.copy(os.path.join(source, "test", file), os.path.join(target, "test", file))
+            for index in unused[name][:count]:
+                save(index, os.path.join(target, split, name))
+            unused[name] = unused[name][count:]
+    for position in range(test):
+        name = classes[position % len(classes)]
+        save(unused[name].pop(0), os.path.join(target, "test"))
     return target
 
 
 @pytest.fixture(scope="session")
-def cifar_slice(tmp_path_factory):
-    """3 CIFAR-10 classes, 24 train + 8 val images each, 10 unlabelled test images."""
-    return copy_slice(CIFAR, str(tmp_path_factory.mktemp("cifar") / "data"), ["airplane", "cat", "ship"],
-                      {"train": 24, "val": 8}, test=10)
+def digits_dataset(tmp_path_factory):
+    """3 digit classes (zero, one, two), 24 train + 8 val images each, 10 unlabelled test images."""
+    return write_digits_dataset(str(tmp_path_factory.mktemp("digits") / "data"), ["zero", "one", "two"],
+                                {"train": 24, "val": 8}, test=10)
 
 
 def tiny_settings(data: str, out: str, cache: str, **extra) -> dict:

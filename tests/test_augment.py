@@ -64,11 +64,11 @@ def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view():
     assert len(seen) > 5  # views differ from epoch to epoch
 
 
-def test_runs_with_stored_views(cifar_slice, tmp_path):
+def test_runs_with_stored_views(digits_dataset, tmp_path):
     # flip: both views stored automatically; crop_flip: K random views on request.
     for augment, signal, count in (("flip", "auto", 2), ("crop_flip", "views", 3)):
         cache = tmp_path / f"cache-{augment}"
-        settings = tiny_settings(cifar_slice, str(tmp_path / augment), str(cache), augment=augment,
+        settings = tiny_settings(digits_dataset, str(tmp_path / augment), str(cache), augment=augment,
                                  baseline=False, teacher={"epochs": 1}, student={"epochs": 2},
                                  distill={"teacher_signal": signal, "views": 3})
         metrics = kdistill.run(settings, log=lambda m: None)

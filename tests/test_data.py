@@ -6,16 +6,48 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import HYMENOPTERA, copy_slice
+from conftest import write_digits_dataset
 from kdistill.data import prepare, to_unit_range
 from kdistill.images import load_image
 
 
+# Variants of scikit-learn's two bundled 640x427 photos: (file name, width, height, grayscale).
+# Portrait, panorama, odd, grayscale and smaller-than-the-crop sizes, so resizing and cropping
+# are checked on every kind of shape.
+PHOTO_VARIANTS = [("a-landscape", 640, 427, False), ("b-portrait", 300, 500, False),
+                  ("c-panorama", 1000, 200, False), ("d-odd", 97, 131, False),
+                  ("e-gray", 200, 150, True), ("f-tiny", 40, 30, False)]
+
+
+def crop_to_aspect(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The largest centered box of the photo with the aspect ratio width:height."""
+    box_w = min(image.width, round(image.height * width / height))
+    box_h = min(image.height, round(image.width * height / width))
+    left, top = (image.width - box_w) // 2, (image.height - box_h) // 2
+    return image.crop((left, top, left + box_w, top + box_h))
+
+
 @pytest.fixture(scope="module")
-def bees(tmp_path_factory):
-    """Real high-resolution photos of many sizes: 3 ants + 3 bees for train, 2 + 2 for val."""
-    return copy_slice(HYMENOPTERA, str(tmp_path_factory.mktemp("hym") / "data"), ["ants", "bees"],
-                      {"train": 3, "val": 2}, test=0)
+def photos(tmp_path_factory):
+    """Real photos as JPEGs of many sizes: classes china and flower, 3 train + 3 val images each.
+
+    china's training images are the first three variants and flower's the last three, so the
+    training split holds every variant.
+    """
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("photos") / "data"
+    bundled = load_sample_images()
+    for name, pixels in zip(("china", "flower"), bundled.images):
+        photo = Image.fromarray(pixels)
+        for position, (variant, width, height, gray) in enumerate(PHOTO_VARIANTS):
+            first_half = position < len(PHOTO_VARIANTS) // 2
+            split = "train" if first_half == (name == "china") else "val"
+            image = crop_to_aspect(photo, width, height).resize((width, height), Image.LANCZOS)
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            (image.convert("L") if gray else image).save(folder / f"{variant}.jpg", quality=90)
+    return str(root)
 
 
 def reference_tensor(path: str, size: int) -> np.ndarray:
@@ -26,17 +58,18 @@ def reference_tensor(path: str, size: int) -> np.ndarray:
     return np.asarray(cropped).transpose(2, 0, 1)
 
 
-def test_prepare_shapes_crop_and_statistics_match_an_independent_computation(bees, tmp_path):
+def test_prepare_shapes_crop_and_statistics_match_an_independent_computation(photos, tmp_path):
     size = 48
-    data = prepare(bees, size, str(tmp_path / "cache"), workers=2)
+    data = prepare(photos, size, str(tmp_path / "cache"), workers=2)
     train = data.splits["train"]
-    assert data.classes == ["ants", "bees"]
+    assert data.classes == ["china", "flower"]
     assert train.images.shape == (6, 3, size, size) and train.images.dtype == torch.uint8
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert data.splits["val"].images.shape == (4, 3, size, size)
+    assert [os.path.basename(name)[:-4] for name in train.files] == [v[0] for v in PHOTO_VARIANTS]
+    assert data.splits["val"].images.shape == (6, 3, size, size)
     references = []
     for index, name in enumerate(train.files):
-        reference = reference_tensor(os.path.join(bees, "train", name), size)
+        reference = reference_tensor(os.path.join(photos, "train", name), size)
         references.append(reference)
         difference = np.abs(train.images[index].numpy().astype(int) - reference.astype(int))
         assert difference.max() <= 1, name
@@ -51,42 +84,41 @@ def test_prepare_shapes_crop_and_statistics_match_an_independent_computation(bee
     assert (standardized.std(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-3
 
 
-def test_cache_is_reused_and_rebuilt_when_the_data_changes(bees, tmp_path):
+def test_cache_is_reused_and_rebuilt_when_the_data_changes(photos, tmp_path):
     messages = []
     cache = str(tmp_path / "cache")
-    first = prepare(bees, 32, cache, workers=1, log=messages.append)
-    assert any("decoded 10 images" in m for m in messages)
+    first = prepare(photos, 32, cache, workers=1, log=messages.append)
+    assert any("decoded 12 images" in m for m in messages)
     messages.clear()
-    second = prepare(bees, 32, cache, workers=1, log=messages.append)
+    second = prepare(photos, 32, cache, workers=1, log=messages.append)
     assert second.key == first.key and any("reusing the data cache" in m for m in messages)
     assert torch.equal(first.splits["train"].images, second.splits["train"].images)
     # Another image size is another cache.
-    assert prepare(bees, 24, cache, workers=1, log=messages.append).key != first.key
+    assert prepare(photos, 24, cache, workers=1, log=messages.append).key != first.key
     # Touching a file (new mtime) invalidates the key.
-    victim = os.path.join(bees, "train", "ants", sorted(os.listdir(os.path.join(bees, "train", "ants")))[0])
+    victim = os.path.join(photos, "train", "china", sorted(os.listdir(os.path.join(photos, "train", "china")))[0])
     stat = os.stat(victim)
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:
-        assert prepare(bees, 32, cache, workers=1, log=messages.append).key != first.key
+        assert prepare(photos, 32, cache, workers=1, log=messages.append).key != first.key
     finally:
         os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_a_damaged_cache_is_rebuilt_with_a_message(bees, tmp_path):
+def test_a_damaged_cache_is_rebuilt_with_a_message(photos, tmp_path):
     cache = str(tmp_path / "cache")
-    first = prepare(bees, 32, cache, workers=1, log=lambda m: None)
+    first = prepare(photos, 32, cache, workers=1, log=lambda m: None)
     expected = first.splits["train"].images.clone()
     with open(os.path.join(first.folder, "train.npy"), "r+b") as f:
         f.truncate(1000)
     messages = []
-    again = prepare(bees, 32, cache, workers=1, log=messages.append)
+    again = prepare(photos, 32, cache, workers=1, log=messages.append)
     assert any("incomplete or corrupt" in m for m in messages)
     assert torch.equal(again.splits["train"].images, expected)
 
 
 def test_missing_val_folder_gives_an_announced_stratified_split(tmp_path):
-    from conftest import CIFAR
-    data_dir = copy_slice(CIFAR, str(tmp_path / "data"), ["cat", "dog"], {"train": 10}, test=0)
+    data_dir = write_digits_dataset(str(tmp_path / "data"), ["zero", "one"], {"train": 10}, test=0)
     messages = []
     data = prepare(data_dir, 16, str(tmp_path / "cache"), val_fraction=0.2, seed=1, workers=1,
                    log=messages.append)
@@ -107,17 +139,16 @@ def test_images_decode_upright_and_resized(tmp_path):
 
 
 def test_an_image_outside_class_folders_and_a_class_left_empty_by_skipping_are_reported(tmp_path):
-    from conftest import CIFAR
     from kdistill.errors import KdistillError
 
-    data_dir = copy_slice(CIFAR, str(tmp_path / "data"), ["cat", "dog"], {"train": 3, "val": 2}, test=0)
-    stray = os.path.join(data_dir, "train", "stray.jpg")
-    os.link(os.path.join(data_dir, "train", "cat", sorted(os.listdir(os.path.join(data_dir, "train", "cat")))[0]),
+    data_dir = write_digits_dataset(str(tmp_path / "data"), ["zero", "one"], {"train": 3, "val": 2}, test=0)
+    stray = os.path.join(data_dir, "train", "stray.png")
+    os.link(os.path.join(data_dir, "train", "zero", sorted(os.listdir(os.path.join(data_dir, "train", "zero")))[0]),
             stray)
-    with pytest.raises(KdistillError, match="stray.jpg: not inside a class folder"):
+    with pytest.raises(KdistillError, match="stray.png: not inside a class folder"):
         prepare(data_dir, 16, str(tmp_path / "cache"), workers=1, log=lambda m: None)
-    for name in os.listdir(os.path.join(data_dir, "train", "dog")):
-        with open(os.path.join(data_dir, "train", "dog", name), "wb") as f:
+    for name in os.listdir(os.path.join(data_dir, "train", "one")):
+        with open(os.path.join(data_dir, "train", "one", name), "wb") as f:
             f.write(b"broken")
-    with pytest.raises(KdistillError, match="class 'dog' has no usable training image"):
+    with pytest.raises(KdistillError, match="class 'one' has no usable training image"):
         prepare(data_dir, 16, str(tmp_path / "cache"), workers=1, skip_bad=True, log=lambda m: None)

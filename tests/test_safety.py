@@ -150,12 +150,12 @@ def _prepare_in_process(args):
     return data.key, data.splits["train"].images.sum().item()
 
 
-def test_two_runs_sharing_a_cache_at_once_do_not_corrupt_it(cifar_slice, tmp_path):
+def test_two_runs_sharing_a_cache_at_once_do_not_corrupt_it(digits_dataset, tmp_path):
     cache = str(tmp_path / "cache")
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        results = pool.map(_prepare_in_process, [(cifar_slice, cache)] * 2)
+        results = pool.map(_prepare_in_process, [(digits_dataset, cache)] * 2)
     assert results[0] == results[1]
     messages = []
-    again = prepare(cifar_slice, 16, cache, workers=1, log=messages.append)
+    again = prepare(digits_dataset, 16, cache, workers=1, log=messages.append)
     assert any("reusing" in m for m in messages)
     assert (again.key, again.splits["train"].images.sum().item()) == results[0]

@@ -55,15 +55,15 @@ def test_pretrained_models_get_imagenet_statistics_and_models_from_scratch_the_t
     assert name == "imagenet" and zoo.mean.flatten().tolist() == pytest.approx(IMAGENET_STATS[0])
 
 
-def test_a_run_gives_teacher_and_student_their_own_statistics(cifar_slice, tmp_path):
-    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
+def test_a_run_gives_teacher_and_student_their_own_statistics(digits_dataset, tmp_path):
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
                              teacher={"mode": "head", "normalize": "imagenet", "epochs": 1}, student={"epochs": 1})
     metrics = kdistill.run(settings, log=quiet)
     assert metrics["models"]["teacher"]["input_standardization"] == "imagenet"
     assert metrics["models"]["student"]["input_standardization"] == "dataset"
     teacher = load_torch(str(tmp_path / "run" / "models" / "teacher.pt"))
     assert teacher["mean"].flatten().tolist() == pytest.approx(IMAGENET_STATS[0])
-    data = prepare(cifar_slice, 16, str(tmp_path / "cache"), workers=1, log=quiet)
+    data = prepare(digits_dataset, 16, str(tmp_path / "cache"), workers=1, log=quiet)
     student, bundle = load_bundle(str(tmp_path / "run" / "student.pt"))
     assert student.mean.flatten().tolist() == pytest.approx(data.mean) and bundle["normalize"] == "dataset"
     # The teacher's cached features depend on its statistics: another choice is another cache entry.
@@ -94,9 +94,9 @@ def record_training_inputs(monkeypatch) -> dict[str, list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("signal", ["views", "online"])
-def test_student_and_baseline_see_identical_inputs_batch_by_batch(cifar_slice, tmp_path, monkeypatch, signal):
+def test_student_and_baseline_see_identical_inputs_batch_by_batch(digits_dataset, tmp_path, monkeypatch, signal):
     seen = record_training_inputs(monkeypatch)
-    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
                              teacher={"epochs": 1}, student={"epochs": 3, "dropout": 0.5},
                              distill={"teacher_signal": signal, "views": 4})
     kdistill.run(settings, log=quiet)
@@ -127,9 +127,9 @@ def test_a_resume_in_another_precision_is_refused(tmp_path):
     assert len(train(2, "fp32")) == 2  # the same precision resumes
 
 
-def test_teacher_signal_caches_are_keyed_by_precision(cifar_slice, tmp_path):
+def test_teacher_signal_caches_are_keyed_by_precision(digits_dataset, tmp_path):
     for precision in ("fp32", "bf16"):
-        settings = tiny_settings(cifar_slice, str(tmp_path / precision), str(tmp_path / "cache"), baseline=False,
+        settings = tiny_settings(digits_dataset, str(tmp_path / precision), str(tmp_path / "cache"), baseline=False,
                                  precision=precision, teacher={"epochs": 1}, student={"epochs": 1})
         kdistill.run(settings, log=quiet)
     logits = glob.glob(str(tmp_path / "cache" / "*" / "signal" / "logits-*.pt"))
@@ -139,32 +139,32 @@ def test_teacher_signal_caches_are_keyed_by_precision(cifar_slice, tmp_path):
 # ---------------------------------------------------------------- 4. caches checked, not assumed
 
 
-def test_an_edited_data_cache_of_the_same_size_is_rebuilt(cifar_slice, tmp_path):
+def test_an_edited_data_cache_of_the_same_size_is_rebuilt(digits_dataset, tmp_path):
     cache = str(tmp_path / "cache")
-    first = prepare(cifar_slice, 16, cache, workers=1, log=quiet)
+    first = prepare(digits_dataset, 16, cache, workers=1, log=quiet)
     expected = first.splits["train"].images.clone()
     path = os.path.join(first.folder, "train.npy")
     with open(path, "r+b") as f:  # one pixel changed, size and header intact
         f.seek(os.path.getsize(path) - 10)
         f.write(bytes([(f.read(1)[0] + 1) % 256]))
     messages = []
-    again = prepare(cifar_slice, 16, cache, workers=1, log=messages.append)
+    again = prepare(digits_dataset, 16, cache, workers=1, log=messages.append)
     assert any("damaged" in m and "train.npy" in m and "rebuilding" in m for m in messages), messages
     assert torch.equal(again.splits["train"].images, expected)
     messages.clear()
-    prepare(cifar_slice, 16, cache, workers=1, log=messages.append)
+    prepare(digits_dataset, 16, cache, workers=1, log=messages.append)
     assert any("reusing the data cache" in m and "content checked in" in m for m in messages)
     meta_path = os.path.join(first.folder, "meta.json")  # edited labels are caught too
     meta = json.load(open(meta_path))
     meta["splits"]["train"]["labels"][0] = 1 - meta["splits"]["train"]["labels"][0]
     json.dump(meta, open(meta_path, "w"))
     messages.clear()
-    prepare(cifar_slice, 16, cache, workers=1, log=messages.append)
+    prepare(digits_dataset, 16, cache, workers=1, log=messages.append)
     assert any("meta.json was edited" in m for m in messages)
 
 
-def test_an_edited_signal_cache_is_recomputed(cifar_slice, tmp_path):
-    settings = tiny_settings(cifar_slice, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
+def test_an_edited_signal_cache_is_recomputed(digits_dataset, tmp_path):
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
                              teacher={"epochs": 1}, student={"epochs": 1})
     kdistill.run(settings, log=quiet)
     [path] = glob.glob(str(tmp_path / "cache" / "*" / "signal" / "logits-*.pt"))
@@ -179,8 +179,8 @@ def test_an_edited_signal_cache_is_recomputed(cifar_slice, tmp_path):
 
 
 @pytest.mark.parametrize("change", ["new class", "removed image"])
-def test_a_run_folder_refuses_other_data_at_the_same_path(cifar_slice, tmp_path, change):
-    data = shutil.copytree(cifar_slice, tmp_path / "data")
+def test_a_run_folder_refuses_other_data_at_the_same_path(digits_dataset, tmp_path, change):
+    data = shutil.copytree(digits_dataset, tmp_path / "data")
     settings = tiny_settings(str(data), str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
                              teacher={"epochs": 1}, student={"epochs": 1})
     kdistill.run(settings, log=quiet)
