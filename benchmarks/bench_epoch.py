@@ -57,8 +57,8 @@ from torchvision.datasets import ImageFolder
 from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy, build_distiller
-from kdistill.models import build_model
-from kdistill.pipeline import ImageBatcher, TrainedTeacher, distillation_batches, train_student, train_teacher
+from kdistill.models import standardized_model
+from kdistill.pipeline import Compute, ImageBatcher, TrainedTeacher, distillation_batches, train_student, train_teacher
 from kdistill.train import Batches, predict_logits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +70,7 @@ TEACHER_EPOCHS = 10
 VIEWS = 8  # stored views per image in the augmented (crop_flip) distillation variant
 MEMORY_TARGET_BYTES = 4 * 1024 ** 3
 DEVICE = torch.device("cpu")
+COMPUTE = Compute(DEVICE, "fp32")
 
 
 def quiet(message: str) -> None:
@@ -189,7 +190,7 @@ def kdistill_student_epoch(cfg, data, batcher, train_batches, objective, work: P
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     started = time.perf_counter()
     train_student("student", dataclasses.replace(cfg, out=str(out)), data, train_batches,
-                  batcher("val"), objective, DEVICE, quiet)
+                  batcher("val"), objective, COMPUTE, quiet)
     whole = time.perf_counter() - started
     shutil.rmtree(out)
     return train_batches.seconds, whole
@@ -200,7 +201,7 @@ def kdistill_teacher_stage(cfg, data, batcher, work: Path) -> float:
     shutil.rmtree(os.path.join(data.folder, "signal"), ignore_errors=True)  # no reuse across repeats
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     started = time.perf_counter()
-    train_teacher(dataclasses.replace(cfg, out=str(out)), data, batcher, DEVICE, quiet)
+    train_teacher(dataclasses.replace(cfg, out=str(out)), data, batcher, COMPUTE, quiet)
     elapsed = time.perf_counter() - started
     shutil.rmtree(out)
     return elapsed
@@ -253,7 +254,7 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
 
     # The distillation teacher: a ResNet34 in eval mode (random weights; same cost as trained ones).
     torch.manual_seed(0)
-    teacher, head = build_model(TEACHER, num_classes, weights="none")
+    teacher, head, _ = standardized_model(TEACHER, num_classes, 0.0, "none", "dataset", data.mean, data.std)
     teacher.eval()
     n_val = len(data.splits["val"].files)
     warm_up(size, num_classes, {min(n, BATCH_SIZE), n % BATCH_SIZE or BATCH_SIZE,
@@ -269,14 +270,14 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
     augmented_cfg = dataclasses.replace(cfg, augment="crop_flip", distill=dataclasses.replace(
         cfg.distill, views=VIEWS))
     augmented = ImageBatcher(data, augmented_cfg, DEVICE)
-    trained_teacher = TrainedTeacher(teacher, head, [], None)
+    trained_teacher = TrainedTeacher(teacher, head, "dataset", [], None)
     views_batches, views_seconds = None, None
     if "kd_views" in args.only:
         started = time.perf_counter()
-        views_batches = distillation_batches("views", augmented_cfg, data, trained_teacher, augmented, DEVICE, quiet)
+        views_batches = distillation_batches("views", augmented_cfg, data, trained_teacher, augmented, COMPUTE, quiet)
         views_seconds = time.perf_counter() - started
         print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
-    online_batches = distillation_batches("online", augmented_cfg, data, trained_teacher, augmented, DEVICE, quiet)
+    online_batches = distillation_batches("online", augmented_cfg, data, trained_teacher, augmented, COMPUTE, quiet)
     distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
 
     runs = {

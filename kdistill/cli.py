@@ -1,4 +1,6 @@
-"""Command line: kdistill run | demo | predict | config | cache. Errors the user can fix print one line, no traceback."""
+"""Command line: kdistill run | demo | predict | config | cache.
+
+Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
 
 import argparse

@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import torch
-from torch import nn
 
 from .errors import KdistillError
 from .fileio import atomic_write, load_torch, save_torch

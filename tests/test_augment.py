@@ -55,13 +55,22 @@ def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view():
     logits = torch.stack([predict_logits(teacher, batches(views=views[:, k:k + 1]), 8, CPU) for k in range(3)], 1)
     served = batches(views=views, extras={"teacher_logits": logits})
     generator = torch.Generator().manual_seed(1)
-    seen = set()
-    for epoch in range(3):
-        for x, _, teacher_logits in served.iterate(5, CPU, shuffle=True, generator=generator):
-            with torch.no_grad():
-                torch.testing.assert_close(teacher_logits, teacher(x), rtol=1e-4, atol=1e-4)
-            seen.add(x[0].sum().item())
-    assert len(seen) > 5  # views differ from epoch to epoch
+    for x, _, teacher_logits in served.iterate(5, CPU, shuffle=True, generator=generator):
+        with torch.no_grad():
+            torch.testing.assert_close(teacher_logits, teacher(x), rtol=1e-4, atol=1e-4)
+    # In order (no shuffle), image i is always served as one of its own K stored views, and over
+    # epochs as several of them.
+    renderings = torch.stack([apply_views(images.float() / 255 - 0.5, views[:, k], crop_padding("crop_flip", 16))
+                              for k in range(3)], 1)  # (N, K, C, H, W)
+    picked = [set() for _ in range(24)]
+    view_generator = torch.Generator().manual_seed(2)
+    for epoch in range(6):
+        x = torch.cat([x for x, _, _ in served.iterate(8, CPU, view_generator=view_generator)])
+        for i in range(24):
+            matches = [k for k in range(3) if torch.equal(x[i], renderings[i, k])]
+            assert matches, f"image {i} was served in a view it does not have"
+            picked[i].add(matches[0])
+    assert sum(len(ks) > 1 for ks in picked) >= 20
 
 
 def test_runs_with_stored_views(digits_dataset, tmp_path):

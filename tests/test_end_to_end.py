@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 import kdistill
@@ -15,6 +16,9 @@ from conftest import ROOT, tiny_settings
 from fault.kill_resume import comparable
 from kdistill.cli import main
 from kdistill.errors import KdistillError
+from kdistill.export import load_bundle
+from kdistill.fileio import load_torch
+from kdistill.images import load_image
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,11 @@ def test_a_run_writes_every_output(finished_run, digits_dataset):
         for key in ("best_val_acc", "final_val_acc", "params", "size_mb", "gflops", "epochs", "train_seconds",
                     "best_epoch", "latency_ms"):
             assert key in model, (name, key)
-        assert 0 <= model["best_val_acc"] <= 1 and model["best_val_acc"] >= model["final_val_acc"]
+        with open(os.path.join(out, "history", f"{name}.csv")) as f:
+            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        best = max(history, key=lambda row: row["val_acc"])  # the first epoch reaching the best
+        assert (model["best_val_acc"], model["best_epoch"]) == (best["val_acc"], best["epoch"])
+        assert model["final_val_acc"] == history[-1]["val_acc"]
         assert model["size_mb"] == pytest.approx(os.path.getsize(os.path.join(out, "models", f"{name}.pt")) / 2**20)
     assert metrics["models"]["student"]["epochs"] == 3 and metrics["models"]["teacher"]["epochs"] == 2
     assert metrics["models"]["student"]["params"] == metrics["models"]["baseline"]["params"]
@@ -54,7 +62,25 @@ def test_a_run_writes_every_output(finished_run, digits_dataset):
         predictions = list(csv.DictReader(f))
     assert len(predictions) == 10 and set(predictions[0]) == {"filename", "label", "confidence"}
     assert sorted(p["filename"] for p in predictions) == sorted(os.listdir(os.path.join(digits_dataset, "test")))
-    assert all(p["label"] in ("zero", "one", "two") and 0 < float(p["confidence"]) <= 1 for p in predictions)
+    # The saved best weights are the ones reported, and the ones that predicted: evaluated again
+    # from the files alone, they give the best val accuracy and every prediction's label and confidence.
+    student, bundle = load_bundle(os.path.join(out, "student.pt"))
+    assert torch.equal(student.state_dict()["model.fc.weight"],
+                       load_torch(os.path.join(out, "models", "student.pt"))["model.fc.weight"])
+
+    def logits(folder, files):
+        images = torch.stack([torch.from_numpy(load_image(os.path.join(folder, f), bundle["image_size"]))
+                              for f in files])
+        with torch.no_grad():
+            return student(images.float() / 255)
+    val_files = sorted(glob.glob("*/*.png", root_dir=os.path.join(digits_dataset, "val")))
+    val_labels = torch.tensor([bundle["classes"].index(os.path.dirname(f)) for f in val_files])
+    val_acc = (logits(os.path.join(digits_dataset, "val"), val_files).argmax(1) == val_labels).float().mean()
+    assert val_acc.item() == pytest.approx(metrics["models"]["student"]["best_val_acc"], abs=1e-6)
+    probabilities = logits(os.path.join(digits_dataset, "test"), [p["filename"] for p in predictions]).softmax(1)
+    assert [p["label"] for p in predictions] == [bundle["classes"][i] for i in probabilities.argmax(1).tolist()]
+    assert [float(p["confidence"]) for p in predictions] == pytest.approx(probabilities.max(1).values.tolist(),
+                                                                          abs=1e-3)
 
 
 def test_predict_command_reproduces_the_run_predictions(finished_run, digits_dataset, tmp_path, capsys):
@@ -129,10 +155,37 @@ def test_a_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, 
     assert comparable(interrupted) == comparable(reference)
 
 
-def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(digits_dataset, tmp_path):
+def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(digits_dataset, tmp_path, monkeypatch):
+    from kdistill import pipeline
+
+    served = []  # (student input, teacher logits) of the student's first batches
+    real_fit = pipeline.fit
+
+    def recording_fit(name, model, trainable, train, *args, **kwargs):
+        if name == "student":
+            real_iterate = train.iterate
+
+            def iterate(*iterate_args, **iterate_kwargs):
+                for x, y, teacher_logits in real_iterate(*iterate_args, **iterate_kwargs):
+                    if len(served) < 2:
+                        served.append((x.clone(), teacher_logits.clone()))
+                    yield x, y, teacher_logits
+            train.iterate = iterate
+        return real_fit(name, model, trainable, train, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
                              baseline=False, teacher={"mode": "head", "epochs": 1}, student={"epochs": 1})
     metrics = kdistill.run(settings, log=lambda m: None)
-    assert metrics["teacher_signal"] == "online" and set(metrics["models"]) == {"teacher", "student"}
+    assert metrics["teacher_signal"] == "online" and len(served) == 2
     # Nothing was precomputed: with augmentation, cached teacher outputs would not match the view.
     assert glob.glob(str(tmp_path / "cache" / "*" / "signal" / "*")) == []
+    # The logits the student learned from are the saved teacher's on exactly the augmented batch it saw.
+    from kdistill.models import standardized_model
+
+    teacher_state = load_torch(str(tmp_path / "run" / "models" / "teacher.pt"))
+    teacher, _, _ = standardized_model("resnet18", 3, 0.0, "none", "dataset", [0.0] * 3, [1.0] * 3)
+    teacher.load_state_dict(teacher_state)
+    teacher.eval()
+    for x, teacher_logits in served:
+        with torch.no_grad():
+            torch.testing.assert_close(teacher_logits, teacher(x), rtol=1e-4, atol=1e-4)
