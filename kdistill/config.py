@@ -299,8 +299,10 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
-def _check_arch(key: str, arch: str) -> None:
+def _check_arch(key: str, arch: str, image_size: int) -> None:
     import torchvision
+
+    from .models import MIN_IMAGE_SIZE
 
     if ":" in arch:
         module_name, _, attr = arch.partition(":")
@@ -314,6 +316,9 @@ def _check_arch(key: str, arch: str) -> None:
         raise KdistillError(
             f"setting {key}: unknown architecture {arch!r} (a torchvision classification model "
             f"name such as resnet18, or module:callable)")
+    elif image_size < MIN_IMAGE_SIZE.get(arch, 0):
+        raise KdistillError(f"setting image_size must be >= {MIN_IMAGE_SIZE[arch]} for {key} {arch}, "
+                            f"got {image_size}")
 
 
 def validate(cfg: Config) -> None:
@@ -332,7 +337,7 @@ def validate(cfg: Config) -> None:
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     require(cfg.max_image_pixels > 0, "max_image_pixels", f"must be > 0, got {cfg.max_image_pixels}")
     for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
-        _check_arch(f"{name}.arch", part.arch)
+        _check_arch(f"{name}.arch", part.arch, cfg.image_size)
         require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
         require(part.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {part.batch_size}")
         require(part.lr > 0, f"{name}.lr", f"must be > 0, got {part.lr}")

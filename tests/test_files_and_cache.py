@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 
 import numpy as np
 import pytest
@@ -161,7 +162,7 @@ def test_stale_temporaries_of_dead_writers_are_removed_and_others_kept(tmp_path)
     assert len(messages) == 1  # nothing to remove: nothing said
 
 
-def test_prepare_and_run_remove_leftovers_in_the_cache_entry_and_the_run_folder(tmp_path):
+def test_prepare_and_run_remove_leftovers_in_the_cache_entry_and_the_run_folder(tmp_path, monkeypatch):
     data_dir = make_images(str(tmp_path / "data"))
     cache = str(tmp_path / "cache")
     data = prepare(data_dir, 16, cache, workers=1, log=lambda m: None)
@@ -179,9 +180,13 @@ def test_prepare_and_run_remove_leftovers_in_the_cache_entry_and_the_run_folder(
     out = str(tmp_path / "run")
     leftover = os.path.join(out, "checkpoints", "teacher", f".tmp-{dead}-a1b2c3d4-last.pt")
     write_bytes(leftover, 1000)
-    cfg = build_config(overrides=tiny_settings(str(tmp_path / "missing"), out, cache))
-    with pytest.raises(KdistillError, match="does not exist"):
-        run(cfg, log=messages.append)  # stops at the data, after the cleanup
+    cfg = build_config(overrides=tiny_settings(data_dir, out, cache, teacher={"weights": "imagenet"}))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(KdistillError, match="offline"):
+        run(cfg, log=messages.append)  # stops at the offline teacher weights, after the cleanup
     assert not os.path.exists(leftover)
 
 
