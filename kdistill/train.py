@@ -1,8 +1,8 @@
 """The training loop: plain PyTorch, one function, used for the teacher, the student and the baseline.
 
 After every epoch the whole state (model, optimizer, scheduler, weight average, RNG states,
-history) is written atomically to last.pt, so a killed run resumes from its last finished epoch and ends with the
-same numbers as one that never stopped.
+history) is written atomically to last.pt, so a killed run resumes from its last finished epoch
+and ends with the same numbers as one that never stopped.
 """
 from __future__ import annotations
 
@@ -120,9 +120,9 @@ def evaluate(model: nn.Module, batches: Batches, batch_size: int, device: torch.
 
 
 def parameter_groups(trainable: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """The trained parameters, with weight decay; without it on biases and norm weights (every
-    parameter with ndim <= 1) unless decay_norm_and_bias: decaying those only shrinks the
-    network's scale and shifts, which regularizes nothing."""
+    """The trained parameters with weight decay; unless decay_norm_and_bias, none on biases and
+    norm weights (every parameter with ndim <= 1): they hold scales and offsets, not the capacity
+    that decay is meant to limit (the usual practice)."""
     parameters = [p for p in trainable.parameters() if p.requires_grad]
     if decay_norm_and_bias or weight_decay == 0:
         return [{"params": parameters, "weight_decay": weight_decay}]

@@ -1,6 +1,8 @@
 """Hinton et al. (2015) logit distillation, as in both seed reports:
 
     loss = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
+
+with label smoothing, where set, in CE only.
 """
 from __future__ import annotations
 
