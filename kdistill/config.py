@@ -48,10 +48,24 @@ class TrainConfig:
     dropout: float = setting(0.0, "> 0: the head is Dropout(p) + Linear, else a plain Linear")
     epochs: int = setting(10, "training epochs")
     batch_size: int = setting(64, "images per training step")
-    lr: float = setting(1e-3, "learning rate (Adam)")
-    lr_step: int = setting(0, "StepLR step size in epochs; 0 keeps the learning rate constant")
+    optimizer: str = setting("adam", "adam, adamw (decoupled weight decay) or sgd (Nesterov, with momentum)",
+                             choices=("adam", "adamw", "sgd"))
+    momentum: float = setting(0.9, "momentum of sgd (unused by adam and adamw)")
+    lr: float = setting(1e-3, "learning rate (the peak of cosine and onecycle)")
+    schedule: str = setting(
+        "step", "step: StepLR every lr_step epochs; cosine: linear warmup over warmup_epochs from lr/100, then "
+                "cosine annealing to 0; onecycle: OneCycleLR peaking at lr; cosine and onecycle step every batch",
+        choices=("step", "cosine", "onecycle"))
+    lr_step: int = setting(0, "StepLR step size in epochs (schedule step); 0 keeps the learning rate constant")
     lr_gamma: float = setting(0.1, "factor applied to the learning rate every lr_step epochs")
-    weight_decay: float = setting(0.0, "Adam weight decay")
+    warmup_epochs: int = setting(0, "epochs of rising learning rate: cosine's linear warmup, onecycle's rise "
+                                    "(0: OneCycleLR's default 30% of training)")
+    weight_decay: float = setting(0.0, "weight decay (L2 in adam and sgd, decoupled in adamw)")
+    decay_norm_and_bias: bool = setting(True, "false: biases and norm weights (every parameter with ndim <= 1) "
+                                              "get no weight decay")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy term, in [0, 1)")
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, updated every step and "
+                              "evaluated beside them (the better is kept as best); 0: off")
     normalize: str = setting(
         "auto", "input standardization: imagenet statistics, the training set's, or auto (imagenet for "
                 "pretrained weights, the training set's for a model trained from scratch)",
@@ -345,6 +359,17 @@ def validate(cfg: Config) -> None:
         require(0 < part.lr_gamma <= 1, f"{name}.lr_gamma", f"must be in (0, 1], got {part.lr_gamma}")
         require(0 <= part.dropout < 1, f"{name}.dropout", f"must be in [0, 1), got {part.dropout}")
         require(part.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {part.weight_decay}")
+        require(0 <= part.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {part.momentum}")
+        require(not (part.lr_step and part.schedule != "step"), f"{name}.lr_step",
+                f"applies to schedule step only, got {part.lr_step} with schedule {part.schedule}")
+        require(part.warmup_epochs >= 0, f"{name}.warmup_epochs", f"must be >= 0, got {part.warmup_epochs}")
+        require(not (part.warmup_epochs and part.schedule == "step"), f"{name}.warmup_epochs",
+                "applies to schedule cosine or onecycle, not step")
+        require(part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
+                f"must be below {name}.epochs ({part.epochs}), got {part.warmup_epochs}")
+        require(0 <= part.label_smoothing < 1, f"{name}.label_smoothing",
+                f"must be in [0, 1), got {part.label_smoothing}")
+        require(0 <= part.ema < 1, f"{name}.ema", f"must be in [0, 1) (0: off), got {part.ema}")
         if part.weights not in ("imagenet", "none"):
             require(os.path.isfile(part.weights), f"{name}.weights",
                     f"must be imagenet, none or an existing file, got {part.weights!r}")

@@ -26,7 +26,7 @@ from .fileio import atomic_write_text, remove_stale_temporaries, save_torch, ten
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model, trainable_part
 from .report import write_report
 from .teacher_signal import cached_tensors, head_inputs, signal_key
-from .train import Batches, fit, predict_logits, resolve_precision
+from .train import Batches, fit, offered_val_acc, predict_logits, resolve_precision
 
 ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
 
@@ -111,10 +111,12 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
         history = fit("teacher", trainable, trainable,
                       Batches(features["train"], train.labels, lambda x: x),
                       Batches(features["val"], val.labels, lambda x: x),
-                      CrossEntropy(), t, checkpoint_dir, compute.device, cfg.seed, log, compute.precision)
+                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, cfg.seed, log,
+                      compute.precision)
     else:
         history = fit("teacher", teacher, trainable, batcher("train", augment=True), batcher("val"),
-                      CrossEntropy(), t, checkpoint_dir, compute.device, cfg.seed, log, compute.precision)
+                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, cfg.seed, log,
+                      compute.precision)
     return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features)
 
 
@@ -173,9 +175,9 @@ def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, va
 
 def summarize(arch: str, normalize: str, model: nn.Module, history: list[dict], weights_file: str,
               image_size: int, device: torch.device) -> dict:
-    best = max(history, key=lambda row: row["val_acc"])  # the first epoch reaching the best
-    return {"arch": arch, "input_standardization": normalize, "best_val_acc": best["val_acc"],
-            "best_epoch": best["epoch"], "final_val_acc": history[-1]["val_acc"], "epochs": len(history),
+    best = max(history, key=offered_val_acc)  # the first epoch reaching the best (raw or EMA weights)
+    return {"arch": arch, "input_standardization": normalize, "best_val_acc": offered_val_acc(best),
+            "best_epoch": best["epoch"], "final_val_acc": offered_val_acc(history[-1]), "epochs": len(history),
             "train_seconds": sum(row["seconds"] for row in history),
             **profile(model, weights_file, image_size, device)}
 
@@ -265,14 +267,16 @@ def run(cfg: Config, log=None) -> dict:
     signal = cfg.signal_mode()
     student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log)
     lap("teacher_signal")
-    distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
+    distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha,
+                                cfg.student.label_smoothing)
     student, normalize, histories["student"] = train_student("student", cfg, data, student_train, batcher("val"),
                                                              distiller, compute, log)
     trained["student"] = (cfg.student.arch, normalize, student)
     lap("student")
     if cfg.baseline:
         baseline, normalize, histories["baseline"] = train_student(
-            "baseline", cfg, data, without_teacher(student_train), batcher("val"), CrossEntropy(), compute, log)
+            "baseline", cfg, data, without_teacher(student_train), batcher("val"),
+            CrossEntropy(cfg.student.label_smoothing), compute, log)
         trained["baseline"] = (cfg.student.arch, normalize, baseline)
         lap("baseline")
 

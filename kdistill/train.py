@@ -1,11 +1,12 @@
 """The training loop: plain PyTorch, one function, used for the teacher, the student and the baseline.
 
-After every epoch the whole state (model, optimizer, scheduler, RNG states, history) is written
-atomically to last.pt, so a killed run resumes from its last finished epoch and ends with the
-same numbers as one that never stopped.
+After every epoch the whole state (model, optimizer, scheduler, weight average, RNG states,
+history) is written atomically to last.pt, so a killed run resumes from its last finished epoch
+and ends with the same numbers as one that never stopped.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim import lr_scheduler
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig
 from .data import batch_indices
@@ -22,6 +25,7 @@ from .errors import KdistillError
 from .fileio import BackgroundSaver, load_torch, save_torch
 
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
+WARMUP_START_FACTOR = 0.01  # cosine's warmup starts at lr * this
 
 
 @dataclass
@@ -115,6 +119,60 @@ def evaluate(model: nn.Module, batches: Batches, batch_size: int, device: torch.
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+def parameter_groups(trainable: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """The trained parameters with weight decay; unless decay_norm_and_bias, none on biases and
+    norm weights (every parameter with ndim <= 1): they hold scales and offsets, not the capacity
+    that decay is meant to limit (the usual practice)."""
+    parameters = [p for p in trainable.parameters() if p.requires_grad]
+    if decay_norm_and_bias or weight_decay == 0:
+        return [{"params": parameters, "weight_decay": weight_decay}]
+    groups = [{"params": [p for p in parameters if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def build_optimizer(trainable: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+                    ) -> tuple[torch.optim.Optimizer, lr_scheduler.LRScheduler | None]:
+    """The optimizer and its learning-rate schedule (None: constant), stepped after every batch."""
+    groups = parameter_groups(trainable, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if cfg.optimizer == "sgd":  # Nesterov needs momentum; momentum 0 is plain SGD
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    else:
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](groups, lr=cfg.lr)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        if not warmup_steps:
+            return optimizer, lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
+        warmup = lr_scheduler.LinearLR(optimizer, WARMUP_START_FACTOR, total_iters=warmup_steps)
+        cosine = lr_scheduler.CosineAnnealingLR(optimizer, total_steps - warmup_steps)
+        return optimizer, lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+    if cfg.schedule == "onecycle":
+        # The learning rate only: momentum stays the momentum set.
+        return optimizer, lr_scheduler.OneCycleLR(
+            optimizer, cfg.lr, total_steps, pct_start=cfg.warmup_epochs / cfg.epochs if cfg.warmup_epochs else 0.3,
+            cycle_momentum=False)
+    # step: per batch, lr_step epochs' worth of batches at a time (the same rates as stepping per epoch)
+    return optimizer, (lr_scheduler.StepLR(optimizer, cfg.lr_step * steps_per_epoch, cfg.lr_gamma)
+                       if cfg.lr_step else None)
+
+
+def offered_val_acc(row: dict) -> float:
+    """The val accuracy of the weights an epoch offers as the best: the weight average's where it
+    scored higher than the trained weights (see best_source), else the trained weights'."""
+    return row["val_acc_ema"] if row.get("best_source") == "ema" else row["val_acc"]
+
+
+def _evaluate_weights(model: nn.Module, trainable: nn.Module, weights: dict, val: Batches, batch_size: int,
+                      device: torch.device, precision: str) -> tuple[float, float]:
+    """evaluate() with `weights` in trainable, its own weights put back after."""
+    own = {k: v.clone() for k, v in trainable.state_dict().items()}
+    trainable.load_state_dict(weights)
+    try:
+        return evaluate(model, val, batch_size, device, precision)
+    finally:
+        trainable.load_state_dict(own)
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -165,14 +223,15 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     """Train `trainable` (a part of `model`, or all of it) for cfg.epochs; return per-epoch history.
 
     The rest of `model` stays in eval mode throughout, so a frozen backbone keeps its BatchNorm
-    statistics. The best-by-val weights are kept in checkpoint_dir/best.pt.
+    statistics. The best-by-val weights are kept in checkpoint_dir/best.pt: with cfg.ema, those of
+    the trained model or of its exponential moving average, whichever scored higher.
     """
     last_path = os.path.join(checkpoint_dir, "last.pt")
     best_path = os.path.join(checkpoint_dir, "best.pt")
-    optimizer = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=cfg.lr,
-                                 weight_decay=cfg.weight_decay)
-    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
-                 if cfg.lr_step else None)
+    optimizer, scheduler = build_optimizer(trainable, cfg, math.ceil(len(train) / cfg.batch_size))
+    # The average of the weights after every step; BatchNorm statistics averaged too (use_buffers).
+    ema = (AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+           if cfg.ema else None)
     shuffle_generator = torch.Generator().manual_seed(seed)
     view_generator = torch.Generator().manual_seed(seed + VIEW_SEED_OFFSET)
     # Where and how the numbers were computed: a resume elsewhere would not repeat them.
@@ -189,6 +248,8 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         shuffle_generator.set_state(state["shuffle_rng"])
         view_generator.set_state(state["view_rng"])
         _restore_rng(state["rng"])
@@ -223,6 +284,10 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(trainable)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
@@ -232,28 +297,35 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     f"{name}: the loss stopped being finite at epoch {epoch}, batch {first_bad_batch.item()}; "
                     f"stopped. The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
                     f"try a lower lr")
-            if scheduler is not None:
-                scheduler.step()
             val_loss, val_acc = evaluate(model, val, cfg.batch_size, device, precision)
             row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
                    "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc}
+            offered = trainable
+            if ema is not None:
+                row["val_loss_ema"], row["val_acc_ema"] = _evaluate_weights(
+                    model, trainable, ema.module.state_dict(), val, cfg.batch_size, device, precision)
+                row["best_source"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
+                offered = ema.module if row["best_source"] == "ema" else trainable
             row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
             row["seconds"] = time.perf_counter() - started
             history.append(row)
             best_weights = None
-            if val_acc > best_val_acc:
-                best_val_acc = val_acc
-                best_weights = trainable.state_dict()
+            if offered_val_acc(row) > best_val_acc:
+                best_val_acc = offered_val_acc(row)
+                best_weights = offered.state_dict()
             saver.submit(_save_epoch, checkpoint_dir, best_weights, {
                 "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else {},
+                "ema": ema.state_dict() if ema is not None else {},
                 "shuffle_rng": shuffle_generator.get_state(), "view_rng": view_generator.get_state(),
                 "rng": _rng_state(), "computed_on": computed_on,
                 "history": history, "epoch": epoch, "best_val_acc": best_val_acc})
             terms_text = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
                                  if k.startswith("train_") and k not in ("train_loss", "train_acc"))
+            ema_text = (f" | ema val loss {row['val_loss_ema']:.3f} acc {row['val_acc_ema']:.3f}"
+                        if ema is not None else "")
             log(f"{name} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "
-                f"{row['train_acc']:.3f}{terms_text} | val loss {val_loss:.3f} acc {val_acc:.3f} | "
+                f"{row['train_acc']:.3f}{terms_text} | val loss {val_loss:.3f} acc {val_acc:.3f}{ema_text} | "
                 f"lr {lr:.2g} | {row['seconds']:.1f}s")
         saver.wait()
     finally:

@@ -9,8 +9,8 @@ from .kd import KD
 DISTILLERS: dict[str, type[Distiller]] = {"kd": KD}
 
 
-def build_distiller(method: str, temperature: float, alpha: float) -> Distiller:
-    return DISTILLERS[method](temperature=temperature, alpha=alpha)
+def build_distiller(method: str, temperature: float, alpha: float, label_smoothing: float = 0.0) -> Distiller:
+    return DISTILLERS[method](temperature=temperature, alpha=alpha, label_smoothing=label_smoothing)
 
 
 __all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "build_distiller"]

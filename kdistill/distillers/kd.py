@@ -1,6 +1,8 @@
 """Hinton et al. (2015) logit distillation, as in both seed reports:
 
     loss = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y)
+
+with label smoothing, where set, in CE only.
 """
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from .base import Distiller
 
 
 class KD(Distiller):
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.5):
-        super().__init__()
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0):
+        super().__init__(label_smoothing)
         self.temperature = temperature
         self.alpha = alpha
 
@@ -20,5 +22,5 @@ class KD(Distiller):
         # KL from log-probabilities on both sides (log_target) is exact where a probability underflows.
         kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                       reduction="batchmean", log_target=True) * (t * t)
-        ce = F.cross_entropy(student_logits, labels)
+        ce = self.cross_entropy(student_logits, labels)
         return {"loss": self.alpha * kd + (1 - self.alpha) * ce, "kd": kd, "ce": ce}
