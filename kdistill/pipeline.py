@@ -187,6 +187,13 @@ def _describe_data(dataset: DatasetFiles, key: str) -> dict:
             "images": {name: len(split.files) for name, split in dataset.splits.items()}}
 
 
+def _setting_names(settings: dict, prefix: str = "") -> set[str]:
+    names = set()
+    for key, value in settings.items():
+        names |= _setting_names(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+    return names
+
+
 def _check_out_folder(cfg: Config, data_identity: dict) -> None:
     """An --out holding a different experiment, or the same one on other data, is refused rather
     than mixed or overwritten."""
@@ -194,7 +201,12 @@ def _check_out_folder(cfg: Config, data_identity: dict) -> None:
     # Only a folder where training has started holds results to protect.
     if not (os.path.exists(config_path) and os.path.isdir(os.path.join(cfg.out, "checkpoints"))):
         return
-    differences = result_differences(read_yaml(config_path, f"saved config {config_path}"), cfg.to_dict())
+    saved = read_yaml(config_path, f"saved config {config_path}")
+    missing = sorted(_setting_names(cfg.to_dict()) - _setting_names(saved))
+    if missing:
+        raise KdistillError(f"{cfg.out} holds a run made by an older kdistill (it has no setting "
+                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use another --out")
+    differences = result_differences(saved, cfg.to_dict())
     if differences:
         raise KdistillError(f"{cfg.out} holds a run with other settings ({'; '.join(differences[:3])}); "
                             f"use another --out, or the same settings to resume it")

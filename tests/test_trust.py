@@ -268,3 +268,19 @@ def test_a_missing_data_folder_is_named_before_any_network_access(tmp_path, monk
     (tmp_path / "flat").mkdir()  # a folder without train/: the layout is checked first too
     assert main(["run", "--data", str(tmp_path / "flat"), "--out", str(tmp_path / "out")]) == 2
     assert "train" in capsys.readouterr().err and downloads == []
+
+
+def test_a_run_folder_from_an_older_kdistill_is_refused_in_one_line(digits_dataset, tmp_path):
+    import yaml
+
+    from kdistill.config import config_from_dict, save_config
+
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"))
+    save_config(config_from_dict(settings), str(tmp_path / "run" / "config.yaml"))
+    saved = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
+    del saved["precision"], saved["student"]["normalize"]  # settings an older kdistill did not have
+    yaml.safe_dump(saved, open(tmp_path / "run" / "config.yaml", "w"))
+    (tmp_path / "run" / "checkpoints").mkdir()
+    with pytest.raises(KdistillError, match="older kdistill") as error:
+        kdistill.run(settings, log=quiet)
+    assert "precision" in str(error.value) and "student.normalize" in str(error.value)
