@@ -35,7 +35,7 @@ class Batches:
     # with stored views.
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     # Augmentation as view parameters (see augment.py), applied to model input by apply_view:
-    # either K stored views per sample, (N, K, 3), one picked at random each time a sample is
+    # either K stored views per sample, (N, K, parameters), one picked at random each time a sample is
     # served (FKD), or fresh views from draw_views(count, generator) for every batch.
     views: torch.Tensor | None = None
     draw_views: Callable[[int, torch.Generator], torch.Tensor] | None = None
