@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment import apply_views, crop_padding, draw_views
+from .augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views
 from .config import Config
 from .data import PreparedData, to_unit_range
 from .train import Batches
@@ -27,6 +27,9 @@ class ImageBatcher:
         self.augmentation = cfg.augment
         self.image_size = cfg.image_size
         self.pad = crop_padding(cfg.augment, cfg.image_size)
+        self.rrc_scale, self.rrc_ratio = cfg.rrc_scale, cfg.rrc_ratio
+        self.mixer = (BatchMixer(cfg.mix, len(data.classes), cfg.mixup_alpha, cfg.cutmix_alpha)
+                      if cfg.mix != "none" else None)
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
         self.images = {name: split.images for name, split in data.splits.items()}
         if resident is None:
@@ -40,13 +43,21 @@ class ImageBatcher:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _apply_view(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        if self.augmentation == "rrc_flip":
+            return self._memory_format(apply_boxes(x, views, self.image_size))
         return self._memory_format(apply_views(x, views, self.pad))
 
     def _draw_views(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        return draw_views(self.augmentation, count, self.image_size, generator)
+        return draw_views(self.augmentation, count, self.image_size, generator, self.rrc_scale, self.rrc_ratio)
 
-    def __call__(self, name: str, augment: bool = False, views: torch.Tensor | None = None, **extra) -> Batches:
-        """augment: a fresh random view per image and epoch; views: (N, K, 3) stored views to replay."""
+    def _mix(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None):
+        x, labels = self.mixer(x, labels, generator)
+        return self._memory_format(x), labels
+
+    def __call__(self, name: str, augment: bool = False, views: torch.Tensor | None = None, mix: bool = False,
+                 **extra) -> Batches:
+        """augment: a fresh random view per image and epoch; views: (N, K, 3 or 5) stored views to
+        replay; mix: mixup/cutmix as set (after the view), labels served as class probabilities."""
         split = self.splits[name]
         labels = split.labels if split.labels is not None else torch.zeros(len(split.files), dtype=torch.int64)
         fresh = augment and self.augmentation != "none" and views is None
@@ -59,4 +70,5 @@ class ImageBatcher:
         return Batches(self.images[name], labels, to_model_input,
                        release_pages=None if self.resident else split.release_pages, views=views,
                        draw_views=self._draw_views if fresh else None,
-                       apply_view=self._apply_view if viewed else None, **extra)
+                       apply_view=self._apply_view if viewed else None,
+                       mix=self._mix if mix and self.mixer is not None else None, **extra)

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .augment import AUGMENTATIONS
+from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS
@@ -26,8 +26,14 @@ from .images import DEFAULT_MAX_PIXELS
 
 def setting(default: Any, help: str, choices: Any = None) -> Any:
     """A field with its description and, for a fixed set of values, the allowed ones (any container;
-    DISTILLERS is passed itself, so methods registered later count)."""
+    DISTILLERS is passed itself, so methods registered later count). A list default is a pair of numbers."""
+    if isinstance(default, list):  # each Config gets its own list
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _kind(f: dataclasses.Field) -> type:
+    return type(f.default_factory() if f.default is dataclasses.MISSING else f.default)
 
 
 def redefault(base: type, name: str, default: Any) -> Any:
@@ -93,7 +99,7 @@ class DistillConfig:
     teacher_signal: str = setting(
         "auto", "cached: teacher logits computed once per image (exact without augmentation); views: "
                 "logits of `views` stored augmented views per image; online: teacher runs on every batch; "
-                "auto: cached, views for flip, online for crop_flip",
+                "auto: cached, views for flip, online for crop_flip, rrc_flip and any mix",
         choices=("auto", "cached", "views", "online"))
     views: int = setting(8, "stored augmented views per image when teacher_signal is views")
 
@@ -109,9 +115,15 @@ class Config:
     precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
     skip_bad: bool = setting(False, "skip unreadable images with a warning instead of stopping")
-    augment: str = setting("none", "none, flip (random horizontal flip) or crop_flip (random crop of the image "
-                                   "reflect-padded by image_size/8, then flip); done on the device",
-                           choices=AUGMENTATIONS)
+    augment: str = setting("none", "none, flip (random horizontal flip), crop_flip (random crop of the image "
+                                   "reflect-padded by image_size/8, then flip) or rrc_flip (random-resized crop, "
+                                   "then flip); done on the device", choices=AUGMENTATIONS)
+    rrc_scale: list = setting(list(RRC_SCALE), "rrc_flip: [low, high] range of the crop's share of the image area")
+    rrc_ratio: list = setting(list(RRC_RATIO), "rrc_flip: [low, high] range of the crop's width/height")
+    mix: str = setting("none", "mixup, cutmix, or both (one of the two at random per batch) of the student's and "
+                               "baseline's training batches, after augment; needs an online teacher", choices=MIXES)
+    mixup_alpha: float = setting(0.2, "mixup: the mixing weight is drawn from Beta(alpha, alpha)")
+    cutmix_alpha: float = setting(1.0, "cutmix: the pasted box's share is drawn from Beta(alpha, alpha)")
     cache_dir: str = setting("", "decoded-image cache; empty: $KDISTILL_CACHE or ~/.cache/kdistill")
     workers: int = setting(0, "decode processes; 0 = all cores")
     max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs")
@@ -131,7 +143,12 @@ class Config:
         if self.distill.teacher_signal != "auto":
             return self.distill.teacher_signal
         # The exact choice: flip has just two views per image, so both are stored; random crops
-        # are too many to store, so the teacher runs online on each one.
+        # are too many to store, so the teacher runs online on each one. For rrc_flip, FKD stores
+        # views, but with one set per epoch; K < epochs repeats views, and a teacher that sees
+        # fewer views than the student teaches worse (Beyer et al. 2022, "patient and consistent").
+        # Mixed images pair images anew in every batch: only an online teacher sees them.
+        if self.mix != "none":
+            return "online"
         return {"none": "cached", "flip": "views"}.get(self.augment, "online")
 
 
@@ -216,6 +233,11 @@ def _number(value: Any) -> float | None:
 
 def _as_kind(value: Any, kind: type) -> Any:
     """value (typed by YAML or Python, or the text of a --set) read as kind; None if it has no such reading."""
+    if kind is list:  # a pair of numbers: a YAML list, or text such as 0.35,1 or [0.35, 1]
+        items = value if isinstance(value, (list, tuple)) else value.strip().strip("[]").split(",") \
+            if isinstance(value, str) else []
+        pair = [_as_kind(item, float) for item in items]
+        return pair if len(pair) == 2 and None not in pair else None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -243,13 +265,13 @@ def _expected(f: dataclasses.Field) -> str:
     choices = f.metadata.get("choices")
     if choices is not None:
         return f"one of {', '.join(choices)}"
-    return {bool: "true or false (or yes/no, on/off, 1/0)", int: "a whole number",
-            float: "a finite number", str: "text"}[type(f.default)]
+    return {bool: "true or false (or yes/no, on/off, 1/0)", int: "a whole number", float: "a finite number",
+            str: "text", list: "two numbers [low, high]"}[_kind(f)]
 
 
 def _convert(key: str, value: Any, f: dataclasses.Field) -> Any:
     """value as field f's type, and one of its allowed values where it has a fixed set."""
-    converted = _as_kind(value, type(f.default))
+    converted = _as_kind(value, _kind(f))
     choices = f.metadata.get("choices")
     if converted is None or (choices is not None and converted not in choices):
         raise KdistillError(f"setting {key} must be {_expected(f)}, got {value!r}")
@@ -379,12 +401,21 @@ def validate(cfg: Config) -> None:
                     "weights (use none) or takes a local file")
     require(cfg.distill.temperature > 0, "distill.temperature", f"must be > 0, got {cfg.distill.temperature}")
     require(0 <= cfg.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {cfg.distill.alpha}")
+    require(cfg.mix == "none" or cfg.distill.teacher_signal in ("auto", "online"), "distill.teacher_signal",
+            f"cannot be {cfg.distill.teacher_signal} with mix={cfg.mix}: the teacher's logits on mixed images "
+            "cannot be stored (use online or auto)")
     require(not (cfg.distill.teacher_signal == "cached" and cfg.augment != "none"),
             "distill.teacher_signal", "cannot be cached with augmentation: the teacher must see the "
             "student's augmented view (use views or online)")
     require(not (cfg.distill.teacher_signal == "views" and cfg.augment == "none"), "distill.teacher_signal",
             "views needs augmentation (set augment); without it, cached is exact")
     require(cfg.distill.views >= 1, "distill.views", f"must be >= 1, got {cfg.distill.views}")
+    (scale_low, scale_high), (ratio_low, ratio_high) = cfg.rrc_scale, cfg.rrc_ratio
+    require(0 < scale_low <= scale_high <= 1, "rrc_scale", f"must be [low, high] with 0 < low <= high <= 1, "
+            f"got {cfg.rrc_scale}")
+    require(0 < ratio_low <= ratio_high, "rrc_ratio", f"must be [low, high] with 0 < low <= high, got {cfg.rrc_ratio}")
+    require(cfg.mixup_alpha > 0, "mixup_alpha", f"must be > 0, got {cfg.mixup_alpha}")
+    require(cfg.cutmix_alpha > 0, "cutmix_alpha", f"must be > 0, got {cfg.cutmix_alpha}")
 
 
 def render_config(cfg: Config) -> str:
@@ -400,7 +431,7 @@ def render_config(cfg: Config) -> str:
                 add(value, indent + "  ")
                 continue
             entry = yaml.safe_dump({f.name: value}, width=math.inf, allow_unicode=True).rstrip("\n")
-            if "\n" in entry:  # a text with line breaks: JSON's one-line quoting is valid YAML too
+            if "\n" in entry:  # a text with line breaks, or a list: JSON's one-line form is valid YAML too
                 entry = f"{f.name}: {json.dumps(value)}"
             lines.append(f"{indent}{entry}{comment}")
 

@@ -124,8 +124,8 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
                          batcher: ImageBatcher, compute: Compute, log) -> Batches:
     """The student's training batches with the teacher's signal: cached, stored views, or online."""
     teacher, train, batch_size = trained_teacher.model, data.splits["train"], cfg.student.batch_size
-    if signal == "online":  # the teacher sees each freshly drawn view
-        return batcher("train", augment=True, teacher=teacher)
+    if signal == "online":  # the teacher sees each freshly drawn (and mixed) view
+        return batcher("train", augment=True, mix=True, teacher=teacher)
     teacher_hash = tensors_sha256(teacher.state_dict())
     if signal == "cached":  # no augmentation: one set of logits per training image
         key = signal_key("logits", teacher_hash, data.key, compute.key())
@@ -135,11 +135,14 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
             "teacher logits", log)["train"]
         return batcher("train", extras={"teacher_logits": logits})
     # views (FKD): logits for K stored augmented views per image
-    views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed)
+    views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed,
+                         cfg.rrc_scale, cfg.rrc_ratio)
     count = views.shape[1]
     if count != cfg.distill.views:
         log(f"teacher signal: augment={cfg.augment} has {count} distinct views per image; storing those")
-    key = signal_key("views", teacher_hash, data.key, cfg.augment, str(count), str(cfg.seed), compute.key())
+    # The box ranges draw the views too (the key of the other kinds is as it always was).
+    augmentation = f"{cfg.augment} {cfg.rrc_scale} {cfg.rrc_ratio}" if cfg.augment == "rrc_flip" else cfg.augment
+    key = signal_key("views", teacher_hash, data.key, augmentation, str(count), str(cfg.seed), compute.key())
     logits = cached_tensors(
         os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
         lambda: {"train": torch.stack([predict_logits(teacher, batcher("train", views=views[:, k:k + 1]),
@@ -319,8 +322,8 @@ def run(cfg: Config, log=None) -> dict:
     metrics = {"classes": len(data.classes), "class_names": data.classes,
                "images": {name: len(split.files) for name, split in data.splits.items()},
                "skipped_files": len(data.skipped), "device": str(device), "precision": compute.precision,
-               "teacher_signal": signal, "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds,
-               "models": models}
+               "teacher_signal": signal if cfg.mix == "none" else f"{signal} (mixed batches)",
+               "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
              f"{m['params'] / 1e6:.1f}M params, {m['gflops']:.2f} GFLOPs" for name, m in models.items()]

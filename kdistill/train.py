@@ -39,12 +39,15 @@ class Batches:
     # with stored views.
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     # Augmentation as view parameters (see augment.py), applied to model input by apply_view:
-    # either K stored views per sample, (N, K, 3), one picked at random each time a sample is
+    # either K stored views per sample, (N, K, parameters), one picked at random each time a sample is
     # served (FKD), or fresh views from draw_views(count, generator) for every batch.
     views: torch.Tensor | None = None
     draw_views: Callable[[int, torch.Generator], torch.Tensor] | None = None
     apply_view: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    # The online teacher: model input -> logits, run on exactly the view the student sees.
+    # Mixing after the view (augment.BatchMixer): (x, labels, generator) -> (mixed x, (B, classes)
+    # label probabilities). Mixed images have no stored teacher logits: only an online teacher.
+    mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # The online teacher: model input -> logits, run on exactly the (mixed) view the student sees.
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
     # Called after each batch is copied out of memory-mapped inputs (see data.SplitData).
     release_pages: Callable[[], None] | None = None
@@ -55,11 +58,12 @@ class Batches:
     def iterate(self, batch_size: int, device: torch.device, shuffle: bool = False,
                 generator: torch.Generator | None = None, view_generator: torch.Generator | None = None,
                 precision: str = "fp32"):
-        """Yields (model_input, labels, teacher_logits or None).
+        """Yields (model_input, labels, teacher_logits or None); labels are class indices (B,), or
+        class probabilities (B, classes) when mixed.
 
-        generator orders the samples, view_generator picks or draws their views: two streams, so
-        the order never depends on how many views were drawn, and two trainings given the same
-        seeds see the same inputs batch by batch.
+        generator orders the samples, view_generator picks or draws their views and mixes: two
+        streams, so the order never depends on how many views were drawn, and two trainings given
+        the same seeds see the same inputs batch by batch.
         """
         for index in batch_indices(len(self), batch_size, shuffle, generator):
             x = self.inputs[index.to(self.inputs.device)]
@@ -78,6 +82,8 @@ class Batches:
             elif self.draw_views is not None:
                 x = self.apply_view(x, self.draw_views(len(index), view_generator).to(device, non_blocking=True))
             y = self.labels[index].to(device, non_blocking=True)
+            if self.mix is not None:
+                x, y = self.mix(x, y, view_generator)
             teacher_logits = None
             if self.teacher is not None:
                 with torch.no_grad(), autocast(device, precision):
@@ -87,6 +93,11 @@ class Batches:
                 teacher_logits = (stored if pick is None else stored[torch.arange(len(index)), pick]).to(
                     device, non_blocking=True)
             yield x, y, teacher_logits
+
+
+def hard_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices; for mixed (probability) labels, the most probable class."""
+    return labels.argmax(1) if labels.dim() == 2 else labels
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -290,7 +301,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     ema.update_parameters(trainable)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
+                correct += (logits.argmax(1) == hard_labels(y)).sum()
                 seen += len(y)
             if first_bad_batch.item():
                 raise KdistillError(

@@ -1,16 +1,32 @@
-"""Augmentation as view parameters, and stored views (FKD) replayed exactly."""
+"""Augmentation as view parameters, stored views (FKD) replayed exactly, and mixing."""
 import glob
+import json
+import os
+import subprocess
+from signal import SIGKILL
 
+import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torchvision.transforms.v2 import functional as TF
 
 import kdistill
 from conftest import tiny_settings
-from kdistill.augment import apply_views, crop_padding, draw_views, stored_views
+from fault.kill_resume import comparable
+from kdistill import pipeline
+from kdistill.augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views, stored_views
+from kdistill.config import build_config
+from kdistill.distillers import KD, CrossEntropy
+from kdistill.errors import KdistillError
 from kdistill.models import build_model
 from kdistill.train import Batches, predict_logits
+from test_user_paths import ENVIRONMENT, run_command, start_and_signal_after_first_student_epoch, write_config
 
 CPU = torch.device("cpu")
+quiet = lambda message: None  # noqa: E731
+APPLY = {"crop_flip": lambda x, v: apply_views(x, v, crop_padding("crop_flip", 16)),
+         "rrc_flip": lambda x, v: apply_boxes(x, v, 16)}
 
 
 def test_a_view_is_the_crop_of_the_padded_image_then_the_flip():
@@ -24,6 +40,42 @@ def test_a_view_is_the_crop_of_the_padded_image_then_the_flip():
     assert torch.equal(out[2], padded[2, :, 2 * pad:2 * pad + 16, 1:17])
     flips = torch.tensor([[1, 0, 0], [0, 0, 0], [1, 0, 0]])
     assert torch.equal(apply_views(x, flips, 0), torch.stack([x[0].flip(2), x[1], x[2].flip(2)]))
+
+
+def test_a_resized_crop_view_is_torchvisions_resized_crop_then_the_flip():
+    x = torch.rand(3, 3, 16, 16)
+    # (flip, top, left, height, width): a box at the top-left corner, one inside, the whole image.
+    views = torch.tensor([[0, 0, 0, 9, 12], [1, 3, 2, 10, 7], [1, 0, 0, 16, 16]])
+    out = apply_boxes(x, views, 16)
+    expected = [TF.resized_crop(x[i], *views[i, 1:].tolist(), [16, 16], antialias=False) for i in range(3)]
+    # Bilinear sampling is the same; only the last row and column of an upscaled box differ: the
+    # box reads the pixel just outside it there (a box is its area), resized_crop its own edge pixel.
+    torch.testing.assert_close(out[0, :, :-1, :-1], expected[0][:, :-1, :-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1, :, 1:-1, 1:-1], expected[1].flip(2)[:, 1:-1, 1:-1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[2], x[2].flip(2), rtol=0, atol=1e-6)  # the whole image, flipped
+    border = (out[0] - expected[0]).abs()
+    assert border.max() < (x[0, :, :10, :13].diff(dim=1).abs().max() + x[0, :, :10, :13].diff(dim=2).abs().max())
+
+
+def test_drawn_boxes_respect_the_scale_and_ratio_ranges():
+    size, scale, ratio = 64, (0.2, 0.6), (0.5, 2.0)
+    views = draw_views("rrc_flip", 4000, size, torch.Generator().manual_seed(0), scale, ratio)
+    assert views.shape == (4000, 5) and views[:, 0].unique().tolist() == [0, 1]
+    assert torch.equal(views, draw_views("rrc_flip", 4000, size, torch.Generator().manual_seed(0), scale, ratio))
+    top, left, height, width = views[:, 1:].double().unbind(1)
+    assert top.min() == 0 and left.min() == 0 and (top + height).max() == size and (left + width).max() == size
+    assert ((top + height) <= size).all() and ((left + width) <= size).all()
+    # Within the ranges up to rounding each side to whole pixels, and spanning them.
+    rounding = (0.5 * (height + width) + 0.25) / size ** 2
+    share = height * width / size ** 2
+    assert (share >= scale[0] - rounding).all() and (share <= scale[1] + rounding).all()
+    assert share.min() < scale[0] + 0.02 and share.max() > scale[1] - 0.02
+    assert ((width + 0.5) / (height - 0.5) >= ratio[0]).all() and ((width - 0.5) / (height + 0.5) <= ratio[1]).all()
+    assert (width / height).min() < 0.55 and (width / height).max() > 1.8
+    # No box fits (too wide for the scale): torchvision's fallback, a centred box of the nearest ratio.
+    fallback = draw_views("rrc_flip", 5, size, torch.Generator().manual_seed(0), (0.95, 1.0), (1.5, 2.0))
+    expected = torchvision.transforms.RandomResizedCrop.get_params(torch.zeros(3, size, size), [0.95, 1.0], [1.5, 2.0])
+    assert fallback[:, 1:].tolist() == [list(expected)] * 5
 
 
 def test_drawn_views_stay_inside_the_padded_image_and_vary():
@@ -42,16 +94,18 @@ def test_stored_views_are_reproducible_and_flip_stores_both_views():
     assert flip.shape == (10, 2, 3) and flip[:, :, 0].tolist() == [[0, 1]] * 10
 
 
-def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view():
+@pytest.mark.parametrize("kind", ["crop_flip", "rrc_flip"])
+def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view(kind):
     torch.manual_seed(0)
     teacher, _ = build_model("resnet18", 4)
     teacher.eval()
     images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
-    views = stored_views("crop_flip", 24, 3, 16, seed=0)
+    views = stored_views(kind, 24, 3, 16, seed=0)
+    assert views.shape == (24, 3, 5 if kind == "rrc_flip" else 3)
 
     def batches(**extra):
-        return Batches(images, torch.arange(24) % 4, lambda x: x.float() / 255 - 0.5,
-                       apply_view=lambda x, v: apply_views(x, v, crop_padding("crop_flip", 16)), **extra)
+        return Batches(images, torch.arange(24) % 4, lambda x: x.float() / 255 - 0.5, apply_view=APPLY[kind],
+                       **extra)
     logits = torch.stack([predict_logits(teacher, batches(views=views[:, k:k + 1]), 8, CPU) for k in range(3)], 1)
     served = batches(views=views, extras={"teacher_logits": logits})
     generator = torch.Generator().manual_seed(1)
@@ -60,8 +114,8 @@ def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view():
             torch.testing.assert_close(teacher_logits, teacher(x), rtol=1e-4, atol=1e-4)
     # In order (no shuffle), image i is always served as one of its own K stored views, and over
     # epochs as several of them.
-    renderings = torch.stack([apply_views(images.float() / 255 - 0.5, views[:, k], crop_padding("crop_flip", 16))
-                              for k in range(3)], 1)  # (N, K, C, H, W)
+    renderings = torch.stack([APPLY[kind](images.float() / 255 - 0.5, views[:, k]) for k in range(3)],
+                             1)  # (N, K, C, H, W)
     picked = [set() for _ in range(24)]
     view_generator = torch.Generator().manual_seed(2)
     for epoch in range(6):
@@ -74,8 +128,8 @@ def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view():
 
 
 def test_runs_with_stored_views(digits_dataset, tmp_path):
-    # flip: both views stored automatically; crop_flip: K random views on request.
-    for augment, signal, count in (("flip", "auto", 2), ("crop_flip", "views", 3)):
+    # flip: both views stored automatically; crop_flip and rrc_flip: K random views on request.
+    for augment, signal, count in (("flip", "auto", 2), ("crop_flip", "views", 3), ("rrc_flip", "views", 3)):
         cache = tmp_path / f"cache-{augment}"
         settings = tiny_settings(digits_dataset, str(tmp_path / augment), str(cache), augment=augment,
                                  baseline=False, teacher={"epochs": 1}, student={"epochs": 2},
@@ -85,3 +139,112 @@ def test_runs_with_stored_views(digits_dataset, tmp_path):
         [stored] = glob.glob(str(cache / "*" / "signal" / "views-*.pt"))
         images, classes = 3 * 24, 3
         assert torch.load(stored, weights_only=True)["tensors"]["train"].shape == (images, count, classes)
+
+
+# ---------------------------------------------------------------- mixing
+
+
+def test_mixup_mixes_each_image_and_its_label_with_its_partner_and_leaves_the_global_rng_alone():
+    x, labels = torch.rand(8, 3, 8, 8), torch.arange(8) % 4  # neighbours always differ in class
+    global_state = torch.get_rng_state()
+    mixed, soft = BatchMixer("mixup", 4, 0.4, 1.0)(x, labels, torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    partner = labels.roll(1)  # each image is mixed with the one before it in the shuffled batch
+    lam = soft[0, labels[0]].item()
+    assert 0 < lam < 1
+    one_hot = F.one_hot(labels, 4).float()
+    torch.testing.assert_close(soft, lam * one_hot + (1 - lam) * F.one_hot(partner, 4).float())
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.roll(1, 0))
+    again, _ = BatchMixer("mixup", 4, 0.4, 1.0)(x, labels, torch.Generator().manual_seed(5))
+    assert torch.equal(again, mixed)  # the generator decides everything
+    # The objectives take the probabilities as they are: CE of the mixture is the mixture of CEs.
+    logits, teacher_logits = torch.randn(8, 4), torch.randn(8, 4)
+    expected_ce = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, partner)
+    torch.testing.assert_close(CrossEntropy()(logits, soft)["loss"], expected_ce)
+    terms = KD(temperature=2.0, alpha=0.3)(logits, soft, teacher_logits)
+    torch.testing.assert_close(terms["ce"], expected_ce)
+    torch.testing.assert_close(terms["loss"], 0.3 * terms["kd"] + 0.7 * expected_ce)
+
+
+def test_cutmix_pastes_one_box_of_the_partner_and_weighs_labels_by_area():
+    x, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
+    for seed in range(20):
+        mixed, soft = BatchMixer("cutmix", 4, 0.2, 1.0)(x, labels, torch.Generator().manual_seed(seed))
+        pasted = (mixed != x).any(1)  # (B, H, W): pixels taken from the partner (x is continuous)
+        if pasted.any():
+            break
+    assert pasted.any(), "no box pasted in 20 batches"
+    torch.testing.assert_close(mixed, torch.where(pasted.unsqueeze(1), x.roll(1, 0), x), rtol=0, atol=0)
+    box = pasted[0]
+    assert (pasted == box).all()  # one box for the whole batch
+    rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+    assert box.sum() == len(rows) * len(cols) and box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    lam = 1 - box.sum().item() / box.numel()
+    expected = lam * F.one_hot(labels, 4).float() + (1 - lam) * F.one_hot(labels.roll(1), 4).float()
+    torch.testing.assert_close(soft, expected)
+
+
+def test_mixing_needs_an_online_teacher():
+    for signal in ("cached", "views"):
+        with pytest.raises(KdistillError) as error:
+            build_config(sets=["augment=rrc_flip", "mix=mixup", f"distill.teacher_signal={signal}"])
+        message = str(error.value)
+        assert "\n" not in message and message.startswith("setting distill.teacher_signal") and "mix" in message
+    assert build_config(sets=["mix=cutmix"]).signal_mode() == "online"
+    assert build_config(sets=["augment=flip", "mix=both"]).signal_mode() == "online"
+    assert build_config(sets=["augment=rrc_flip"]).signal_mode() == "online"
+    assert build_config(sets=["augment=rrc_flip", "distill.teacher_signal=views"]).signal_mode() == "views"
+    for bad in ("rrc_scale=0.5", "rrc_scale=0.6,0.4", "rrc_scale=[0, 1]", "rrc_ratio=2,1", "rrc_ratio=a,b"):
+        with pytest.raises(KdistillError, match=f"setting {bad.partition('=')[0]} "):
+            build_config(sets=[bad])
+
+
+def test_student_and_baseline_see_identical_mixed_inputs(digits_dataset, tmp_path, monkeypatch):
+    seen, real_fit = {}, pipeline.fit
+
+    def recording_fit(name, model, trainable, train, *args, **kwargs):
+        real_iterate = train.iterate
+
+        def iterate(*iterate_args, **iterate_kwargs):
+            for x, y, teacher_logits in real_iterate(*iterate_args, **iterate_kwargs):
+                seen.setdefault(name, []).append((x.clone(), y.clone(), teacher_logits is not None))
+                yield x, y, teacher_logits
+        train.iterate = iterate
+        return real_fit(name, model, trainable, train, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="rrc_flip",
+                             mix="both", teacher={"epochs": 1}, student={"epochs": 2})
+    metrics = kdistill.run(settings, log=quiet)
+    assert metrics["teacher_signal"] == "online (mixed batches)"
+    student, baseline = seen["student"], seen["baseline"]
+    assert len(student) == len(baseline) == 2 * 5  # 72 images in batches of 16, 2 epochs
+    for batch, ((x, y, taught), (bx, by, btaught)) in enumerate(zip(student, baseline)):
+        assert torch.equal(x, bx) and torch.equal(y, by), f"batch {batch} differs"
+        assert taught and not btaught
+    labels = torch.cat([y for _, y, _ in student])
+    assert labels.shape[1] == 3 and (labels.max(1).values < 1).any()  # mixed: probabilities, some not one-hot
+    assert all(y.dim() == 1 for _, y, _ in seen["teacher"])  # the teacher trains on unmixed labels
+
+
+def test_a_resized_crop_and_mixup_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, tmp_path):
+    settings = tiny_settings(digits_dataset, "", "", augment="rrc_flip", mix="mixup", baseline=False,
+                             teacher={"epochs": 1}, student={"epochs": 3})
+    config_file = write_config(settings, str(tmp_path / "settings.yaml"))
+
+    def command(name: str) -> list[str]:
+        return run_command(digits_dataset, str(tmp_path / name), config_file,
+                           "--set", f"cache_dir={tmp_path / ('cache-' + name)}")
+    subprocess.run(command("reference"), check=True, env=ENVIRONMENT, capture_output=True)
+    interrupted = str(tmp_path / "interrupted")
+    process = start_and_signal_after_first_student_epoch(command("interrupted"), interrupted, SIGKILL,
+                                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process.wait()
+    assert not os.path.exists(os.path.join(interrupted, "metrics.json")), "the run finished before the kill"
+    resumed = subprocess.run(command("interrupted"), env=ENVIRONMENT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "student: resuming after epoch" in resumed.stdout
+    reference = comparable(str(tmp_path / "reference"))
+    assert reference["metrics"]["teacher_signal"] == "online (mixed batches)"
+    assert comparable(interrupted) == reference
+    with open(os.path.join(interrupted, "metrics.json")) as f:
+        assert json.load(f)["models"]["student"]["epochs"] == 3
