@@ -26,8 +26,17 @@ from .images import DEFAULT_MAX_PIXELS
 
 def setting(default: Any, help: str, choices: Any = None) -> Any:
     """A field with its description and, for a fixed set of values, the allowed ones (any container;
-    DISTILLERS is passed itself, so methods registered later count)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+    DISTILLERS is passed itself, so methods registered later count). A list default is copied per
+    instance."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The type of a setting's values: its default's."""
+    return type(f.default_factory() if f.default is dataclasses.MISSING else f.default)
 
 
 def redefault(base: type, name: str, default: Any) -> Any:
@@ -91,6 +100,8 @@ class Config:
     image_size: int = setting(224, "side in pixels that images are resized to")
     val_fraction: float = setting(0.2, "share of train/ held out for validation when DATA/val is absent")
     seed: int = setting(0, "random seed; the same seed repeats a run on the same machine")
+    seeds: list = setting([], "train the student and the baseline once per seed (e.g. [0, 1, 2]), one teacher "
+                              "trained with seed; reports mean ± std and a paired test; empty: once, with seed")
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, mps, cuda or cuda:N")
     precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
@@ -202,6 +213,14 @@ def _number(value: Any) -> float | None:
 
 def _as_kind(value: Any, kind: type) -> Any:
     """value (typed by YAML or Python, or the text of a --set) read as kind; None if it has no such reading."""
+    if kind is list:  # of whole numbers: a YAML list, or text such as 0,1,2 or [0, 1, 2]
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            value = text.split(",") if text.strip() else []
+        if not isinstance(value, (list, tuple)):
+            return None
+        numbers = [_as_kind(item, int) for item in value]
+        return None if None in numbers else numbers
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -230,12 +249,13 @@ def _expected(f: dataclasses.Field) -> str:
     if choices is not None:
         return f"one of {', '.join(choices)}"
     return {bool: "true or false (or yes/no, on/off, 1/0)", int: "a whole number",
-            float: "a finite number", str: "text"}[type(f.default)]
+            float: "a finite number", str: "text",
+            list: "a list of whole numbers, e.g. [0, 1, 2] or 0,1,2"}[_kind(f)]
 
 
 def _convert(key: str, value: Any, f: dataclasses.Field) -> Any:
     """value as field f's type, and one of its allowed values where it has a fixed set."""
-    converted = _as_kind(value, type(f.default))
+    converted = _as_kind(value, _kind(f))
     choices = f.metadata.get("choices")
     if converted is None or (choices is not None and converted not in choices):
         raise KdistillError(f"setting {key} must be {_expected(f)}, got {value!r}")
@@ -327,6 +347,9 @@ def validate(cfg: Config) -> None:
     require(cfg.image_size >= 8, "image_size", f"must be >= 8, got {cfg.image_size}")
     require(0 < cfg.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
     require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    require(all(seed >= 0 for seed in cfg.seeds), "seeds", f"must be >= 0, got {cfg.seeds}")
+    require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"must not repeat a seed, got {cfg.seeds}")
+    require(len(cfg.seeds) != 1, "seeds", f"must list two or more seeds, got {cfg.seeds} (for one run set seed)")
     require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device",
             f"must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
