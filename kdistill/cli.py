@@ -15,6 +15,7 @@ EPILOG = """examples:
   kdistill run --data DATA --out runs/exp1 --preset seed-nguyen
   kdistill run --data DATA --out runs/exp2 --preset seed-shen --set image_size=128 --set student.epochs=20
   kdistill run --data DATA --out runs/exp3 --config my.yaml
+  kdistill run --data DATA --out runs/exp4 --preset seed-nguyen --seeds 0,1,2
   kdistill predict --run runs/exp1 --images more_photos/
   kdistill config --preset seed-nguyen > my.yaml
   kdistill cache --list
@@ -30,6 +31,9 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                         help="override one setting, e.g. --set distill.temperature=4 (repeatable)")
     parser.add_argument("--seed", type=int, help="random seed; the same seed repeats a run on the same machine")
+    parser.add_argument("--seeds", metavar="S1,S2,...",
+                        help="train the student and the baseline once per seed (one teacher) and report "
+                             "mean ± std and McNemar's paired test, e.g. --seeds 0,1,2")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     parser.add_argument("--no-baseline", action="store_true",
@@ -45,6 +49,8 @@ def _overrides(args: argparse.Namespace, **fixed) -> dict:
     overrides = {key: value for key, value in fixed.items() if value is not None}
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds  # text such as 0,1,2, read as the setting's list
     if args.device:
         overrides["device"] = args.device
     if args.skip_bad:

@@ -26,14 +26,23 @@ from .images import DEFAULT_MAX_PIXELS
 
 def setting(default: Any, help: str, choices: Any = None) -> Any:
     """A field with its description and, for a fixed set of values, the allowed ones (any container;
-    DISTILLERS is passed itself, so methods registered later count). A list default is a pair of numbers."""
-    if isinstance(default, list):  # each Config gets its own list
-        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
+    DISTILLERS is passed itself, so methods registered later count). A list default is copied per
+    instance; its items' type is that of the default's items (whole numbers for an empty default)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _kind(f: dataclasses.Field) -> type:
+    """The type of a setting's values: its default's."""
     return type(f.default_factory() if f.default is dataclasses.MISSING else f.default)
+
+
+def _item_kind(f: dataclasses.Field) -> type:
+    """The type of a list setting's items: its default's, whole numbers for an empty default."""
+    items = f.default_factory()
+    return type(items[0]) if items else int
 
 
 def redefault(base: type, name: str, default: Any) -> Any:
@@ -111,6 +120,8 @@ class Config:
     image_size: int = setting(224, "side in pixels that images are resized to")
     val_fraction: float = setting(0.2, "share of train/ held out for validation when DATA/val is absent")
     seed: int = setting(0, "random seed; the same seed repeats a run on the same machine")
+    seeds: list = setting([], "train the student and the baseline once per seed (e.g. [0, 1, 2]), one teacher "
+                              "trained with seed; reports mean ± std and a paired test; empty: once, with seed")
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, mps, cuda or cuda:N")
     precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
@@ -231,13 +242,17 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _as_kind(value: Any, kind: type) -> Any:
-    """value (typed by YAML or Python, or the text of a --set) read as kind; None if it has no such reading."""
-    if kind is list:  # a pair of numbers: a YAML list, or text such as 0.35,1 or [0.35, 1]
-        items = value if isinstance(value, (list, tuple)) else value.strip().strip("[]").split(",") \
-            if isinstance(value, str) else []
-        pair = [_as_kind(item, float) for item in items]
-        return pair if len(pair) == 2 and None not in pair else None
+def _as_kind(value: Any, kind: type, item_kind: type = int) -> Any:
+    """value (typed by YAML or Python, or the text of a --set) read as kind (a list: of item_kind);
+    None if it has no such reading."""
+    if kind is list:  # a YAML list, or text such as 0,1,2 or [0.35, 1]
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            value = text.split(",") if text.strip() else []
+        if not isinstance(value, (list, tuple)):
+            return None
+        items = [_as_kind(item, item_kind) for item in value]
+        return None if None in items else items
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -265,13 +280,17 @@ def _expected(f: dataclasses.Field) -> str:
     choices = f.metadata.get("choices")
     if choices is not None:
         return f"one of {', '.join(choices)}"
-    return {bool: "true or false (or yes/no, on/off, 1/0)", int: "a whole number", float: "a finite number",
-            str: "text", list: "two numbers [low, high]"}[_kind(f)]
+    kind = _kind(f)
+    if kind is list:
+        return ("a list of whole numbers, e.g. [0, 1, 2] or 0,1,2" if _item_kind(f) is int
+                else "a list of numbers, e.g. [0.35, 1] or 0.35,1")
+    return {bool: "true or false (or yes/no, on/off, 1/0)", int: "a whole number",
+            float: "a finite number", str: "text"}[kind]
 
 
 def _convert(key: str, value: Any, f: dataclasses.Field) -> Any:
     """value as field f's type, and one of its allowed values where it has a fixed set."""
-    converted = _as_kind(value, _kind(f))
+    converted = _as_kind(value, _kind(f), _item_kind(f) if _kind(f) is list else int)
     choices = f.metadata.get("choices")
     if converted is None or (choices is not None and converted not in choices):
         raise KdistillError(f"setting {key} must be {_expected(f)}, got {value!r}")
@@ -368,6 +387,9 @@ def validate(cfg: Config) -> None:
     require(cfg.image_size >= 8, "image_size", f"must be >= 8, got {cfg.image_size}")
     require(0 < cfg.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
     require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    require(all(seed >= 0 for seed in cfg.seeds), "seeds", f"must be >= 0, got {cfg.seeds}")
+    require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"must not repeat a seed, got {cfg.seeds}")
+    require(len(cfg.seeds) != 1, "seeds", f"must list two or more seeds, got {cfg.seeds} (for one run set seed)")
     require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device",
             f"must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
@@ -410,6 +432,8 @@ def validate(cfg: Config) -> None:
     require(not (cfg.distill.teacher_signal == "views" and cfg.augment == "none"), "distill.teacher_signal",
             "views needs augmentation (set augment); without it, cached is exact")
     require(cfg.distill.views >= 1, "distill.views", f"must be >= 1, got {cfg.distill.views}")
+    for key in ("rrc_scale", "rrc_ratio"):
+        require(len(getattr(cfg, key)) == 2, key, f"must be two numbers [low, high], got {getattr(cfg, key)}")
     (scale_low, scale_high), (ratio_low, ratio_high) = cfg.rrc_scale, cfg.rrc_ratio
     require(0 < scale_low <= scale_high <= 1, "rrc_scale", f"must be [low, high] with 0 < low <= high <= 1, "
             f"got {cfg.rrc_scale}")

@@ -1,4 +1,4 @@
-"""`kdistill run`: prepare -> teacher -> student -> baseline -> evaluate and report -> predict -> export.
+"""`kdistill run`: prepare -> teacher -> student and baseline (per seed) -> evaluate and report -> predict -> export.
 
 The run folder is the unit of work: every stage saves as it goes and reuses what a previous run
 in the same folder finished, so an interrupted run resumes where it stopped.
@@ -24,7 +24,8 @@ from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
 from .fileio import atomic_write_text, remove_stale_temporaries, save_torch, tensors_sha256
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model, trainable_part
-from .report import write_report
+from .report import write_report, write_val_predictions
+from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher_signal import cached_tensors, head_inputs, signal_key
 from .train import Batches, fit, offered_val_acc, predict_logits, resolve_precision
 
@@ -156,13 +157,13 @@ def without_teacher(batches: Batches) -> Batches:
     return dataclasses.replace(batches, extras={}, teacher=None)
 
 
-def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, val: Batches,
+def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: Batches, val: Batches,
                   objective: nn.Module, compute: Compute, log) -> tuple[Standardized, str, list]:
     """(model, its input statistics, history)."""
     s = cfg.student
-    # The student and the baseline start from the same weights and see the same inputs in the
-    # same order (same seeds, see train.fit): the teacher is the only difference between them.
-    torch.manual_seed(cfg.seed + 1)
+    # The student and the baseline of a seed start from the same weights and see the same inputs
+    # in the same order (same seeds, see train.fit): the teacher is the only difference between them.
+    torch.manual_seed(seed + 1)
     student, _, normalize = standardized_model(s.arch, len(data.classes), s.dropout, s.weights, s.normalize,
                                                data.mean, data.std)
     log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, input standardized with "
@@ -172,17 +173,64 @@ def train_student(name: str, cfg: Config, data: PreparedData, train: Batches, va
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
     history = fit(name, student, student, train, val, objective, s, os.path.join(cfg.out, "checkpoints", name),
-                  compute.device, cfg.seed + 1, log, compute.precision)
+                  compute.device, seed + 1, log, compute.precision)
     return student.eval(), normalize, history
 
 
-def summarize(arch: str, normalize: str, model: nn.Module, history: list[dict], weights_file: str,
+def best_and_final(history: list[dict]) -> dict:
+    """The best epoch by val accuracy of the weights it offers (raw or EMA), and the last one's."""
+    best = max(history, key=offered_val_acc)  # the first epoch reaching the best
+    return {"best_val_acc": offered_val_acc(best), "best_epoch": best["epoch"],
+            "final_val_acc": offered_val_acc(history[-1])}
+
+
+def summarize(arch: str, seed: int, normalize: str, model: nn.Module, history: list[dict], weights_file: str,
               image_size: int, device: torch.device) -> dict:
-    best = max(history, key=offered_val_acc)  # the first epoch reaching the best (raw or EMA weights)
-    return {"arch": arch, "input_standardization": normalize, "best_val_acc": offered_val_acc(best),
-            "best_epoch": best["epoch"], "final_val_acc": offered_val_acc(history[-1]), "epochs": len(history),
-            "train_seconds": sum(row["seconds"] for row in history),
+    return {"arch": arch, "seed": seed, "input_standardization": normalize, **best_and_final(history),
+            "epochs": len(history), "train_seconds": sum(row["seconds"] for row in history),
             **profile(model, weights_file, image_size, device)}
+
+
+class TrainedStudents(NamedTuple):
+    """The student and the baseline trained once per seed."""
+    first: dict[str, tuple[str, int, str, Standardized]]  # kind -> (run name, seed, input statistics, model)
+    histories: dict[str, list[dict]]  # run name -> history
+    rows: dict[str, list[dict]]  # kind -> per seed: seed, best_val_acc, best_epoch, final_val_acc
+    val_predicted: dict[str, torch.Tensor]  # run name -> predicted class of each val image (best weights)
+
+
+def run_name(kind: str, seed: int, cfg: Config) -> str:
+    """A single run keeps the plain names; with seeds each seed's checkpoints, weights and history get their own."""
+    return f"{kind}-seed{seed}" if cfg.seeds else kind
+
+
+def train_students(cfg: Config, data: PreparedData, student_train: Batches, val: Batches, compute: Compute,
+                   models_dir: str, log, lap) -> TrainedStudents:
+    """Train the distilled student and the baseline for each seed (cfg.seeds, else cfg.seed).
+
+    Every seed shares the prepared data and the one teacher's signal. A finished seed is not
+    retrained on a rerun: its checkpoints hold all its epochs."""
+    kinds = {"student": (student_train, build_distiller(cfg.distill.method, cfg.distill.temperature,
+                                                        cfg.distill.alpha, cfg.student.label_smoothing))}
+    if cfg.baseline:
+        kinds["baseline"] = (without_teacher(student_train), CrossEntropy(cfg.student.label_smoothing))
+    seeds = cfg.seeds or [cfg.seed]
+    trained = TrainedStudents({}, {}, {kind: [] for kind in kinds}, {})
+    for seed in seeds:
+        for kind, (train, objective) in kinds.items():
+            name = run_name(kind, seed, cfg)
+            model, normalize, history = train_student(name, seed, cfg, data, train, val, objective, compute, log)
+            save_torch(model.state_dict(), os.path.join(models_dir, f"{name}.pt"), what=f"{name} weights")
+            trained.histories[name] = history
+            trained.rows[kind].append({"seed": seed, **best_and_final(history)})
+            # For the paired test: the best weights' answer on each val image.
+            trained.val_predicted[name] = predict_logits(model, val, cfg.student.batch_size, *compute).argmax(1)
+            if seed == seeds[0]:
+                # The first seed's models are reported, exported and predict the test images. Not the
+                # best seed by val: that choice would be selection on the val images they are judged on.
+                trained.first[kind] = (name, seed, normalize, model)
+            lap(name)
+    return trained
 
 
 def _describe_data(dataset: DatasetFiles, key: str) -> dict:
@@ -271,37 +319,35 @@ def run(cfg: Config, log=None) -> dict:
     batcher = ImageBatcher(data, cfg, device)
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
-    histories, trained = {}, {}
 
     trained_teacher = train_teacher(cfg, data, batcher, compute, log)
-    teacher, histories["teacher"] = trained_teacher.model, trained_teacher.history
+    teacher = trained_teacher.model
     save_torch(teacher.state_dict(), os.path.join(models_dir, "teacher.pt"), what="teacher weights")
-    trained["teacher"] = (cfg.teacher.arch, trained_teacher.normalize, teacher)
     lap("teacher")
 
     signal = cfg.signal_mode()
     student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log)
     lap("teacher_signal")
-    distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha,
-                                cfg.student.label_smoothing)
-    student, normalize, histories["student"] = train_student("student", cfg, data, student_train, batcher("val"),
-                                                             distiller, compute, log)
-    trained["student"] = (cfg.student.arch, normalize, student)
-    lap("student")
-    if cfg.baseline:
-        baseline, normalize, histories["baseline"] = train_student(
-            "baseline", cfg, data, without_teacher(student_train), batcher("val"),
-            CrossEntropy(cfg.student.label_smoothing), compute, log)
-        trained["baseline"] = (cfg.student.arch, normalize, baseline)
-        lap("baseline")
+    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap)
+    histories = {"teacher": trained_teacher.history, **students.histories}
 
     log("report: measuring models, writing predictions, report and exports")
+    val = data.splits["val"]
+    write_val_predictions(os.path.join(cfg.out, "val_predictions.csv"), val.files, val.labels,
+                          students.val_predicted, data.classes)
+    trained = {"teacher": ("teacher", cfg.seed, trained_teacher.normalize, teacher), **students.first}
     models = {}
-    for name, (arch, normalize, model) in trained.items():
-        weights_file = os.path.join(models_dir, f"{name}.pt")
-        if name != "teacher":
-            save_torch(model.state_dict(), weights_file, what=f"{name} weights")
-        models[name] = summarize(arch, normalize, model, histories[name], weights_file, cfg.image_size, device)
+    for kind, (name, seed, normalize, model) in trained.items():
+        arch = cfg.teacher.arch if kind == "teacher" else cfg.student.arch
+        models[kind] = summarize(arch, seed, normalize, model, histories[name],
+                                 os.path.join(models_dir, f"{name}.pt"), cfg.image_size, device)
+    counts = []  # per seed, (b, c): val images only the distilled student / only the baseline gets right
+    if cfg.baseline:
+        for row in students.rows["student"]:
+            right = [(students.val_predicted[run_name(kind, row["seed"], cfg)] == val.labels).tolist()
+                     for kind in ("student", "baseline")]
+            counts.append(discordant_counts(*right))
+    student = students.first["student"][3]
 
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
@@ -324,9 +370,22 @@ def run(cfg: Config, log=None) -> dict:
                "skipped_files": len(data.skipped), "device": str(device), "precision": compute.precision,
                "teacher_signal": signal if cfg.mix == "none" else f"{signal} (mixed batches)",
                "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
+    if cfg.seeds:
+        metrics["seeds"] = students.rows
+        metrics["summary"] = summarize_seeds(students.rows, counts)
+    elif counts:
+        metrics["mcnemar"] = mcnemar(*counts[0])
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
              f"{m['params'] / 1e6:.1f}M params, {m['gflops']:.2f} GFLOPs" for name, m in models.items()]
+    if cfg.seeds:
+        summary = metrics["summary"]
+        lines.append(f"  over seeds {', '.join(map(str, cfg.seeds))}, best val acc mean ± std: " + "; ".join(
+            f"{kind} {summary[kind]['best_val_acc']['mean']:.2%} ± {summary[kind]['best_val_acc']['std']:.2%}"
+            for kind in students.rows))
+        if counts:
+            lines.append(f"  McNemar pooled over seeds: b {summary['mcnemar']['pooled']['b']}, "
+                         f"c {summary['mcnemar']['pooled']['c']}, p = {summary['mcnemar']['pooled']['p_value']:.2g}")
     log("done in {:.0f} s; report in {}\n{}".format(time.perf_counter() - started,
                                                    os.path.join(cfg.out, "report.md"), "\n".join(lines)))
     return metrics

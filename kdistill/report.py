@@ -1,4 +1,4 @@
-"""Report: metrics.json, per-model history CSVs, learning curves and a Markdown comparison."""
+"""Report: metrics.json, per-model history CSVs, val predictions, learning curves and a Markdown comparison."""
 from __future__ import annotations
 
 import csv
@@ -12,8 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .fileio import atomic_write, atomic_write_text  # noqa: E402
+from .significance import EXACT_BELOW, SIGNIFICANCE_LEVEL, verdict  # noqa: E402
 
 LABELS = {"teacher": "Teacher", "student": "Distilled student", "baseline": "Student without teacher"}
+COLORS = {"teacher": "tab:blue", "student": "tab:orange", "baseline": "tab:green"}
+
+
+def kind_of(run_name: str) -> str:
+    """student-seed1 -> student"""
+    return run_name.partition("-seed")[0]
 
 
 def write_history(path: str, history: list[dict]) -> None:
@@ -24,14 +31,31 @@ def write_history(path: str, history: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def write_val_predictions(path: str, files: list[str], labels, predicted: dict, classes: list[str]) -> None:
+    """One row per val image: its label and each trained student's prediction (best weights)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            writer = csv.writer(f)
+            writer.writerow(["filename", "label", *predicted])
+            columns = [labels.tolist(), *(indices.tolist() for indices in predicted.values())]
+            for name, *indices in zip(files, *columns):
+                writer.writerow([name, *(classes[i] for i in indices)])
+    atomic_write(path, write, "val predictions")
+
+
 def plot_curves(path: str, histories: dict[str, list[dict]], metric: str, ylabel: str) -> None:
+    """One colour per model; a model's first run (the reported seed) drawn full, other seeds faint."""
     figure, axes = plt.subplots(figsize=(7, 4.2))
-    for (name, history), color in zip(histories.items(), ("tab:blue", "tab:orange", "tab:green")):
+    drawn = set()
+    for name, history in histories.items():
+        kind = kind_of(name)
+        label = None if kind in drawn else LABELS.get(kind, kind)
+        style = {"color": COLORS.get(kind), "alpha": 1.0 if label else 0.3}
+        drawn.add(kind)
         epochs = [row["epoch"] for row in history]
-        axes.plot(epochs, [row[f"train_{metric}"] for row in history], "--", color=color,
-                  label=f"{LABELS.get(name, name)} (train)")
-        axes.plot(epochs, [row[f"val_{metric}"] for row in history], "-", color=color,
-                  label=f"{LABELS.get(name, name)} (val)")
+        axes.plot(epochs, [row[f"train_{metric}"] for row in history], "--",
+                  label=label and f"{label} (train)", **style)
+        axes.plot(epochs, [row[f"val_{metric}"] for row in history], "-", label=label and f"{label} (val)", **style)
     axes.set_xlabel("epoch")
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
@@ -41,13 +65,71 @@ def plot_curves(path: str, histories: dict[str, list[dict]], metric: str, ylabel
     plt.close(figure)
 
 
+def _p(p_value: float) -> str:
+    return f"{p_value:.2g}" if p_value >= 1e-4 else f"{p_value:.1e}"
+
+
+def _points(stats: dict) -> str:
+    """mean ± std of accuracies (fractions) in percent, or of differences in points."""
+    return f"{stats['mean'] * 100:.1f} ± {stats['std'] * 100:.1f}"
+
+
+def _paired(test: dict, images: str) -> str:
+    return (f"on {images} the distilled student is right where the baseline is wrong {test['b']} times and the "
+            f"reverse {test['c']} times (McNemar's test, {test['test']}, p = {_p(test['p_value'])}): "
+            f"{verdict(test)}")
+
+
+def seeds_section(metrics: dict) -> list[str]:
+    """The per-seed table and, in words, whether the gain is larger than the noise."""
+    summary, rows, val_images = metrics["summary"], metrics["seeds"], metrics["images"]["val"]
+    count, has_baseline = len(summary["seeds"]), "baseline" in rows
+    columns = ["Seed", "Distilled student: best val acc (epoch)", "Final val acc"]
+    if has_baseline:
+        columns += ["Without teacher: best val acc (epoch)", "Final val acc", "Gain (points)", "b", "c", "McNemar p"]
+    lines = ["## Over seeds", "",
+             f"The teacher is trained once; the distilled student{' and the baseline' if has_baseline else ''} "
+             f"are trained once per seed ({', '.join(map(str, summary['seeds']))}) on the same data and "
+             f"teacher signal.", "",
+             "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for position, row in enumerate(rows["student"]):
+        line = f"| {row['seed']} | {row['best_val_acc']:.2%} ({row['best_epoch']}) | {row['final_val_acc']:.2%} |"
+        if has_baseline:
+            base, test = rows["baseline"][position], summary["mcnemar"]["per_seed"][position]
+            line += (f" {base['best_val_acc']:.2%} ({base['best_epoch']}) | {base['final_val_acc']:.2%} | "
+                     f"{(row['best_val_acc'] - base['best_val_acc']) * 100:+.1f} | {test['b']} | {test['c']} | "
+                     f"{_p(test['p_value'])} |")
+        lines.append(line)
+    means = "; ".join(f"{LABELS[name].lower()} {_points(summary[name]['best_val_acc'])}% best, "
+                      f"{_points(summary[name]['final_val_acc'])}% final" for name in rows)
+    lines += ["", f"Mean ± sample standard deviation over the {count} seeds: {means}."]
+    if has_baseline:
+        gain, pooled = summary["gain_best_val_acc"], summary["mcnemar"]["pooled"]
+        lines += ["", f"Over {count} seeds the distilled student is {abs(gain['mean']) * 100:.1f} ± "
+                      f"{gain['std'] * 100:.1f} points {'above' if gain['mean'] >= 0 else 'below'} the baseline "
+                      f"(best epochs; mean ± std of the per-seed differences); pooled over the seeds, "
+                      + _paired(pooled, f"{count} × {val_images:,} val images") + ".",
+                  "", "b: val images only the distilled student gets right; c: only the baseline. McNemar's test "
+                      f"is exact (binomial) below {EXACT_BELOW} discordant images, else chi-square with continuity "
+                      f"correction; a difference is called larger than the noise at p < {SIGNIFICANCE_LEVEL}."]
+    lines += ["", f"The models table above, `student.pt`, `student.onnx` and `predictions.csv` are seed "
+                  f"{summary['exported_seed']}'s (the first listed), not the best seed by val: picking that would "
+                  f"be selection on the val images they are judged on. Best epochs are picked on val, alike for "
+                  f"every model. Per-seed histories are `history/<model>-seed<seed>.csv` (faint in the curves below), "
+                  f"each val image's predictions `val_predictions.csv`."]
+    return lines
+
+
 def markdown(metrics: dict, config: dict) -> str:
     models = metrics["models"]
+    seeds = config.get("seeds") or []
+    seed_text = (f"seed {config['seed']} (data split, teacher), students over seeds {', '.join(map(str, seeds))}"
+                 if seeds else f"seed {config['seed']}")
     lines = [
         "# kdistill report", "",
         f"Data: `{config['data']}` ({metrics['classes']} classes; {metrics['images']['train']} train, "
         f"{metrics['images']['val']} val, {metrics['images'].get('test', 0)} test images; "
-        f"{metrics['skipped_files']} skipped), image size {config['image_size']}, seed {config['seed']}, "
+        f"{metrics['skipped_files']} skipped), image size {config['image_size']}, {seed_text}, "
         f"device {metrics['device']}.", "",
         "Best val acc is the best epoch by validation accuracy (that epoch's weights are the ones saved "
         "and used for predictions); final val acc is the last epoch's.", "",
@@ -56,14 +138,20 @@ def markdown(metrics: dict, config: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in models.items():
+        label = LABELS.get(name, name) + (f" (seed {m['seed']})" if seeds and name != "teacher" else "")
         lines.append(
-            f"| {LABELS.get(name, name)} | {m['arch']} | {m['best_val_acc']:.2%} | {m['best_epoch']} | "
+            f"| {label} | {m['arch']} | {m['best_val_acc']:.2%} | {m['best_epoch']} | "
             f"{m['final_val_acc']:.2%} | {m['epochs']} | {m['size_mb']:.1f} | {m['params'] / 1e6:.2f} | "
             f"{m['gflops']:.2f} | {m['latency_ms']:.1f} | {m['train_seconds']:.0f} |")
-    if "student" in models and "baseline" in models:
+    if "mcnemar" in metrics:  # a single run with a baseline
         gain = models["student"]["best_val_acc"] - models["baseline"]["best_val_acc"]
         lines += ["", f"Distillation changed the student's best val accuracy by {gain * 100:+.1f} points "
-                      f"against the same student trained without a teacher."]
+                      f"against the same student trained without a teacher; "
+                      + _paired(metrics["mcnemar"], f"the {metrics['images']['val']:,} val images")
+                      + ". That is the noise of the val sample only: seed-to-seed noise needs `seeds` "
+                        "(e.g. `--seeds 0,1,2`)."]
+    if seeds:
+        lines += ["", *seeds_section(metrics)]
     d = config["distill"]
     lines += [
         "", f"Distillation: method {d['method']}, T={d['temperature']}, alpha={d['alpha']}, teacher signal "

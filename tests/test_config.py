@@ -185,6 +185,7 @@ CASES = {
     "image_size": ("7", "10.0", 10),
     "val_fraction": ("1", ".25", 0.25),
     "seed": ("-1", "1_000", 1000),
+    "seeds": ("1,1", "[0, 1, 2]", [0, 1, 2]),
     "device": ("cuda:x", "cuda:1", "cuda:1"),
     "precision": ("fp16", "bf16", "bf16"),
     "baseline": ("maybe", "no", False),
