@@ -7,7 +7,8 @@ import argparse
 import os
 import sys
 
-from .config import Config, build_config, preset_names, render_config
+from .config import Config, build_config, preset_names
+from .settings import render_config
 from .errors import KdistillError, printable
 
 EPILOG = """examples:

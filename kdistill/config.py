@@ -2,56 +2,24 @@
 
 Every value is checked before any work starts; a bad one fails with one line naming the setting.
 Each setting carries its one-line description (printed by `kdistill config`) and, where only a
-fixed set of values makes sense, those values.
+fixed set of values makes sense, those values (see settings.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import importlib.resources
-import json
-import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS
-
-
-def setting(default: Any, help: str, choices: Any = None) -> Any:
-    """A field with its description and, for a fixed set of values, the allowed ones (any container;
-    DISTILLERS is passed itself, so methods registered later count). A list default is copied per
-    instance; its items' type is that of the default's items (whole numbers for an empty default)."""
-    metadata = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _kind(f: dataclasses.Field) -> type:
-    """The type of a setting's values: its default's."""
-    return type(f.default_factory() if f.default is dataclasses.MISSING else f.default)
-
-
-def _item_kind(f: dataclasses.Field) -> type:
-    """The type of a list setting's items: its default's, whole numbers for an empty default."""
-    items = f.default_factory()
-    return type(items[0]) if items else int
-
-
-def redefault(base: type, name: str, default: Any) -> Any:
-    """The field `name` of dataclass `base` with another default; description and choices kept."""
-    return setting(default, **base.__dataclass_fields__[name].metadata)
-
-
-def section(factory: type, help: str) -> Any:
-    return field(default_factory=factory, metadata={"help": help})
+from .settings import (apply_settings, convert, leaves, parse_set, parse_yaml, read_yaml, redefault, render_config,
+                       section, setting)
 
 
 @dataclass
@@ -167,62 +135,9 @@ class Config:
 NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile"}
 
 
-def leaves(target: Any, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
-    """Every setting of target (a Config) as (dotted name, field, the object holding it), in order."""
-    found = []
-    for f in dataclasses.fields(target):
-        value = getattr(target, f.name)
-        if dataclasses.is_dataclass(value):
-            found += leaves(value, f"{prefix}{f.name}.")
-        else:
-            found.append((f"{prefix}{f.name}", f, target))
-    return found
-
-
 def preset_names() -> list[str]:
     files = importlib.resources.files("kdistill") / "presets"
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
-
-
-class _SettingsLoader(yaml.SafeLoader):
-    """The safe loader with YAML 1.2's booleans: only true and false. YAML 1.1 also reads an unquoted
-    yes/no/on/off as a boolean, which would turn `augment: no` into False; here it stays the text no
-    (and a boolean setting still accepts yes/no/on/off, see _as_kind)."""
-
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_SettingsLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_SettingsLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                      list("tTfF"))
-
-
-def parse_yaml(text: str, what: str) -> dict:
-    """The settings written in YAML text (never code: the safe loader refuses python tags)."""
-    try:
-        loaded = yaml.load(text, Loader=_SettingsLoader)
-    except yaml.YAMLError as e:
-        raise KdistillError(f"{what} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise KdistillError(f"{what} must be a mapping of settings, got {type(loaded).__name__}")
-    return loaded
-
-
-def read_yaml(path: str, what: str) -> dict:
-    """The settings in the YAML file at path."""
-    if not os.path.exists(path):
-        raise KdistillError(f"{what} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise KdistillError(f"cannot read {what}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise KdistillError(f"{what} is not UTF-8 text") from None
-    return parse_yaml(text, what)
 
 
 def load_preset(name: str) -> dict:
@@ -232,103 +147,6 @@ def load_preset(name: str) -> dict:
     return parse_yaml(text, f"preset {name}")
 
 
-_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-
-
-def _number(value: Any) -> float | None:
-    try:
-        return float(value.strip() if isinstance(value, str) else value)  # 1e-4, 1E-3, 3., .5, 1_000
-    except (ValueError, OverflowError):
-        return None
-
-
-def _as_kind(value: Any, kind: type, item_kind: type = int) -> Any:
-    """value (typed by YAML or Python, or the text of a --set) read as kind (a list: of item_kind);
-    None if it has no such reading."""
-    if kind is list:  # a YAML list, or text such as 0,1,2 or [0.35, 1]
-        if isinstance(value, str):
-            text = value.strip().removeprefix("[").removesuffix("]")
-            value = text.split(",") if text.strip() else []
-        if not isinstance(value, (list, tuple)):
-            return None
-        items = [_as_kind(item, item_kind) for item in value]
-        return None if None in items else items
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
-        return True if text in _TRUE else False if text in _FALSE else None
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return None  # a boolean is neither a number nor a text here
-    if kind is str:
-        return value if isinstance(value, str) else str(value)
-    if kind is int:
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())  # exact for big numbers; "1_000" included
-            except ValueError:
-                pass
-        number = _number(value)
-        return int(number) if number is not None and number.is_integer() else None  # 10.0 is 10
-    number = _number(value)
-    return number if number is not None and math.isfinite(number) else None
-
-
-def _expected(f: dataclasses.Field) -> str:
-    choices = f.metadata.get("choices")
-    if choices is not None:
-        return f"one of {', '.join(choices)}"
-    kind = _kind(f)
-    if kind is list:
-        return ("a list of whole numbers, e.g. [0, 1, 2] or 0,1,2" if _item_kind(f) is int
-                else "a list of numbers, e.g. [0.35, 1] or 0.35,1")
-    return {bool: "true or false (or yes/no, on/off, 1/0)", int: "a whole number",
-            float: "a finite number", str: "text"}[kind]
-
-
-def _convert(key: str, value: Any, f: dataclasses.Field) -> Any:
-    """value as field f's type, and one of its allowed values where it has a fixed set."""
-    converted = _as_kind(value, _kind(f), _item_kind(f) if _kind(f) is list else int)
-    choices = f.metadata.get("choices")
-    if converted is None or (choices is not None and converted not in choices):
-        raise KdistillError(f"setting {key} must be {_expected(f)}, got {value!r}")
-    return converted
-
-
-def _apply(target: Any, updates: dict, prefix: str = "") -> None:
-    fields = {f.name: f for f in dataclasses.fields(target)}
-    for key, value in updates.items():
-        name = f"{prefix}{key}"
-        if key not in fields:
-            raise KdistillError(f"unknown setting {name!r}")
-        current = getattr(target, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise KdistillError(f"setting {name} must be a mapping of settings")
-            _apply(current, value, prefix=f"{name}.")
-        else:
-            setattr(target, key, _convert(name, value, fields[key]))
-
-
-def parse_set(assignments: list[str]) -> dict:
-    """--set a.b=value pairs as one nested dict. Values stay text, read later as their setting's type:
-    YAML would read 1e-4 as text and no as False."""
-    nested: dict = {}
-    for item in assignments:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise KdistillError(f"--set expects key=value, got {item!r}")
-        node = nested
-        parts = key.split(".")
-        for depth, part in enumerate(parts[:-1], 1):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise KdistillError(f"setting {'.'.join(parts[:depth])} must be a mapping of settings")
-        node[parts[-1]] = raw
-    return nested
 
 
 def build_config(preset: str | None = None, config_files: tuple[str, ...] = (),
@@ -342,14 +160,14 @@ def build_config(preset: str | None = None, config_files: tuple[str, ...] = (),
     layers.append(overrides or {})
     layers.append(parse_set(sets or []))
     for layer in layers:
-        _apply(cfg, layer)
+        apply_settings(cfg, layer)
     validate(cfg)
     return cfg
 
 
 def config_from_dict(values: dict) -> Config:
     cfg = Config()
-    _apply(cfg, values)
+    apply_settings(cfg, values)
     validate(cfg)
     return cfg
 
@@ -383,7 +201,7 @@ def validate(cfg: Config) -> None:
 
     # Types and fixed sets of values, also for a Config built in Python rather than read.
     for name, f, owner in leaves(cfg):
-        setattr(owner, f.name, _convert(name, getattr(owner, f.name), f))
+        setattr(owner, f.name, convert(name, getattr(owner, f.name), f))
     require(cfg.image_size >= 8, "image_size", f"must be >= 8, got {cfg.image_size}")
     require(0 < cfg.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
     require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
@@ -440,27 +258,6 @@ def validate(cfg: Config) -> None:
     require(0 < ratio_low <= ratio_high, "rrc_ratio", f"must be [low, high] with 0 < low <= high, got {cfg.rrc_ratio}")
     require(cfg.mixup_alpha > 0, "mixup_alpha", f"must be > 0, got {cfg.mixup_alpha}")
     require(cfg.cutmix_alpha > 0, "cutmix_alpha", f"must be > 0, got {cfg.cutmix_alpha}")
-
-
-def render_config(cfg: Config) -> str:
-    """The settings as YAML, each followed by its description as a comment: a valid --config file."""
-    lines = ["# kdistill settings, fully resolved (usable as --config FILE)"]
-
-    def add(target: Any, indent: str) -> None:
-        for f in dataclasses.fields(target):
-            value = getattr(target, f.name)
-            comment = f"  # {f.metadata['help']}"
-            if dataclasses.is_dataclass(value):
-                lines.append(f"{indent}{f.name}:{comment}")
-                add(value, indent + "  ")
-                continue
-            entry = yaml.safe_dump({f.name: value}, width=math.inf, allow_unicode=True).rstrip("\n")
-            if "\n" in entry:  # a text with line breaks, or a list: JSON's one-line form is valid YAML too
-                entry = f"{f.name}: {json.dumps(value)}"
-            lines.append(f"{indent}{entry}{comment}")
-
-    add(cfg, "")
-    return "\n".join(lines) + "\n"
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -16,7 +16,8 @@ from torch import nn
 
 from .augment import stored_views
 from .batcher import ImageBatcher
-from .config import Config, read_yaml, result_differences, save_config
+from .config import Config, result_differences, save_config
+from .settings import read_yaml
 from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
 from .distillers import CrossEntropy, build_distiller
 from .errors import KdistillError, printable

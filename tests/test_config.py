@@ -6,10 +6,11 @@ import torch
 import yaml
 
 from kdistill import cli
-from kdistill.config import (Config, NON_RESULT_KEYS, build_config, leaves, load_preset, preset_names,
-                             read_yaml, result_differences, save_config)
+from kdistill.config import (Config, NON_RESULT_KEYS, build_config, load_preset, preset_names, result_differences,
+                             save_config)
 from kdistill.errors import KdistillError
 from kdistill.models import build_model, trainable_part
+from kdistill.settings import leaves, read_yaml
 
 SETTING_NAMES = [name for name, _, _ in leaves(Config())]
 

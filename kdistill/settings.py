@@ -1,0 +1,223 @@
+"""Typed settings in dataclasses: each field carries its one-line description and, where only a
+fixed set of values makes sense, those values. Read from YAML (safe, YAML 1.2 booleans) or
+--set text, converted to each field's type with one-line errors, and written back as commented YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import field
+from typing import Any
+
+import yaml
+
+from .errors import KdistillError
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def setting(default: Any, help: str, choices: Any = None) -> Any:
+    """A field with its description and, for a fixed set of values, the allowed ones (any container;
+    DISTILLERS is passed itself, so methods registered later count). A list default is copied per
+    instance; its items' type is that of the default's items (whole numbers for an empty default)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The type of a setting's values: its default's."""
+    return type(f.default_factory() if f.default is dataclasses.MISSING else f.default)
+
+
+def _item_kind(f: dataclasses.Field) -> type:
+    """The type of a list setting's items: its default's, whole numbers for an empty default."""
+    items = f.default_factory()
+    return type(items[0]) if items else int
+
+
+def redefault(base: type, name: str, default: Any) -> Any:
+    """The field `name` of dataclass `base` with another default; description and choices kept."""
+    return setting(default, **base.__dataclass_fields__[name].metadata)
+
+
+def section(factory: type, help: str) -> Any:
+    return field(default_factory=factory, metadata={"help": help})
+
+
+def leaves(target: Any, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """Every setting of target (a Config) as (dotted name, field, the object holding it), in order."""
+    found = []
+    for f in dataclasses.fields(target):
+        value = getattr(target, f.name)
+        if dataclasses.is_dataclass(value):
+            found += leaves(value, f"{prefix}{f.name}.")
+        else:
+            found.append((f"{prefix}{f.name}", f, target))
+    return found
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """The safe loader with YAML 1.2's booleans: only true and false. YAML 1.1 also reads an unquoted
+    yes/no/on/off as a boolean, which would turn `augment: no` into False; here it stays the text no
+    (and a boolean setting still accepts yes/no/on/off, see _as_kind)."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+_SettingsLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+_SettingsLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                      list("tTfF"))
+
+
+def parse_yaml(text: str, what: str) -> dict:
+    """The settings written in YAML text (never code: the safe loader refuses python tags)."""
+    try:
+        loaded = yaml.load(text, Loader=_SettingsLoader)
+    except yaml.YAMLError as e:
+        raise KdistillError(f"{what} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise KdistillError(f"{what} must be a mapping of settings, got {type(loaded).__name__}")
+    return loaded
+
+
+def read_yaml(path: str, what: str) -> dict:
+    """The settings in the YAML file at path."""
+    if not os.path.exists(path):
+        raise KdistillError(f"{what} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise KdistillError(f"cannot read {what}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise KdistillError(f"{what} is not UTF-8 text") from None
+    return parse_yaml(text, what)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value.strip() if isinstance(value, str) else value)  # 1e-4, 1E-3, 3., .5, 1_000
+    except (ValueError, OverflowError):
+        return None
+
+
+def _as_kind(value: Any, kind: type, item_kind: type = int) -> Any:
+    """value (typed by YAML or Python, or the text of a --set) read as kind (a list: of item_kind);
+    None if it has no such reading."""
+    if kind is list:  # a YAML list, or text such as 0,1,2 or [0.35, 1]
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            value = text.split(",") if text.strip() else []
+        if not isinstance(value, (list, tuple)):
+            return None
+        items = [_as_kind(item, item_kind) for item in value]
+        return None if None in items else items
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        return True if text in _TRUE else False if text in _FALSE else None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None  # a boolean is neither a number nor a text here
+    if kind is str:
+        return value if isinstance(value, str) else str(value)
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())  # exact for big numbers; "1_000" included
+            except ValueError:
+                pass
+        number = _number(value)
+        return int(number) if number is not None and number.is_integer() else None  # 10.0 is 10
+    number = _number(value)
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _expected(f: dataclasses.Field) -> str:
+    choices = f.metadata.get("choices")
+    if choices is not None:
+        return f"one of {', '.join(choices)}"
+    kind = _kind(f)
+    if kind is list:
+        return ("a list of whole numbers, e.g. [0, 1, 2] or 0,1,2" if _item_kind(f) is int
+                else "a list of numbers, e.g. [0.35, 1] or 0.35,1")
+    return {bool: "true or false (or yes/no, on/off, 1/0)", int: "a whole number",
+            float: "a finite number", str: "text"}[kind]
+
+
+def convert(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """value as field f's type, and one of its allowed values where it has a fixed set."""
+    converted = _as_kind(value, _kind(f), _item_kind(f) if _kind(f) is list else int)
+    choices = f.metadata.get("choices")
+    if converted is None or (choices is not None and converted not in choices):
+        raise KdistillError(f"setting {key} must be {_expected(f)}, got {value!r}")
+    return converted
+
+
+def apply_settings(target: Any, updates: dict, prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in updates.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise KdistillError(f"unknown setting {name!r}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise KdistillError(f"setting {name} must be a mapping of settings")
+            apply_settings(current, value, prefix=f"{name}.")
+        else:
+            setattr(target, key, convert(name, value, fields[key]))
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """--set a.b=value pairs as one nested dict. Values stay text, read later as their setting's type:
+    YAML would read 1e-4 as text and no as False."""
+    nested: dict = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise KdistillError(f"--set expects key=value, got {item!r}")
+        node = nested
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1], 1):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KdistillError(f"setting {'.'.join(parts[:depth])} must be a mapping of settings")
+        node[parts[-1]] = raw
+    return nested
+
+
+def render_config(cfg: Any) -> str:
+    """The settings as YAML, each followed by its description as a comment: a valid --config file."""
+    lines = ["# kdistill settings, fully resolved (usable as --config FILE)"]
+
+    def add(target: Any, indent: str) -> None:
+        for f in dataclasses.fields(target):
+            value = getattr(target, f.name)
+            comment = f"  # {f.metadata['help']}"
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{indent}{f.name}:{comment}")
+                add(value, indent + "  ")
+                continue
+            entry = yaml.safe_dump({f.name: value}, width=math.inf, allow_unicode=True).rstrip("\n")
+            if "\n" in entry:  # a text with line breaks, or a list: JSON's one-line form is valid YAML too
+                entry = f"{f.name}: {json.dumps(value)}"
+            lines.append(f"{indent}{entry}{comment}")
+
+    add(cfg, "")
+    return "\n".join(lines) + "\n"
