@@ -146,7 +146,12 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def save_torch(obj: Any, path: str, what: str = "checkpoint") -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), what)
+    def write(tmp: str) -> None:
+        # Through a file object, torch names the archive's inner folder "archive" rather than
+        # after the (pid-stamped) temporary file: the same content always gives the same bytes.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write, what)
 
 
 def snapshot(obj: Any) -> Any:

@@ -1,9 +1,5 @@
 """Augmentation as view parameters, stored views (FKD) replayed exactly, and mixing."""
 import glob
-import json
-import os
-import subprocess
-from signal import SIGKILL
 
 import pytest
 import torch
@@ -13,7 +9,6 @@ from torchvision.transforms.v2 import functional as TF
 
 import kdistill
 from conftest import tiny_settings
-from fault.kill_resume import comparable
 from kdistill import pipeline
 from kdistill.augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views, stored_views
 from kdistill.config import build_config
@@ -21,7 +16,6 @@ from kdistill.distillers import KD, CrossEntropy
 from kdistill.errors import KdistillError
 from kdistill.models import build_model
 from kdistill.train import Batches, predict_logits
-from test_user_paths import ENVIRONMENT, run_command, start_and_signal_after_first_student_epoch, write_config
 
 CPU = torch.device("cpu")
 quiet = lambda message: None  # noqa: E731
@@ -224,27 +218,3 @@ def test_student_and_baseline_see_identical_mixed_inputs(digits_dataset, tmp_pat
     labels = torch.cat([y for _, y, _ in student])
     assert labels.shape[1] == 3 and (labels.max(1).values < 1).any()  # mixed: probabilities, some not one-hot
     assert all(y.dim() == 1 for _, y, _ in seen["teacher"])  # the teacher trains on unmixed labels
-
-
-def test_a_resized_crop_and_mixup_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, tmp_path):
-    settings = tiny_settings(digits_dataset, "", "", augment="rrc_flip", mix="mixup", baseline=False,
-                             teacher={"epochs": 1}, student={"epochs": 3})
-    config_file = write_config(settings, str(tmp_path / "settings.yaml"))
-
-    def command(name: str) -> list[str]:
-        return run_command(digits_dataset, str(tmp_path / name), config_file,
-                           "--set", f"cache_dir={tmp_path / ('cache-' + name)}")
-    subprocess.run(command("reference"), check=True, env=ENVIRONMENT, capture_output=True)
-    interrupted = str(tmp_path / "interrupted")
-    process = start_and_signal_after_first_student_epoch(command("interrupted"), interrupted, SIGKILL,
-                                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    process.wait()
-    assert not os.path.exists(os.path.join(interrupted, "metrics.json")), "the run finished before the kill"
-    resumed = subprocess.run(command("interrupted"), env=ENVIRONMENT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "student: resuming after epoch" in resumed.stdout
-    reference = comparable(str(tmp_path / "reference"))
-    assert reference["metrics"]["teacher_signal"] == "online (mixed batches)"
-    assert comparable(interrupted) == reference
-    with open(os.path.join(interrupted, "metrics.json")) as f:
-        assert json.load(f)["models"]["student"]["epochs"] == 3

@@ -101,8 +101,7 @@ def test_disk_full_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, 
     save_torch({"epoch": 1}, path)
 
     def full_disk(obj, target):
-        with open(target, "wb") as f:
-            f.write(b"partial")
+        target.write(b"partial")  # save_torch hands torch.save an open temporary file
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(KdistillError, match="No space left on device") as error:
@@ -119,7 +118,7 @@ def test_a_checkpoint_write_failing_in_the_background_stops_training_and_keeps_t
     real_save, targets = torch.save, []
 
     def full_disk_after_epoch_1(obj, target):
-        targets.append(os.path.basename(target))
+        targets.append(os.path.basename(target.name))
         if len(targets) > 2:  # epoch 1 writes best.pt and last.pt
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, target)
@@ -159,3 +158,12 @@ def test_two_runs_sharing_a_cache_at_once_do_not_corrupt_it(digits_dataset, tmp_
     again = prepare(digits_dataset, 16, cache, workers=1, log=messages.append)
     assert any("reusing" in m for m in messages)
     assert (again.key, again.splits["train"].images.sum().item()) == results[0]
+
+
+def test_the_same_content_saved_twice_gives_identical_files(tmp_path):
+    """Model sizes in metrics.json, and a resumed run's, must not depend on the temporary file's
+    name (it carries the writer's pid)."""
+    state = {"weight": torch.arange(10.0)}
+    save_torch(state, str(tmp_path / "a.pt"))
+    save_torch(state, str(tmp_path / "much-longer-name-b.pt"))
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "much-longer-name-b.pt").read_bytes()
