@@ -91,7 +91,8 @@ class Config:
     seeds: list = setting([], "train the student and the baseline once per seed (e.g. [0, 1, 2]), one teacher "
                               "trained with seed; reports mean ± std and a paired test; empty: once, with seed")
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, mps, cuda or cuda:N")
-    precision: str = setting("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    precision: str = setting("auto", "auto: bf16 autocast on CUDA and on CPUs with bfloat16 units (AVX-512 BF16, "
+                                     "AMX), else fp32; fp32 turns it off", choices=("auto", "fp32", "bf16"))
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
     skip_bad: bool = setting(False, "skip unreadable images with a warning instead of stopping")
     augment: str = setting("none", "none, flip (random horizontal flip), crop_flip (random crop of the image "

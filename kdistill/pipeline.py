@@ -53,9 +53,9 @@ def make_logger(out: str):
     return log
 
 
-def _place(model: nn.Module, device: torch.device) -> nn.Module:
-    model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+def _place(model: nn.Module, compute: Compute) -> nn.Module:
+    model.to(compute.device)
+    return model.to(memory_format=torch.channels_last) if compute.channels_last else model
 
 
 class Compute(NamedTuple):
@@ -65,6 +65,11 @@ class Compute(NamedTuple):
 
     def key(self) -> str:
         return f"{self.device.type}-{self.precision}"
+
+    @property
+    def channels_last(self) -> bool:
+        """The memory format GPU kernels and the CPU's bf16 kernels are fastest with."""
+        return self.device.type == "cuda" or self.precision == "bf16"
 
 
 class TrainedTeacher(NamedTuple):
@@ -92,7 +97,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
     log(f"teacher: {t.arch}, weights {t.weights}, {trained_part}, input standardized with {normalize} "
         f"statistics, {t.epochs} epochs")
-    teacher = _place(teacher, compute.device)
+    teacher = _place(teacher, compute)
     head_only = t.mode == "head"
     trainable = trainable_part(teacher, head, head_only)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints", "teacher")
@@ -170,7 +175,7 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, input standardized with "
         f"{normalize} statistics, {s.epochs} epochs, "
         f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
-    student = _place(student, compute.device)
+    student = _place(student, compute)
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
     history = fit(name, student, student, train, val, objective, s, os.path.join(cfg.out, "checkpoints", name),
@@ -317,7 +322,7 @@ def run(cfg: Config, log=None) -> dict:
     data = prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction,
                    seed=cfg.seed, workers=cfg.workers, max_pixels=cfg.max_image_pixels,
                    skip_bad=cfg.skip_bad, log=log, scanned=dataset)
-    batcher = ImageBatcher(data, cfg, device)
+    batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
 

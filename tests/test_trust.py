@@ -284,3 +284,29 @@ def test_a_run_folder_from_an_older_kdistill_is_refused_in_one_line(digits_datas
     with pytest.raises(KdistillError, match="older kdistill") as error:
         kdistill.run(settings, log=quiet)
     assert "precision" in str(error.value) and "student.normalize" in str(error.value)
+
+
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_bf16_units(monkeypatch):
+    from kdistill import train
+
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert train.resolve_precision("auto", CPU) == "bf16"
+    assert train.resolve_precision("fp32", CPU) == "fp32"  # the setting that turns it off
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    assert train.resolve_precision("auto", CPU) == "fp32"
+    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert pipeline.Compute(CPU, "bf16").channels_last and not pipeline.Compute(CPU, "fp32").channels_last
+
+
+def test_cpu_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    from kdistill import train
+
+    real_open = open
+    for flags, expected in (("fpu sse avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                            ("fpu sse avx2 avx512f", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+            cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+        assert train.cpu_has_bf16() is expected
+        monkeypatch.undo()
