@@ -28,18 +28,9 @@ from .models import Standardized, check_train_output, imagenet_state_dict, stand
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher_signal import cached_tensors, head_inputs, signal_key
-from .train import Batches, fit, offered_val_acc, predict_logits, resolve_precision
+from .train import Batches, fit, offered_val_acc, predict_logits, resolve_device, resolve_precision
 
 ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdistillError(f"setting device is {name!r} but no CUDA device is available")
-    return device
 
 
 def make_logger(out: str):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 import sys
 
 import numpy as np
@@ -15,20 +14,7 @@ from .errors import KdistillError
 from .evaluate import write_predictions
 from .export import load_bundle
 from .images import DEFAULT_MAX_PIXELS, decode_task
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device auto|cpu|cuda|cuda:N as a torch.device; auto is cuda when present, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise KdistillError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdistillError(f"--device is {name!r} but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise KdistillError(f"--device is {name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
-    return device
+from .train import resolve_device
 
 
 def run_max_pixels(run_dir: str) -> int:
@@ -60,7 +46,7 @@ def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int =
     """
     if batch_size < 1:
         raise KdistillError(f"--batch-size must be >= 1, got {batch_size}")
-    target = resolve_device(device)
+    target = resolve_device(device, "--device")
     bundle_path = os.path.join(run_dir, "student.pt")
     if not os.path.exists(bundle_path):
         raise KdistillError(f"{bundle_path} not found: is {run_dir} a finished kdistill run?")

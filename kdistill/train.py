@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -98,6 +99,21 @@ class Batches:
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class indices; for mixed (probability) labels, the most probable class."""
     return labels.argmax(1) if labels.dim() == 2 else labels
+
+
+def resolve_device(name: str, what: str = "setting device") -> torch.device:
+    """auto|cpu|mps|cuda|cuda:N as a torch.device (auto: cuda when present, else cpu); what names
+    the setting or flag in the one-line error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise KdistillError(f"{what} must be auto, cpu, mps, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KdistillError(f"{what} is {name!r} but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise KdistillError(f"{what} is {name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def cpu_has_bf16() -> bool:

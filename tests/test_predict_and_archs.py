@@ -22,7 +22,8 @@ from kdistill.errors import KdistillError
 from kdistill.export import load_bundle, save_bundle
 from kdistill.images import load_image
 from kdistill.models import Standardized, build_model, check_train_output
-from kdistill.predict import predict_folder, resolve_device
+from kdistill.predict import predict_folder
+from kdistill.train import resolve_device
 
 SIZE = 16
 CLASSES = ["cat", "dog"]
@@ -176,7 +177,7 @@ def test_device_choice(monkeypatch, tmp_path, bundle_file, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(KdistillError, match="--device .*no CUDA device"):
-        resolve_device("cuda:0")
+        resolve_device("cuda:0", "--device")
 
     run = make_run(tmp_path / "run", bundle_file)
     for bad in ("gpu", "cuda:x", "cuda"):
