@@ -11,7 +11,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +21,20 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig
 from .data import batch_indices
-from .distillers import Distiller
+from .distillers import Distiller, Outputs
 from .errors import KdistillError
+from .features import FeatureTaps, build_objective
 from .fileio import BackgroundSaver, load_torch, save_torch
 
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
 WARMUP_START_FACTOR = 0.01  # cosine's warmup starts at lr * this
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # model input
+    labels: torch.Tensor
+    teacher: Outputs | None  # what the teacher said about x, where the objective needs it
+    index: torch.Tensor  # the samples' positions in the split
 
 
 @dataclass
@@ -48,8 +56,9 @@ class Batches:
     # Mixing after the view (augment.BatchMixer): (x, labels, generator) -> (mixed x, (B, classes)
     # label probabilities). Mixed images have no stored teacher logits: only an online teacher.
     mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-    # The online teacher: model input -> logits, run on exactly the (mixed) view the student sees.
-    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The online teacher: model input -> logits or Outputs (logits and features, see
+    # features.OnlineTeacher), run on exactly the (mixed) view the student sees.
+    teacher: Callable[[torch.Tensor], torch.Tensor | Outputs] | None = None
     # Called after each batch is copied out of memory-mapped inputs (see data.SplitData).
     release_pages: Callable[[], None] | None = None
 
@@ -59,8 +68,8 @@ class Batches:
     def iterate(self, batch_size: int, device: torch.device, shuffle: bool = False,
                 generator: torch.Generator | None = None, view_generator: torch.Generator | None = None,
                 precision: str = "fp32"):
-        """Yields (model_input, labels, teacher_logits or None); labels are class indices (B,), or
-        class probabilities (B, classes) when mixed.
+        """Yields a Batch: model input, labels (class indices (B,), -1 for an unlabelled image, or
+        class probabilities (B, classes) when mixed), the teacher's Outputs or None, sample indices.
 
         generator orders the samples, view_generator picks or draws their views and mixes: two
         streams, so the order never depends on how many views were drawn, and two trainings given
@@ -85,15 +94,17 @@ class Batches:
             y = self.labels[index].to(device, non_blocking=True)
             if self.mix is not None:
                 x, y = self.mix(x, y, view_generator)
-            teacher_logits = None
+            teacher = None
             if self.teacher is not None:
                 with torch.no_grad(), autocast(device, precision):
-                    teacher_logits = self.teacher(x).float()
+                    said = self.teacher(x)
+                teacher = (Outputs(said.logits.float(), said.features) if isinstance(said, Outputs)
+                           else Outputs(said.float()))
             elif "teacher_logits" in self.extras:
                 stored = self.extras["teacher_logits"][index]
-                teacher_logits = (stored if pick is None else stored[torch.arange(len(index)), pick]).to(
-                    device, non_blocking=True)
-            yield x, y, teacher_logits
+                teacher = Outputs((stored if pick is None else stored[torch.arange(len(index)), pick]).to(
+                    device, non_blocking=True))
+            yield Batch(x, y, teacher, index.to(device, non_blocking=True))
 
 
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -143,7 +154,7 @@ def predict_logits(model: nn.Module, batches: Batches, batch_size: int, device: 
                    precision: str = "fp32") -> torch.Tensor:
     model.eval()
     outputs = []
-    for x, _, _ in batches.iterate(batch_size, device, precision=precision):
+    for x, *_ in batches.iterate(batch_size, device, precision=precision):
         with autocast(device, precision):
             outputs.append(model(x).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
@@ -266,7 +277,11 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     """
     last_path = os.path.join(checkpoint_dir, "last.pt")
     best_path = os.path.join(checkpoint_dir, "best.pt")
-    optimizer, scheduler = build_optimizer(trainable, cfg, math.ceil(len(train) / cfg.batch_size))
+    student_taps = FeatureTaps(model, objective.student_features(), "the student")
+    build_objective(objective, model, student_taps, train, device)
+    # The method's own trainable parts (regressors, projectors) train beside the model.
+    optimizer, scheduler = build_optimizer(nn.ModuleList([trainable, objective]), cfg,
+                                           math.ceil(len(train) / cfg.batch_size))
     # The average of the weights after every step; BatchNorm statistics averaged too (use_buffers).
     ema = (AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
            if cfg.ema else None)
@@ -283,6 +298,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
         _check_same_computation(name, state.get("computed_on", {"device": "cpu", "precision": "fp32"}),
                                 computed_on, checkpoint_dir)
         trainable.load_state_dict(state["model"])
+        objective.load_state_dict(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
@@ -310,13 +326,15 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             # batch would make the CPU wait for the GPU at every step.
             first_bad_batch = torch.zeros((), dtype=torch.int64, device=device)
             seen = 0
+            labelled = torch.zeros((), dtype=torch.int64, device=device)
             lr = optimizer.param_groups[0]["lr"]
-            for batch, (x, y, teacher_logits) in enumerate(
+            objective.epoch = epoch
+            for batch, (x, y, teacher, index) in enumerate(
                     train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator,
                                   view_generator=view_generator, precision=precision), 1):
                 with autocast(device, precision):
                     logits = model(x)
-                terms = objective(logits.float(), y, teacher_logits)
+                terms = objective(Outputs(logits.float(), student_taps.take()), y, teacher, index)
                 loss = terms["loss"]
                 first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -328,8 +346,9 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     ema.update_parameters(trainable)
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0) + value.detach() * len(y)
-                correct += (logits.argmax(1) == hard_labels(y)).sum()
+                correct += (logits.argmax(1) == hard_labels(y)).sum()  # an unlabelled image (-1) never counts
                 seen += len(y)
+                labelled += (hard_labels(y) >= 0).sum()
             if first_bad_batch.item():
                 raise KdistillError(
                     f"{name}: the loss stopped being finite at epoch {epoch}, batch {first_bad_batch.item()}; "
@@ -337,7 +356,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     f"try a lower lr")
             val_loss, val_acc = evaluate(model, val, cfg.batch_size, device, precision)
             row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
-                   "train_acc": correct.item() / seen, "val_loss": val_loss, "val_acc": val_acc}
+                   "train_acc": correct.item() / max(labelled.item(), 1), "val_loss": val_loss, "val_acc": val_acc}
             offered = trainable
             if ema is not None:
                 row["val_loss_ema"], row["val_acc_ema"] = _evaluate_weights(
@@ -352,7 +371,8 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                 best_val_acc = offered_val_acc(row)
                 best_weights = offered.state_dict()
             saver.submit(_save_epoch, checkpoint_dir, best_weights, {
-                "model": trainable.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": trainable.state_dict(), "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler else {},
                 "ema": ema.state_dict() if ema is not None else {},
                 "shuffle_rng": shuffle_generator.get_state(), "view_rng": view_generator.get_state(),
@@ -368,6 +388,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
         saver.wait()
     finally:
         saver.close()
+        student_taps.remove()
 
     trainable.load_state_dict(load_torch(best_path, what="best checkpoint"))
     return history

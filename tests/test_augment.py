@@ -103,9 +103,9 @@ def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view(kind)
     logits = torch.stack([predict_logits(teacher, batches(views=views[:, k:k + 1]), 8, CPU) for k in range(3)], 1)
     served = batches(views=views, extras={"teacher_logits": logits})
     generator = torch.Generator().manual_seed(1)
-    for x, _, teacher_logits in served.iterate(5, CPU, shuffle=True, generator=generator):
+    for x, _, teacher_said, _ in served.iterate(5, CPU, shuffle=True, generator=generator):
         with torch.no_grad():
-            torch.testing.assert_close(teacher_logits, teacher(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(teacher_said.logits, teacher(x), rtol=1e-4, atol=1e-4)
     # In order (no shuffle), image i is always served as one of its own K stored views, and over
     # epochs as several of them.
     renderings = torch.stack([APPLY[kind](images.float() / 255 - 0.5, views[:, k]) for k in range(3)],
@@ -113,7 +113,7 @@ def test_each_served_view_comes_with_the_teacher_logits_of_that_exact_view(kind)
     picked = [set() for _ in range(24)]
     view_generator = torch.Generator().manual_seed(2)
     for epoch in range(6):
-        x = torch.cat([x for x, _, _ in served.iterate(8, CPU, view_generator=view_generator)])
+        x = torch.cat([batch.x for batch in served.iterate(8, CPU, view_generator=view_generator)])
         for i in range(24):
             matches = [k for k in range(3) if torch.equal(x[i], renderings[i, k])]
             assert matches, f"image {i} was served in a view it does not have"
@@ -154,8 +154,8 @@ def test_mixup_mixes_each_image_and_its_label_with_its_partner_and_leaves_the_gl
     # The objectives take the probabilities as they are: CE of the mixture is the mixture of CEs.
     logits, teacher_logits = torch.randn(8, 4), torch.randn(8, 4)
     expected_ce = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, partner)
-    torch.testing.assert_close(CrossEntropy()(logits, soft)["loss"], expected_ce)
-    terms = KD(temperature=2.0, alpha=0.3)(logits, soft, teacher_logits)
+    torch.testing.assert_close(CrossEntropy().logit_terms(logits, soft)["loss"], expected_ce)
+    terms = KD(temperature=2.0, alpha=0.3).logit_terms(logits, soft, teacher_logits)
     torch.testing.assert_close(terms["ce"], expected_ce)
     torch.testing.assert_close(terms["loss"], 0.3 * terms["kd"] + 0.7 * expected_ce)
 
@@ -200,9 +200,9 @@ def test_student_and_baseline_see_identical_mixed_inputs(digits_dataset, tmp_pat
         real_iterate = train.iterate
 
         def iterate(*iterate_args, **iterate_kwargs):
-            for x, y, teacher_logits in real_iterate(*iterate_args, **iterate_kwargs):
-                seen.setdefault(name, []).append((x.clone(), y.clone(), teacher_logits is not None))
-                yield x, y, teacher_logits
+            for batch in real_iterate(*iterate_args, **iterate_kwargs):
+                seen.setdefault(name, []).append((batch.x.clone(), batch.labels.clone(), batch.teacher is not None))
+                yield batch
         train.iterate = iterate
         return real_fit(name, model, trainable, train, *args, **kwargs)
     monkeypatch.setattr(pipeline, "fit", recording_fit)

@@ -166,10 +166,10 @@ def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(digits_
             real_iterate = train.iterate
 
             def iterate(*iterate_args, **iterate_kwargs):
-                for x, y, teacher_logits in real_iterate(*iterate_args, **iterate_kwargs):
+                for batch in real_iterate(*iterate_args, **iterate_kwargs):
                     if len(served) < 2:
-                        served.append((x.clone(), teacher_logits.clone()))
-                    yield x, y, teacher_logits
+                        served.append((batch.x.clone(), batch.teacher.logits.clone()))
+                    yield batch
             train.iterate = iterate
         return real_fit(name, model, trainable, train, *args, **kwargs)
     monkeypatch.setattr(pipeline, "fit", recording_fit)

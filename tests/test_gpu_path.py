@@ -19,7 +19,7 @@ def test_device_resident_channels_last_batches_equal_the_memory_mapped_ones(digi
     mapped = pipeline.ImageBatcher(data, cfg, CPU)
     resident = pipeline.ImageBatcher(data, cfg, CPU, resident=True, channels_last=True)
     assert resident.resident and not mapped.resident
-    for (x, y, _), (x_gpu_path, y_gpu_path, _) in zip(mapped("val").iterate(5, CPU), resident("val").iterate(5, CPU)):
+    for (x, y, *_), (x_gpu_path, y_gpu_path, *_) in zip(mapped("val").iterate(5, CPU), resident("val").iterate(5, CPU)):
         assert x_gpu_path.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(x, x_gpu_path) and torch.equal(y, y_gpu_path)
 

@@ -34,12 +34,12 @@ def test_cached_teacher_logits_equal_online_ones_and_are_reused(tmp_path):
     cached = cached_tensors(path, {"train": 40}, compute, "teacher logits", lambda m: None)["train"]
     again = cached_tensors(path, {"train": 40}, compute, "teacher logits", lambda m: None)["train"]
     assert len(calls) == 1 and torch.equal(cached, again)
-    online = torch.cat([teacher(x) for x, _, _ in batches.iterate(7, CPU)]).detach()  # other batch size
+    online = torch.cat([teacher(batch.x) for batch in batches.iterate(7, CPU)]).detach()  # other batch size
     torch.testing.assert_close(cached, online, rtol=1e-4, atol=1e-4)
     # Batches serve the cached logits aligned with their (shuffled) images.
     served = Batches(batches.inputs, batches.labels, batches.to_model_input, extras={"teacher_logits": cached})
-    for x, _, teacher_logits in served.iterate(8, CPU, shuffle=True, generator=torch.Generator().manual_seed(1)):
-        torch.testing.assert_close(teacher_logits, teacher(x).detach(), rtol=1e-4, atol=1e-4)
+    for x, _, teacher_said, _ in served.iterate(8, CPU, shuffle=True, generator=torch.Generator().manual_seed(1)):
+        torch.testing.assert_close(teacher_said.logits, teacher(x).detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_damaged_signal_file_is_recomputed(tmp_path):

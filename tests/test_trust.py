@@ -84,9 +84,10 @@ def record_training_inputs(monkeypatch) -> dict[str, list[torch.Tensor]]:
         real_iterate = train.iterate
 
         def iterate(*iterate_args, **iterate_kwargs):
-            for x, y, teacher_logits in real_iterate(*iterate_args, **iterate_kwargs):
-                seen.setdefault(name, []).append(torch.cat([x.flatten(1), y.view(-1, 1).float()], 1).clone())
-                yield x, y, teacher_logits
+            for batch in real_iterate(*iterate_args, **iterate_kwargs):
+                seen.setdefault(name, []).append(
+                    torch.cat([batch.x.flatten(1), batch.labels.view(-1, 1).float()], 1).clone())
+                yield batch
         train.iterate = iterate
         return real_fit(name, model, trainable, train, *args, **kwargs)
     monkeypatch.setattr(pipeline, "fit", recording_fit)

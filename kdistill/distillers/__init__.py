@@ -1,9 +1,10 @@
 """Distillation objectives: one small module per method, one interface.
 
-A distiller maps (student_logits, labels, teacher_logits) to a dict of named loss terms; "loss"
-is the one optimized, every term is logged. A new method is one new file registered here.
+A distiller maps (student Outputs, labels, teacher Outputs, sample indices) to a dict of named loss
+terms (see base.Distiller); "loss" is the one optimized, every term is logged. A new method is one
+new file registered here.
 """
-from .base import CrossEntropy, Distiller
+from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
 from .kd import KD
 
 DISTILLERS: dict[str, type[Distiller]] = {"kd": KD}
@@ -13,4 +14,4 @@ def build_distiller(method: str, temperature: float, alpha: float, label_smoothi
     return DISTILLERS[method](temperature=temperature, alpha=alpha, label_smoothing=label_smoothing)
 
 
-__all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "build_distiller"]
+__all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "LogitDistiller", "Outputs", "build_distiller"]

@@ -1,36 +1,116 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class Distiller(nn.Module):
-    """Interface: forward(student_logits, labels, teacher_logits) -> {"loss": ..., term: ...}.
+@dataclass
+class Outputs:
+    """What a model said about a batch: its logits and the features a method asked for, by module
+    path (the output of that module, taken by a forward hook; see kdistill/features.py)."""
 
-    label_smoothing applies to the cross-entropy against the labels (see cross_entropy), never to
-    the teacher's term.
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class NoSettings:
+    """A method without hyperparameters of its own."""
+
+
+class Distiller(nn.Module):
+    """Interface: forward(student: Outputs, labels, teacher: Outputs | None, index) -> {"loss": ..., term: ...}.
+
+    labels are class indices (B,), -1 for an unlabelled image (a transfer-set image: only the
+    teacher's terms apply to it), or class probabilities (B, classes) for mixed images. index holds
+    the batch's sample indices in the training set (for methods with a memory bank).
+
+    A method declares what it reads, and that decides how the signal is served:
+      needs_teacher             the teacher's Outputs (else teacher is None)
+      student_features()        module paths of the student whose outputs it reads
+      teacher_features()        module paths of the teacher whose outputs it reads (served online)
+      needs_index               the batch's sample indices
+    Trainable parts (regressors, projectors, memory banks) are created in build(), called once
+    before training with the shapes of one dummy forward; they train and are checkpointed with
+    the student, and are not part of the exported student.
+
+    Hyperparameters of a method live in its `Settings` dataclass (fields declared with
+    kdistill.settings.setting, defaults from its paper); they appear in config.yaml as
+    distill.<method>.<name> and are checked by problems().
     """
 
     needs_teacher = True
+    needs_index = False
+    Settings: type = NoSettings
 
-    def __init__(self, label_smoothing: float = 0.0):
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0, settings=None):
         super().__init__()
+        self.settings = settings if settings is not None else self.Settings()
+        self.temperature = temperature
+        self.alpha = alpha
         self.label_smoothing = label_smoothing
+        self.epoch = 1  # the epoch being trained (1-based), set by the training loop
+
+    @staticmethod
+    def problems(settings) -> list[tuple[str, str]]:
+        """(setting name, what is wrong) for each invalid value of this method's settings."""
+        return []
+
+    def student_features(self) -> tuple[str, ...]:
+        return ()
+
+    def teacher_features(self) -> tuple[str, ...]:
+        return ()
+
+    def build(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size],
+              num_samples: int) -> None:
+        """Create trainable parts from the feature shapes (batch dimension included) of one dummy
+        forward and the number of training samples."""
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        """Cross-entropy against the labels, with label smoothing where set, over the labelled
+        images of the batch only (zero when it has none)."""
+        if labels.dim() == 2:  # mixed: class probabilities
+            return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        labelled = labels >= 0
+        if not labelled.any():
+            return logits.sum() * 0.0  # keeps the graph, so a backward pass still works
+        return F.cross_entropy(logits[labelled], labels[labelled], label_smoothing=self.label_smoothing)
 
-    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor,
-                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def hard_targets(labels: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Class indices for methods that split by the true class: the label, the most probable
+        class of a mixed label, or, for an unlabelled image, the teacher's top class."""
+        if labels.dim() == 2:
+            return labels.argmax(1)
+        if teacher_logits is None:
+            return labels
+        return torch.where(labels >= 0, labels, teacher_logits.argmax(1))
+
+    def forward(self, student: Outputs, labels: torch.Tensor, teacher: Outputs | None = None,
+                index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
-class CrossEntropy(Distiller):
+class LogitDistiller(Distiller):
+    """A method that reads logits only: it writes logit_terms(student_logits, labels, teacher_logits)."""
+
+    def forward(self, student, labels, teacher=None, index=None):
+        return self.logit_terms(student.logits, labels, None if teacher is None else teacher.logits)
+
+    def logit_terms(self, student_logits: torch.Tensor, labels: torch.Tensor,
+                    teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class CrossEntropy(LogitDistiller):
     """No teacher: the plain supervised objective, used for the teacher and the baseline student."""
 
     needs_teacher = False
 
-    def forward(self, student_logits, labels, teacher_logits=None):
+    def logit_terms(self, student_logits, labels, teacher_logits=None):
         ce = self.cross_entropy(student_logits, labels)
         return {"loss": ce, "ce": ce}

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import Distiller
+from .base import LogitDistiller
 
 
-class KD(Distiller):
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0):
-        super().__init__(label_smoothing)
-        self.temperature = temperature
-        self.alpha = alpha
-
-    def forward(self, student_logits, labels, teacher_logits=None):
+class KD(LogitDistiller):
+    def logit_terms(self, student_logits, labels, teacher_logits=None):
         t = self.temperature
         # KL from log-probabilities on both sides (log_target) is exact where a probability underflows.
         kd = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
