@@ -25,7 +25,8 @@ def test_kd_matches_hand_computed_values():
         ce += -math.log(softmax(s_row, 1.0)[y])
     kl, ce = kl / 2, ce / 2  # batchmean
     expected = alpha * t * t * kl + (1 - alpha) * ce
-    terms = KD(temperature=t, alpha=alpha).logit_terms(torch.tensor(student), torch.tensor(labels), torch.tensor(teacher))
+    terms = KD(temperature=t, alpha=alpha).logit_terms(torch.tensor(student), torch.tensor(labels),
+                                                       torch.tensor(teacher))
     assert terms["kd"].item() == pytest.approx(t * t * kl, rel=1e-5)
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(expected, rel=1e-5)
@@ -41,7 +42,8 @@ def test_alpha_zero_is_cross_entropy_and_alpha_one_is_scaled_kl():
     assert CrossEntropy().logit_terms(student, labels)["loss"].item() == pytest.approx(ce.item(), rel=1e-6)
     for t in (1.0, 4.0):
         kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
-        assert KD(t, 1.0).logit_terms(student, labels, teacher)["loss"].item() == pytest.approx(t * t * kl.item(), rel=1e-5)
+        loss = KD(t, 1.0).logit_terms(student, labels, teacher)["loss"]
+        assert loss.item() == pytest.approx(t * t * kl.item(), rel=1e-5)
 
 
 def test_kd_is_zero_when_student_equals_teacher_and_gradients_flow_to_student_only():
@@ -49,7 +51,8 @@ def test_kd_is_zero_when_student_equals_teacher_and_gradients_flow_to_student_on
     student = logits.clone().requires_grad_(True)
     terms = KD(4.0, 1.0).logit_terms(student, torch.zeros(4, dtype=torch.long), logits)
     assert terms["kd"].item() == pytest.approx(0.0, abs=1e-6)
-    KD(4.0, 0.5).logit_terms(student, torch.zeros(4, dtype=torch.long), logits + 1.0 * torch.eye(4, 3))["loss"].backward()
+    nudged = logits + 1.0 * torch.eye(4, 3)
+    KD(4.0, 0.5).logit_terms(student, torch.zeros(4, dtype=torch.long), nudged)["loss"].backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
 
 
