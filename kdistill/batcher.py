@@ -9,8 +9,26 @@ import torch
 
 from .augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views
 from .config import Config
-from .data import PreparedData, to_unit_range
+from .data import PreparedData, SplitData, to_unit_range
 from .train import Batches
+
+
+class JoinedImages:
+    """Two image tensors indexed as one, without copying either (mapped splits stay mapped)."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor):
+        self.first, self.second = first, second
+        self.device = first.device
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        in_first = index < len(self.first)
+        picked = torch.empty((len(index), *self.first.shape[1:]), dtype=self.first.dtype, device=self.device)
+        picked[in_first] = self.first[index[in_first]]
+        picked[~in_first] = self.second[index[~in_first] - len(self.first)]
+        return picked
 
 
 class ImageBatcher:
@@ -23,7 +41,7 @@ class ImageBatcher:
 
     def __init__(self, data: PreparedData, cfg: Config, device: torch.device, resident: bool | None = None,
                  channels_last: bool | None = None):
-        self.splits = data.splits
+        self.splits = dict(data.splits)
         self.augmentation = cfg.augment
         self.image_size = cfg.image_size
         self.pad = crop_padding(cfg.augment, cfg.image_size)
@@ -38,6 +56,19 @@ class ImageBatcher:
         self.resident = resident
         if self.resident:
             self.images = {name: images.to(device) for name, images in self.images.items()}
+
+    def join(self, first: str, second: str) -> str:
+        """Serve the splits first and second as one split (second's images unlabelled, -1), named
+        first+second: the labelled training images followed by a transfer set."""
+        name = f"{first}+{second}"
+        a, b = self.splits[first], self.splits[second]
+        releases = (a.release_pages, b.release_pages)
+        self.splits[name] = SplitData(
+            JoinedImages(self.images[first], self.images[second]),
+            torch.cat([a.labels, torch.full((len(b.files),), -1, dtype=torch.int64)]), a.files + b.files,
+            lambda: [release() for release in releases])
+        self.images[name] = self.splits[name].images
+        return name
 
     def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
-from .distillers import DISTILLERS
+from .distillers import DISTILLERS, Distiller, build_distiller
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS
 from .settings import (apply_settings, convert, leaves, parse_set, parse_yaml, read_yaml, redefault, render_config,
@@ -69,8 +69,9 @@ class StudentConfig(TrainConfig):
 
 
 @dataclass
-class DistillConfig:
-    method: str = setting("kd", "distillation loss (kd: alpha*T^2*KL + (1-alpha)*CE)", choices=DISTILLERS)
+class _DistillSettings:
+    method: str = setting("kd", "distillation method (kd: alpha*T^2*KL + (1-alpha)*CE; the others: see README)",
+                          choices=DISTILLERS)
     temperature: float = setting(4.0, "softmax temperature T of both teacher and student")
     alpha: float = setting(0.5, "weight of the teacher's term; 1 - alpha goes to the labels")
     teacher_signal: str = setting(
@@ -79,6 +80,17 @@ class DistillConfig:
                 "auto: cached, views for flip, online for crop_flip, rrc_flip and any mix",
         choices=("auto", "cached", "views", "online"))
     views: int = setting(8, "stored augmented views per image when teacher_signal is views")
+    unlabeled: str = setting("", "transfer set: test (the run's DATA/test images) or a folder of images, "
+                                 "labelled by the teacher and learned through the teacher's terms only; "
+                                 "empty: none")
+
+
+# Each method's own hyperparameters, as the section distill.<method> (for example distill.dkd.beta).
+DistillConfig = dataclasses.make_dataclass(
+    "DistillConfig",
+    [(name, method.Settings, section(method.Settings, f"settings of distill.method {name}"))
+     for name, method in DISTILLERS.items() if dataclasses.fields(method.Settings)],
+    bases=(_DistillSettings,))
 
 
 @dataclass
@@ -119,9 +131,16 @@ class Config:
         return self.cache_dir or os.environ.get("KDISTILL_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "kdistill")
 
+    def distiller(self) -> Distiller:
+        """The distillation method with its settings."""
+        return build_distiller(self.distill.method, self.distill.temperature, self.distill.alpha,
+                               self.student.label_smoothing, getattr(self.distill, self.distill.method, None))
+
     def signal_mode(self) -> str:
         if self.distill.teacher_signal != "auto":
             return self.distill.teacher_signal
+        if self.distiller().teacher_features():  # features at module paths: the teacher runs on each batch
+            return "online"
         # The exact choice: flip has just two views per image, so both are stored; random crops
         # are too many to store, so the teacher runs online on each one. For rrc_flip, FKD stores
         # views, but with one set per epoch; K < epochs repeats views, and a teacher that sees
@@ -251,6 +270,19 @@ def validate(cfg: Config) -> None:
     require(not (cfg.distill.teacher_signal == "views" and cfg.augment == "none"), "distill.teacher_signal",
             "views needs augmentation (set augment); without it, cached is exact")
     require(cfg.distill.views >= 1, "distill.views", f"must be >= 1, got {cfg.distill.views}")
+    for name, method in DISTILLERS.items():
+        if hasattr(cfg.distill, name):
+            for key, message in method.problems(getattr(cfg.distill, name)):
+                require(False, f"distill.{name}.{key}", message)
+    if cfg.distiller().teacher_features():
+        require(cfg.distill.teacher_signal in ("auto", "online"), "distill.teacher_signal",
+                f"cannot be {cfg.distill.teacher_signal} with distill.method {cfg.distill.method}: it reads the "
+                "teacher's features, which only an online teacher gives (use online or auto)")
+    unlabeled = cfg.distill.unlabeled
+    require(unlabeled in ("", "test") or os.path.isdir(unlabeled), "distill.unlabeled",
+            f"must be empty, test or an existing folder, got {unlabeled!r}")
+    require(not (unlabeled and cfg.mix != "none"), "distill.unlabeled",
+            f"cannot be combined with mix={cfg.mix}: a mixed image of a labelled and an unlabelled one has no label")
     for key in ("rrc_scale", "rrc_ratio"):
         require(len(getattr(cfg, key)) == 2, key, f"must be two numbers [low, high], got {getattr(cfg, key)}")
     (scale_low, scale_high), (ratio_low, ratio_high) = cfg.rrc_scale, cfg.rrc_ratio

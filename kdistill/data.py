@@ -131,7 +131,9 @@ def _stratified_split(train: SplitFiles, fraction: float, seed: int) -> tuple[Sp
     return pick(~is_val), pick(is_val)
 
 
-def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0) -> DatasetFiles:
+def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0, unlabeled: str = "") -> DatasetFiles:
+    """unlabeled: a folder of unlabelled images for the transfer set, scanned as the split
+    "unlabeled" ("test" or empty: none beyond DATA/test)."""
     if not os.path.isdir(data_dir):
         raise KdistillError(f"data folder {data_dir} does not exist")
     train_dir, val_dir, test_dir = (os.path.join(data_dir, s) for s in SPLITS)
@@ -159,6 +161,14 @@ def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0) -> Dat
         test_files, bad = list_images(test_dir)
         rejected += bad
         splits["test"] = SplitFiles(test_dir, test_files, None)
+    if unlabeled == "test" and not (os.path.isdir(test_dir) and splits["test"].files):
+        raise KdistillError(f"setting distill.unlabeled is test but {test_dir} has no images")
+    if unlabeled not in ("", "test"):
+        transfer_files, bad = list_images(unlabeled)
+        if not transfer_files:
+            raise KdistillError(f"setting distill.unlabeled: {unlabeled} has no images")
+        rejected += bad
+        splits["unlabeled"] = SplitFiles(os.path.abspath(unlabeled), transfer_files, None)
     for split in splits.values():
         for name in split.files:
             path = os.path.join(split.root, name)

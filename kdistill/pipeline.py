@@ -19,7 +19,8 @@ from .batcher import ImageBatcher
 from .config import Config, result_differences, save_config
 from .settings import read_yaml
 from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
-from .distillers import CrossEntropy, build_distiller
+from .distillers import CrossEntropy
+from .features import OnlineTeacher
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
@@ -70,14 +71,20 @@ class TrainedTeacher(NamedTuple):
     history: list[dict]
     features: dict[str, torch.Tensor] | None  # cached backbone features per split (head-only mode)
 
-    def train_logits(self, batcher: ImageBatcher, batch_size: int, compute: Compute) -> torch.Tensor:
-        """The teacher's logits for every training image (unaugmented view)."""
+    def train_logits(self, batcher: ImageBatcher, batch_size: int, compute: Compute,
+                     transfer: str | None = None) -> torch.Tensor:
+        """The teacher's logits for every training image (unaugmented view), then for every image
+        of the transfer split, if any."""
         if self.features is not None:
             # The head on the cached backbone features: the same logits, without a second backbone pass.
             features = self.features["train"]
-            return predict_logits(self.model.get_submodule(self.head),
-                                  Batches(features, torch.zeros(len(features)), lambda x: x), batch_size, *compute)
-        return predict_logits(self.model, batcher("train"), batch_size, *compute)
+            logits = predict_logits(self.model.get_submodule(self.head),
+                                    Batches(features, torch.zeros(len(features)), lambda x: x), batch_size, *compute)
+        else:
+            logits = predict_logits(self.model, batcher("train"), batch_size, *compute)
+        if transfer is None:
+            return logits
+        return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute)])
 
 
 def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log) -> TrainedTeacher:
@@ -119,19 +126,27 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
 
 
 def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_teacher: TrainedTeacher,
-                         batcher: ImageBatcher, compute: Compute, log) -> Batches:
-    """The student's training batches with the teacher's signal: cached, stored views, or online."""
-    teacher, train, batch_size = trained_teacher.model, data.splits["train"], cfg.student.batch_size
+                         batcher: ImageBatcher, compute: Compute, log, transfer: str | None = None) -> Batches:
+    """The student's training batches with the teacher's signal: cached, stored views, or online.
+
+    transfer: the split of unlabelled images the teacher labels, served after the training images
+    (labels -1: they reach the student through the teacher's terms only)."""
+    teacher, batch_size = trained_teacher.model, cfg.student.batch_size
+    served = batcher.join("train", transfer) if transfer else "train"
+    train = batcher.splits[served]
     if signal == "online":  # the teacher sees each freshly drawn (and mixed) view
-        return batcher("train", augment=True, mix=True, teacher=teacher)
+        return batcher(served, augment=True, mix=True,
+                       teacher=OnlineTeacher(teacher, cfg.distiller().teacher_features()))
     teacher_hash = tensors_sha256(teacher.state_dict())
+    # A transfer set joins the key only when set, so earlier signal caches stay valid.
+    transfer_key = [f"transfer {transfer}"] if transfer else []
     if signal == "cached":  # no augmentation: one set of logits per training image
-        key = signal_key("logits", teacher_hash, data.key, compute.key())
+        key = signal_key("logits", teacher_hash, data.key, *transfer_key, compute.key())
         logits = cached_tensors(
             os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
-            lambda: {"train": trained_teacher.train_logits(batcher, batch_size, compute)},
+            lambda: {"train": trained_teacher.train_logits(batcher, batch_size, compute, transfer)},
             "teacher logits", log)["train"]
-        return batcher("train", extras={"teacher_logits": logits})
+        return batcher(served, extras={"teacher_logits": logits})
     # views (FKD): logits for K stored augmented views per image
     views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed,
                          cfg.rrc_scale, cfg.rrc_ratio)
@@ -140,18 +155,26 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
         log(f"teacher signal: augment={cfg.augment} has {count} distinct views per image; storing those")
     # The box ranges draw the views too (the key of the other kinds is as it always was).
     augmentation = f"{cfg.augment} {cfg.rrc_scale} {cfg.rrc_ratio}" if cfg.augment == "rrc_flip" else cfg.augment
-    key = signal_key("views", teacher_hash, data.key, augmentation, str(count), str(cfg.seed), compute.key())
+    key = signal_key("views", teacher_hash, data.key, augmentation, str(count), str(cfg.seed), *transfer_key,
+                     compute.key())
     logits = cached_tensors(
         os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
-        lambda: {"train": torch.stack([predict_logits(teacher, batcher("train", views=views[:, k:k + 1]),
+        lambda: {"train": torch.stack([predict_logits(teacher, batcher(served, views=views[:, k:k + 1]),
                                                       batch_size, *compute) for k in range(count)], 1)},
         f"teacher logits for {count} views per image", log)["train"]
-    return batcher("train", views=views, extras={"teacher_logits": logits})
+    return batcher(served, views=views, extras={"teacher_logits": logits})
 
 
-def without_teacher(batches: Batches) -> Batches:
-    """The same batches, views and order, without the teacher's signal: the baseline's input."""
-    return dataclasses.replace(batches, extras={}, teacher=None)
+def without_teacher(batches: Batches, labelled: int) -> Batches:
+    """The same batches, views and order, without the teacher's signal: the baseline's input.
+
+    With a transfer set, the first `labelled` samples only (the training images): without a
+    teacher, an unlabelled image teaches nothing."""
+    plain = dataclasses.replace(batches, extras={}, teacher=None)
+    if len(batches) == labelled:
+        return plain
+    return dataclasses.replace(plain, inputs=batches.inputs.first, labels=batches.labels[:labelled],
+                               views=None if batches.views is None else batches.views[:labelled])
 
 
 def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: Batches, val: Batches,
@@ -207,16 +230,18 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
 
     Every seed shares the prepared data and the one teacher's signal. A finished seed is not
     retrained on a rerun: its checkpoints hold all its epochs."""
-    kinds = {"student": (student_train, build_distiller(cfg.distill.method, cfg.distill.temperature,
-                                                        cfg.distill.alpha, cfg.student.label_smoothing))}
+    # Objectives are made anew for each seed: a method's trainable parts must not carry over.
+    kinds = {"student": (student_train, cfg.distiller)}
     if cfg.baseline:
-        kinds["baseline"] = (without_teacher(student_train), CrossEntropy(cfg.student.label_smoothing))
+        kinds["baseline"] = (without_teacher(student_train, len(data.splits["train"].files)),
+                             lambda: CrossEntropy(cfg.student.label_smoothing))
     seeds = cfg.seeds or [cfg.seed]
     trained = TrainedStudents({}, {}, {kind: [] for kind in kinds}, {})
     for seed in seeds:
-        for kind, (train, objective) in kinds.items():
+        for kind, (train, make_objective) in kinds.items():
             name = run_name(kind, seed, cfg)
-            model, normalize, history = train_student(name, seed, cfg, data, train, val, objective, compute, log)
+            model, normalize, history = train_student(name, seed, cfg, data, train, val, make_objective(), compute,
+                                                      log)
             save_torch(model.state_dict(), os.path.join(models_dir, f"{name}.pt"), what=f"{name} weights")
             trained.histories[name] = history
             trained.rows[kind].append({"seed": seed, **best_and_final(history)})
@@ -284,7 +309,7 @@ def run(cfg: Config, log=None) -> dict:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
-    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed)
+    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled)
     data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
     _check_out_folder(cfg, data_identity)
     os.makedirs(cfg.out, exist_ok=True)
@@ -323,7 +348,11 @@ def run(cfg: Config, log=None) -> dict:
     lap("teacher")
 
     signal = cfg.signal_mode()
-    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log)
+    transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
+    if transfer:
+        log(f"teacher signal: {len(data.splits[transfer].files)} unlabelled images of {cfg.distill.unlabeled} "
+            f"join the student's training set, labelled by the teacher (the baseline trains without them)")
+    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log, transfer)
     lap("teacher_signal")
     students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap)
     histories = {"teacher": trained_teacher.history, **students.histories}
@@ -366,6 +395,8 @@ def run(cfg: Config, log=None) -> dict:
                "images": {name: len(split.files) for name, split in data.splits.items()},
                "skipped_files": len(data.skipped), "device": str(device), "precision": compute.precision,
                "teacher_signal": signal if cfg.mix == "none" else f"{signal} (mixed batches)",
+               "transfer_set": {"source": cfg.distill.unlabeled, "images": len(data.splits[transfer].files)}
+               if transfer else None,
                "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
     if cfg.seeds:
         metrics["seeds"] = students.rows

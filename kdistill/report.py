@@ -155,7 +155,7 @@ def markdown(metrics: dict, config: dict) -> str:
     d = config["distill"]
     lines += [
         "", f"Distillation: method {d['method']}, T={d['temperature']}, alpha={d['alpha']}, teacher signal "
-            f"{metrics['teacher_signal']}. GFLOPs count a multiply-add as two FLOPs, at "
+            f"{metrics['teacher_signal']}.{_transfer_text(metrics)} GFLOPs count a multiply-add as two FLOPs, at "
             f"{config['image_size']} px. Latency: median of 20 forward passes on {metrics['device']}.",
         "", "Wall time of each stage in the last invocation (s; a resumed run counts only what it redid): "
             + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in metrics["stage_seconds"].items())
@@ -165,6 +165,16 @@ def markdown(metrics: dict, config: dict) -> str:
         "The fully resolved settings are in `config.yaml`; per-epoch numbers in `history/`.", "",
     ]
     return "\n".join(lines)
+
+
+def _transfer_text(metrics: dict) -> str:
+    transfer = metrics.get("transfer_set")
+    if not transfer:
+        return ""
+    source = "the run's DATA/test images" if transfer["source"] == "test" else transfer["source"]
+    return (f" Transfer set: {transfer['images']:,} unlabelled images ({source}) joined the distilled student's "
+            "training set, labelled by the teacher and learned through the teacher's terms only; the baseline "
+            "trained on the labelled images alone.")
 
 
 def write_report(out: str, metrics: dict, histories: dict[str, list[dict]], config: dict) -> None:

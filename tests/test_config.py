@@ -241,6 +241,7 @@ CASES = {
     "distill.alpha": ("1.5", "0.9", 0.9),
     "distill.teacher_signal": ("exact", "online", "online"),
     "distill.views": ("0", "4", 4),
+    "distill.unlabeled": ("/no/such/folder", "test", "test"),
 }
 
 

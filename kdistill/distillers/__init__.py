@@ -10,8 +10,11 @@ from .kd import KD
 DISTILLERS: dict[str, type[Distiller]] = {"kd": KD}
 
 
-def build_distiller(method: str, temperature: float, alpha: float, label_smoothing: float = 0.0) -> Distiller:
-    return DISTILLERS[method](temperature=temperature, alpha=alpha, label_smoothing=label_smoothing)
+def build_distiller(method: str, temperature: float, alpha: float, label_smoothing: float = 0.0,
+                    settings=None) -> Distiller:
+    """settings: the method's Settings (its defaults when None)."""
+    return DISTILLERS[method](temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                              settings=settings)
 
 
 __all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "LogitDistiller", "Outputs", "build_distiller"]
