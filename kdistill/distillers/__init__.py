@@ -5,13 +5,22 @@ terms (see base.Distiller); "loss" is the one optimized, every term is logged. A
 new file registered here.
 """
 from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
+from .dist import DIST
+from .dkd import DKD
 from .kd import KD
+from .lskd import LSKD
 
-DISTILLERS: dict[str, type[Distiller]] = {"kd": KD}
+DISTILLERS: dict[str, type[Distiller]] = {
+    "kd": KD,
+    "dkd": DKD,
+    "dist": DIST,
+    "lskd": LSKD,
+}
 
 
 def build_distiller(method: str, temperature: float, alpha: float, label_smoothing: float = 0.0) -> Distiller:
     return DISTILLERS[method](temperature=temperature, alpha=alpha, label_smoothing=label_smoothing)
 
 
-__all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "LogitDistiller", "Outputs", "build_distiller"]
+__all__ = ["DISTILLERS", "CrossEntropy", "DIST", "DKD", "Distiller", "KD", "LSKD", "LogitDistiller", "Outputs",
+           "build_distiller"]
