@@ -5,9 +5,17 @@ terms (see base.Distiller); "loss" is the one optimized, every term is logged. A
 new file registered here.
 """
 from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
+from .dist import DIST
+from .dkd import DKD
 from .kd import KD
+from .lskd import LSKD
 
-DISTILLERS: dict[str, type[Distiller]] = {"kd": KD}
+DISTILLERS: dict[str, type[Distiller]] = {
+    "kd": KD,
+    "dkd": DKD,
+    "dist": DIST,
+    "lskd": LSKD,
+}
 
 
 def build_distiller(method: str, temperature: float, alpha: float, label_smoothing: float = 0.0,
@@ -17,4 +25,5 @@ def build_distiller(method: str, temperature: float, alpha: float, label_smoothi
                               settings=settings)
 
 
-__all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "LogitDistiller", "Outputs", "build_distiller"]
+__all__ = ["DISTILLERS", "CrossEntropy", "DIST", "DKD", "Distiller", "KD", "LSKD", "LogitDistiller", "Outputs",
+           "build_distiller"]
