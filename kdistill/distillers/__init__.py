@@ -4,14 +4,23 @@ A distiller maps (student Outputs, labels, teacher Outputs, sample indices) to a
 terms (see base.Distiller); "loss" is the one optimized, every term is logged. A new method is one
 new file registered here.
 """
+from .at import AT
 from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
+from .fitnets import FitNets
 from .kd import KD
+from .pefd import PEFD
 
-DISTILLERS: dict[str, type[Distiller]] = {"kd": KD}
+DISTILLERS: dict[str, type[Distiller]] = {
+    "kd": KD,
+    "fitnets": FitNets,
+    "at": AT,
+    "pefd": PEFD,
+}
 
 
 def build_distiller(method: str, temperature: float, alpha: float, label_smoothing: float = 0.0) -> Distiller:
     return DISTILLERS[method](temperature=temperature, alpha=alpha, label_smoothing=label_smoothing)
 
 
-__all__ = ["DISTILLERS", "CrossEntropy", "Distiller", "KD", "LogitDistiller", "Outputs", "build_distiller"]
+__all__ = ["AT", "DISTILLERS", "CrossEntropy", "Distiller", "FitNets", "KD", "LogitDistiller", "Outputs", "PEFD",
+           "build_distiller"]
