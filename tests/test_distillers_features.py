@@ -101,21 +101,23 @@ def hand_attention(feature, p, size):
     return [v / norm for v in values]
 
 
-def test_at_terms_match_hand_computed_values_over_two_layer_pairs():
-    # pair 1: same size, 2 vs 3 channels; pair 2: the teacher's 4x4 map is pooled to the student's 2x2
-    student_a = [[[[1.0, 2.0], [0.0, -1.0]], [[3.0, 0.0], [1.0, 1.0]]]]
-    teacher_a = [[[[0.5, 1.0], [1.5, 0.0]], [[1.0, 1.0], [0.0, 2.0]], [[-2.0, 0.0], [1.0, 0.5]]]]
-    student_b = [[[[0.0, 1.0], [2.0, 1.0]]]]
-    teacher_b = [[[[float((3 * i + j) % 5) - 1.0 for j in range(4)] for i in range(4)] for _ in range(2)]]
+def test_at_terms_match_hand_computed_values_over_three_layer_pairs():
+    # a: same size, 2 vs 3 channels; b: the teacher's 4x4 map is pooled to the student's 2x2;
+    # c: a 2x4 student map, the teacher's 4x4 map pooled to 2x4 (height and width apart)
+    students = {"a": [[[[1.0, 2.0], [0.0, -1.0]], [[3.0, 0.0], [1.0, 1.0]]]],
+                "b": [[[[0.0, 1.0], [2.0, 1.0]]]],
+                "c": [[[[1.0, 2.0, 0.0, 1.0], [-1.0, 0.5, 2.0, 0.0]]]]}
+    teachers = {"a": [[[[0.5, 1.0], [1.5, 0.0]], [[1.0, 1.0], [0.0, 2.0]], [[-2.0, 0.0], [1.0, 0.5]]]],
+                "b": [[[[float((3 * i + j) % 5) - 1.0 for j in range(4)] for i in range(4)] for _ in range(2)]],
+                "c": [[[[1.0, 0.0, 2.0, 1.0], [2.0, 1.0, 0.0, 0.5], [0.0, 3.0, 1.0, 1.0], [1.0, 1.0, -1.0, 2.0]]]]}
     weight, p = 1000.0, 2.0
     at = 0.0
-    for student, teacher in ((student_a, teacher_a), (student_b, teacher_b)):
-        s_map, t_map = hand_attention(student[0], p, (2, 2)), hand_attention(teacher[0], p, (2, 2))
-        at += sum((s - t) ** 2 for s, t in zip(s_map, t_map)) / 4  # mean over 1 image x 4 positions
-    objective = AT(settings=AT.Settings(student_layers=["a", "b"], teacher_layers=["a", "b"], weight=weight, p=p))
-    terms = objective(Outputs(torch.tensor([LOGITS[0]]), {"a": torch.tensor(student_a), "b": torch.tensor(student_b)}),
-                      torch.tensor([1]),
-                      Outputs(torch.zeros(1, 3), {"a": torch.tensor(teacher_a), "b": torch.tensor(teacher_b)}))
+    for path, size in (("a", (2, 2)), ("b", (2, 2)), ("c", (2, 4))):
+        s_map, t_map = hand_attention(students[path][0], p, size), hand_attention(teachers[path][0], p, size)
+        at += sum((s - t) ** 2 for s, t in zip(s_map, t_map)) / len(s_map)  # mean over 1 image x positions
+    objective = AT(settings=AT.Settings(student_layers=list("abc"), teacher_layers=list("abc"), weight=weight, p=p))
+    terms = objective(Outputs(torch.tensor([LOGITS[0]]), {k: torch.tensor(v) for k, v in students.items()}),
+                      torch.tensor([1]), Outputs(torch.zeros(1, 3), {k: torch.tensor(v) for k, v in teachers.items()}))
     assert at > 0
     assert terms["at"].item() == pytest.approx(weight * at, rel=1e-5)
     assert terms["ce"].item() == pytest.approx(hand_cross_entropy([LOGITS[0]], [1]), rel=1e-6)
@@ -142,7 +144,8 @@ def test_pefd_terms_match_hand_computed_values():
         distances.append(1 - cosine)
     pefd = 25.0 * sum(distances) / 2
     terms = objective(Outputs(torch.tensor(LOGITS), {"avgpool": torch.tensor(student).view(2, 2, 1, 1)}),
-                      torch.tensor(LABELS), Outputs(torch.zeros(2, 3), {"avgpool": torch.tensor(teacher).view(2, 3, 1, 1)}))
+                      torch.tensor(LABELS),
+                      Outputs(torch.zeros(2, 3), {"avgpool": torch.tensor(teacher).view(2, 3, 1, 1)}))
     assert pefd > 0
     assert terms["pefd"].item() == pytest.approx(pefd, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(pefd + hand_cross_entropy(LOGITS, LABELS), rel=1e-5)

@@ -63,8 +63,8 @@ class AT(Distiller):
         found = path_problems("student_layers", settings.student_layers)
         found += path_problems("teacher_layers", settings.teacher_layers)
         if len(settings.student_layers) != len(settings.teacher_layers):
-            found.append(("teacher_layers", f"must list as many modules as student_layers "
-                                            f"({len(settings.student_layers)}), got {len(settings.teacher_layers)}"))
+            counts = f"({len(settings.student_layers)}), got {len(settings.teacher_layers)}"
+            found.append(("teacher_layers", f"must list as many modules as student_layers {counts}"))
         if settings.p <= 0:
             found.append(("p", f"must be > 0, got {settings.p}"))
         if settings.weight < 0:
