@@ -4,17 +4,23 @@ A distiller maps (student Outputs, labels, teacher Outputs, sample indices) to a
 terms (see base.Distiller); "loss" is the one optimized, every term is logged. A new method is one
 new file registered here.
 """
+from .at import AT
 from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
 from .dist import DIST
 from .dkd import DKD
+from .fitnets import FitNets
 from .kd import KD
 from .lskd import LSKD
+from .pefd import PEFD
 
 DISTILLERS: dict[str, type[Distiller]] = {
     "kd": KD,
     "dkd": DKD,
     "dist": DIST,
     "lskd": LSKD,
+    "fitnets": FitNets,
+    "at": AT,
+    "pefd": PEFD,
 }
 
 
@@ -25,5 +31,5 @@ def build_distiller(method: str, temperature: float, alpha: float, label_smoothi
                               settings=settings)
 
 
-__all__ = ["DISTILLERS", "CrossEntropy", "DIST", "DKD", "Distiller", "KD", "LSKD", "LogitDistiller", "Outputs",
-           "build_distiller"]
+__all__ = ["AT", "DIST", "DISTILLERS", "DKD", "CrossEntropy", "Distiller", "FitNets", "KD", "LSKD", "LogitDistiller",
+           "Outputs", "PEFD", "build_distiller"]

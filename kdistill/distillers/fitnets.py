@@ -1,0 +1,72 @@
+"""FitNets: Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015.
+
+A regressor maps the student's hint layer onto the teacher's guided layer and the two are matched
+by mean squared error. Trained jointly with the labels' cross-entropy in one stage, as mdistiller's
+FitNet does (the paper's first stage trains only up to the hint layer; its second stage is KD):
+
+    loss = CE(z_s, y) + hint,   hint = hint_weight * mean((regressor(f_s) - f_t)^2)
+
+The regressor is mdistiller's ConvReg (convolution, BatchNorm, ReLU: the guided layer of a ResNet is
+a ReLU output), with a 1x1 convolution from the student's to the teacher's channels. Where the
+two maps differ in height or width, the larger is average-pooled to the smaller first (pooling
+commutes with the 1x1 convolution; mdistiller uses a strided convolution for a 2x size instead).
+No KD term, as in mdistiller: distill.temperature and distill.alpha are unused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import KdistillError
+from ..settings import setting
+from .at import path_problems, pool_to_common_size
+from .base import Distiller
+
+
+def conv_map_channels(shapes: dict, path: str, setting_name: str) -> int:
+    """The channels of the (B, C, H, W) map at path; a one-line error naming the setting otherwise."""
+    shape = shapes[path]
+    if len(shape) != 4:
+        raise KdistillError(f"setting {setting_name}: module {path!r} gives features of shape "
+                            f"{tuple(shape)}, not a (batch, channels, height, width) map")
+    return shape[1]
+
+
+class FitNets(Distiller):
+    @dataclass
+    class Settings:
+        student_layer: str = setting("layer2", "student module whose output is the hint (mdistiller: the "
+                                               "second stage of a ResNet)")
+        teacher_layer: str = setting("layer2", "teacher module whose output guides the hint")
+        hint_weight: float = setting(100.0, "weight of the hint's mean squared error (mdistiller: 100)")
+
+    @staticmethod
+    def problems(settings) -> list[tuple[str, str]]:
+        found = path_problems("student_layer", [settings.student_layer])
+        found += path_problems("teacher_layer", [settings.teacher_layer])
+        if settings.hint_weight < 0:
+            found.append(("hint_weight", f"must be >= 0, got {settings.hint_weight}"))
+        return found
+
+    def student_features(self):
+        return (self.settings.student_layer,)
+
+    def teacher_features(self):
+        return (self.settings.teacher_layer,)
+
+    def build(self, student_shapes, teacher_shapes, num_samples):
+        student_channels = conv_map_channels(student_shapes, self.settings.student_layer,
+                                             "distill.fitnets.student_layer")
+        teacher_channels = conv_map_channels(teacher_shapes, self.settings.teacher_layer,
+                                             "distill.fitnets.teacher_layer")
+        self.regressor = nn.Sequential(nn.Conv2d(student_channels, teacher_channels, kernel_size=1),
+                                       nn.BatchNorm2d(teacher_channels), nn.ReLU())
+
+    def forward(self, student, labels, teacher=None, index=None):
+        hint_map, guide = pool_to_common_size(student.features[self.settings.student_layer],
+                                              teacher.features[self.settings.teacher_layer])
+        hint = self.settings.hint_weight * F.mse_loss(self.regressor(hint_map), guide)
+        ce = self.cross_entropy(student.logits, labels)
+        return {"loss": ce + hint, "ce": ce, "hint": hint}

@@ -1,0 +1,70 @@
+"""Projector Ensemble Feature Distillation: Chen et al., "Improved Feature Distillation via
+Projector Ensemble", NeurIPS 2022.
+
+The student's penultimate features go through several linear projectors, each followed by a ReLU,
+whose outputs are averaged; the average is aligned with the teacher's penultimate features by
+direction (cosine similarity), not magnitude:
+
+    loss = CE(z_s, y) + pefd,   pefd = weight * mean_images(1 - cos(mean_k ReLU(W_k f_s + b_k), f_t))
+
+as in the authors' code (github.com/chenyd7/PEFD, helper/loops.py, distill "ours": three
+projectors, beta = 25 with CE weight 1 and no KD term, for CIFAR-100 and for ResNet-34 -> ResNet-18
+on ImageNet). distill.temperature and distill.alpha are unused. A conv map given as the feature
+layer is global-average-pooled first, as avgpool does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..settings import setting
+from .at import path_problems
+from .base import Distiller
+
+
+def feature_vectors(features: torch.Tensor) -> torch.Tensor:
+    """(B, C): avgpool's (B, C, 1, 1), a conv map's mean over positions, or (B, C) as it is."""
+    return features.flatten(2).mean(2) if features.dim() > 2 else features
+
+
+class PEFD(Distiller):
+    @dataclass
+    class Settings:
+        student_layer: str = setting("avgpool", "student module whose output is projected (the penultimate "
+                                                "features)")
+        teacher_layer: str = setting("avgpool", "teacher module whose output the projection is aligned with")
+        projectors: int = setting(3, "linear projectors in the ensemble (paper: 3)")
+        weight: float = setting(25.0, "weight of the 1 - cosine term (paper: 25)")
+
+    @staticmethod
+    def problems(settings) -> list[tuple[str, str]]:
+        found = path_problems("student_layer", [settings.student_layer])
+        found += path_problems("teacher_layer", [settings.teacher_layer])
+        if settings.projectors < 1:
+            found.append(("projectors", f"must be >= 1, got {settings.projectors}"))
+        if settings.weight < 0:
+            found.append(("weight", f"must be >= 0, got {settings.weight}"))
+        return found
+
+    def student_features(self):
+        return (self.settings.student_layer,)
+
+    def teacher_features(self):
+        return (self.settings.teacher_layer,)
+
+    def build(self, student_shapes, teacher_shapes, num_samples):
+        student_dim = student_shapes[self.settings.student_layer][1]
+        teacher_dim = teacher_shapes[self.settings.teacher_layer][1]
+        self.ensemble = nn.ModuleList(nn.Linear(student_dim, teacher_dim)
+                                      for _ in range(self.settings.projectors))
+
+    def forward(self, student, labels, teacher=None, index=None):
+        features = feature_vectors(student.features[self.settings.student_layer])
+        projected = torch.stack([F.relu(projector(features)) for projector in self.ensemble]).mean(0)
+        target = feature_vectors(teacher.features[self.settings.teacher_layer])
+        pefd = self.settings.weight * (1 - F.cosine_similarity(projected, target, dim=1)).mean()
+        ce = self.cross_entropy(student.logits, labels)
+        return {"loss": ce + pefd, "ce": ce, "pefd": pefd}
