@@ -119,7 +119,8 @@ def _as_kind(value: Any, kind: type, item_kind: type = int) -> Any:
     if kind is list:  # a YAML list, or text such as 0,1,2 or [0.35, 1]
         if isinstance(value, str):
             text = value.strip().removeprefix("[").removesuffix("]")
-            value = text.split(",") if text.strip() else []
+            # Items as typed, without the spaces and quotes around them: "layer1, 'layer2'".
+            value = [item.strip().strip("'\"") for item in text.split(",")] if text.strip() else []
         if not isinstance(value, (list, tuple)):
             return None
         items = [_as_kind(item, item_kind) for item in value]

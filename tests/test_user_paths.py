@@ -51,7 +51,10 @@ def start_and_signal_after_first_student_epoch(command: list[str], out: str, sig
     ({"augment": "crop_flip", "distill": {"teacher_signal": "views", "views": 3}}, "views"),
     ({"augment": "crop_flip", "distill": {"teacher_signal": "online"}}, "online"),
     ({"augment": "rrc_flip", "mix": "mixup"}, "online (mixed batches)"),
-], ids=["stored-views", "online-teacher", "resized-crop-mixup"])
+    # Methods with trainable parts: a regressor, and embedding heads with memory banks and negatives.
+    ({"augment": "flip", "distill": {"method": "fitnets"}}, "online"),
+    ({"augment": "flip", "distill": {"method": "crd"}}, "online"),
+], ids=["stored-views", "online-teacher", "resized-crop-mixup", "fitnets", "crd"])
 def test_an_augmented_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, tmp_path,
                                                                           augment_settings, signal_name):
     settings = tiny_settings(digits_dataset, "", "", teacher={"epochs": 1}, student={"epochs": 3},

@@ -6,12 +6,16 @@ new file registered here.
 """
 from .at import AT
 from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
+from .crd import CRD
 from .dist import DIST
 from .dkd import DKD
 from .fitnets import FitNets
 from .kd import KD
 from .lskd import LSKD
 from .pefd import PEFD
+from .pkt import PKT
+from .rkd import RKD
+from .sp import SP
 
 DISTILLERS: dict[str, type[Distiller]] = {
     "kd": KD,
@@ -21,6 +25,10 @@ DISTILLERS: dict[str, type[Distiller]] = {
     "fitnets": FitNets,
     "at": AT,
     "pefd": PEFD,
+    "rkd": RKD,
+    "pkt": PKT,
+    "sp": SP,
+    "crd": CRD,
 }
 
 
@@ -31,5 +39,5 @@ def build_distiller(method: str, temperature: float, alpha: float, label_smoothi
                               settings=settings)
 
 
-__all__ = ["AT", "DIST", "DISTILLERS", "DKD", "CrossEntropy", "Distiller", "FitNets", "KD", "LSKD", "LogitDistiller",
-           "Outputs", "PEFD", "build_distiller"]
+__all__ = ["AT", "CRD", "DIST", "DISTILLERS", "DKD", "KD", "LSKD", "PEFD", "PKT", "RKD", "SP", "CrossEntropy",
+           "Distiller", "FitNets", "LogitDistiller", "Outputs", "build_distiller"]
