@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..settings import setting
-from .base import Distiller
+from .base import Distiller, path_problems
 
 
 def pool_to_common_size(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,14 +31,6 @@ def pool_to_common_size(first: torch.Tensor, second: torch.Tensor) -> tuple[torc
     size = (min(first.shape[2], second.shape[2]), min(first.shape[3], second.shape[3]))
     return tuple(map_ if tuple(map_.shape[2:]) == size else F.adaptive_avg_pool2d(map_, size)
                  for map_ in (first, second))
-
-
-def path_problems(name: str, paths: list[str]) -> list[tuple[str, str]]:
-    """A module path is a non-empty dotted name without spaces, e.g. layer3 or layer4.1.conv2."""
-    if not paths:
-        return [(name, "must name at least one module, e.g. layer3")]
-    bad = [path for path in paths if not path or path != "".join(path.split())]
-    return [(name, f"must be module paths without spaces, e.g. layer3, got {bad[0]!r}")] if bad else []
 
 
 def attention_map(features: torch.Tensor, p: float) -> torch.Tensor:

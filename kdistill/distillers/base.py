@@ -95,6 +95,30 @@ class Distiller(nn.Module):
         raise NotImplementedError
 
 
+def path_problems(name: str, paths: list[str]) -> list[tuple[str, str]]:
+    """A module path is a non-empty dotted name without spaces, e.g. layer3 or layer4.1.conv2."""
+    if not paths:
+        return [(name, "must name at least one module, e.g. layer3")]
+    bad = [path for path in paths if not path or path != "".join(path.split())]
+    return [(name, f"must be module paths without spaces, e.g. layer3, got {bad[0]!r}")] if bad else []
+
+
+class LayerPairDistiller(Distiller):
+    """A method that reads one student module and one teacher module, named by its settings
+    student_layer and teacher_layer."""
+
+    @staticmethod
+    def layer_problems(settings) -> list[tuple[str, str]]:
+        return (path_problems("student_layer", [settings.student_layer])
+                + path_problems("teacher_layer", [settings.teacher_layer]))
+
+    def student_features(self) -> tuple[str, ...]:
+        return (self.settings.student_layer,)
+
+    def teacher_features(self) -> tuple[str, ...]:
+        return (self.settings.teacher_layer,)
+
+
 class LogitDistiller(Distiller):
     """A method that reads logits only: it writes logit_terms(student_logits, labels, teacher_logits)."""
 

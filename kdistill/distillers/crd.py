@@ -28,8 +28,7 @@ from torch import nn
 
 from ..errors import KdistillError
 from ..settings import setting
-from .at import path_problems
-from .base import Distiller
+from .base import LayerPairDistiller
 
 EPS = 1e-7  # RepDistiller's, in the NCE ratios
 
@@ -43,7 +42,7 @@ def nce_loss(probabilities: torch.Tensor, num_samples: int) -> torch.Tensor:
     return -(positive.sum() + negatives.sum()) / len(probabilities)
 
 
-class CRD(Distiller):
+class CRD(LayerPairDistiller):
     needs_index = True
 
     @dataclass
@@ -58,20 +57,13 @@ class CRD(Distiller):
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = path_problems("student_layer", [settings.student_layer])
-        found += path_problems("teacher_layer", [settings.teacher_layer])
+        found = LayerPairDistiller.layer_problems(settings)
         checks = [("weight", settings.weight >= 0, "must be >= 0"),
                   ("feat_dim", settings.feat_dim >= 1, "must be >= 1"),
                   ("nce_k", settings.nce_k >= 1, "must be >= 1"),
                   ("nce_temperature", settings.nce_temperature > 0, "must be > 0"),
                   ("momentum", 0 <= settings.momentum < 1, "must be in [0, 1)")]
         return found + [(name, f"{rule}, got {getattr(settings, name)}") for name, ok, rule in checks if not ok]
-
-    def student_features(self):
-        return (self.settings.student_layer,)
-
-    def teacher_features(self):
-        return (self.settings.teacher_layer,)
 
     def build(self, student_shapes, teacher_shapes, num_samples):
         if num_samples < 2:

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..errors import KdistillError
 from ..settings import setting
-from .at import path_problems, pool_to_common_size
-from .base import Distiller
+from .at import pool_to_common_size
+from .base import LayerPairDistiller
 
 
 def conv_map_channels(shapes: dict, path: str, setting_name: str) -> int:
@@ -34,7 +34,7 @@ def conv_map_channels(shapes: dict, path: str, setting_name: str) -> int:
     return shape[1]
 
 
-class FitNets(Distiller):
+class FitNets(LayerPairDistiller):
     @dataclass
     class Settings:
         student_layer: str = setting("layer2", "student module whose output is the hint (mdistiller: the "
@@ -44,17 +44,10 @@ class FitNets(Distiller):
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = path_problems("student_layer", [settings.student_layer])
-        found += path_problems("teacher_layer", [settings.teacher_layer])
+        found = LayerPairDistiller.layer_problems(settings)
         if settings.hint_weight < 0:
             found.append(("hint_weight", f"must be >= 0, got {settings.hint_weight}"))
         return found
-
-    def student_features(self):
-        return (self.settings.student_layer,)
-
-    def teacher_features(self):
-        return (self.settings.teacher_layer,)
 
     def build(self, student_shapes, teacher_shapes, num_samples):
         student_channels = conv_map_channels(student_shapes, self.settings.student_layer,

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..settings import setting
-from .at import path_problems
-from .base import Distiller
+from .base import LayerPairDistiller
 
 
 def feature_vectors(features: torch.Tensor) -> torch.Tensor:
@@ -30,7 +29,7 @@ def feature_vectors(features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2).mean(2) if features.dim() > 2 else features
 
 
-class PEFD(Distiller):
+class PEFD(LayerPairDistiller):
     @dataclass
     class Settings:
         student_layer: str = setting("avgpool", "student module whose output is projected (the penultimate "
@@ -41,19 +40,12 @@ class PEFD(Distiller):
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = path_problems("student_layer", [settings.student_layer])
-        found += path_problems("teacher_layer", [settings.teacher_layer])
+        found = LayerPairDistiller.layer_problems(settings)
         if settings.projectors < 1:
             found.append(("projectors", f"must be >= 1, got {settings.projectors}"))
         if settings.weight < 0:
             found.append(("weight", f"must be >= 0, got {settings.weight}"))
         return found
-
-    def student_features(self):
-        return (self.settings.student_layer,)
-
-    def teacher_features(self):
-        return (self.settings.teacher_layer,)
 
     def build(self, student_shapes, teacher_shapes, num_samples):
         student_dim = student_shapes[self.settings.student_layer][1]

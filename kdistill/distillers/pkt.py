@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..settings import setting
-from .at import path_problems
-from .base import Distiller
+from .base import LayerPairDistiller
 
 EPS = 1e-7  # the reference's: in the norm's denominator and on both sides of the log's ratio
 
@@ -29,7 +28,7 @@ def conditional_probabilities(features: torch.Tensor) -> torch.Tensor:
     return kernel / kernel.sum(1, keepdim=True)
 
 
-class PKT(Distiller):
+class PKT(LayerPairDistiller):
     @dataclass
     class Settings:
         student_layer: str = setting("avgpool", "student module whose output (flattened) is transferred")
@@ -38,15 +37,8 @@ class PKT(Distiller):
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = path_problems("student_layer", [settings.student_layer])
-        found += path_problems("teacher_layer", [settings.teacher_layer])
+        found = LayerPairDistiller.layer_problems(settings)
         return found + ([("weight", f"must be >= 0, got {settings.weight}")] if settings.weight < 0 else [])
-
-    def student_features(self):
-        return (self.settings.student_layer,)
-
-    def teacher_features(self):
-        return (self.settings.teacher_layer,)
 
     def forward(self, student, labels, teacher=None, index=None):
         ce = self.cross_entropy(student.logits, labels)

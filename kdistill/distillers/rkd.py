@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..settings import setting
-from .at import path_problems
-from .base import Distiller
+from .base import LayerPairDistiller
 
 SQUARED_DISTANCE_FLOOR = 1e-12  # the references' eps: sqrt stays differentiable for equal samples
 
@@ -39,7 +38,7 @@ def triplet_cosines(features: torch.Tensor) -> torch.Tensor:
     return directions @ directions.transpose(1, 2)
 
 
-class RKD(Distiller):
+class RKD(LayerPairDistiller):
     @dataclass
     class Settings:
         student_layer: str = setting("avgpool", "student module whose output (flattened) holds the relations")
@@ -49,16 +48,9 @@ class RKD(Distiller):
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = path_problems("student_layer", [settings.student_layer])
-        found += path_problems("teacher_layer", [settings.teacher_layer])
+        found = LayerPairDistiller.layer_problems(settings)
         return found + [(name, f"must be >= 0, got {getattr(settings, name)}")
                         for name in ("distance_weight", "angle_weight") if getattr(settings, name) < 0]
-
-    def student_features(self):
-        return (self.settings.student_layer,)
-
-    def teacher_features(self):
-        return (self.settings.teacher_layer,)
 
     def forward(self, student, labels, teacher=None, index=None):
         ce = self.cross_entropy(student.logits, labels)

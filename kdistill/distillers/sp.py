@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..settings import setting
-from .at import path_problems
-from .base import Distiller
+from .base import LayerPairDistiller
 
 
 def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -27,7 +26,7 @@ def similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(flat @ flat.t(), dim=1)
 
 
-class SP(Distiller):
+class SP(LayerPairDistiller):
     @dataclass
     class Settings:
         student_layer: str = setting("layer4", "student module whose activations' similarities are kept")
@@ -36,15 +35,8 @@ class SP(Distiller):
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = path_problems("student_layer", [settings.student_layer])
-        found += path_problems("teacher_layer", [settings.teacher_layer])
+        found = LayerPairDistiller.layer_problems(settings)
         return found + ([("weight", f"must be >= 0, got {settings.weight}")] if settings.weight < 0 else [])
-
-    def student_features(self):
-        return (self.settings.student_layer,)
-
-    def teacher_features(self):
-        return (self.settings.teacher_layer,)
 
     def forward(self, student, labels, teacher=None, index=None):
         ce = self.cross_entropy(student.logits, labels)
