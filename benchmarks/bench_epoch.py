@@ -15,7 +15,7 @@ One run, same data, same machine, variants interleaved within each repeat (media
       teacher logits are computed once (FKD), and the teacher run online on every batch
 
 kdistill runs through its own functions (pipeline.train_student with student.epochs=1,
-pipeline.train_teacher with teacher.epochs=10). A student epoch is reported twice: its training
+teacher.train_teacher with teacher.epochs=10). A student epoch is reported twice: its training
 loop (fit's pass over the training Batches, like for like with the naive loop) and the whole call,
 which adds what kdistill does around an epoch and the naive loop doesn't: building the model, a
 val pass over a tiny val split (--val-per-class images per class) and the crash-safe (fsync'd)
@@ -58,7 +58,10 @@ from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy, build_distiller
 from kdistill.models import standardized_model
-from kdistill.pipeline import Compute, ImageBatcher, TrainedTeacher, distillation_batches, train_student, train_teacher
+from kdistill.batcher import ImageBatcher
+from kdistill.compute import Compute
+from kdistill.pipeline import train_student
+from kdistill.teacher import TrainedTeacher, distillation_batches, train_teacher
 from kdistill.train import Batches, predict_logits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -197,7 +200,7 @@ def kdistill_student_epoch(cfg, data, batcher, train_batches, objective, work: P
 
 
 def kdistill_teacher_stage(cfg, data, batcher, work: Path) -> float:
-    """pipeline.train_teacher, head mode, no augmentation: features once, then 10 head epochs."""
+    """teacher.train_teacher, head mode, no augmentation: features once, then 10 head epochs."""
     shutil.rmtree(os.path.join(data.folder, "signal"), ignore_errors=True)  # no reuse across repeats
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     started = time.perf_counter()

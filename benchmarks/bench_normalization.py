@@ -3,7 +3,7 @@
 A pretrained backbone was trained on inputs standardized with ImageNet's mean/std; a frozen one
 sees every other standardization as shifted BatchNorm inputs. This trains the head-only teacher
 of the seed-nguyen recipe (Dropout+Linear head, Adam 1e-3, batch 64) on a real ImageNet-pretrained
-backbone, once per choice of teacher.normalize and seed, through kdistill's own train_teacher
+backbone, once per choice of teacher.normalize and seed, through kdistill's own teacher.train_teacher
 (backbone features computed once per choice, then the head epochs), and prints best val accuracy.
 
     python benchmarks/bench_normalization.py --data ../shared/data/cifar10-seedlike --size 64
@@ -22,7 +22,9 @@ import torch
 
 from kdistill.config import build_config
 from kdistill.data import prepare
-from kdistill.pipeline import Compute, ImageBatcher, train_teacher
+from kdistill.batcher import ImageBatcher
+from kdistill.compute import Compute
+from kdistill.teacher import train_teacher
 
 
 def main() -> None:

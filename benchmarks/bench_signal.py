@@ -35,8 +35,9 @@ from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy
 from kdistill.models import standardized_model
-from kdistill.pipeline import Compute, TrainedTeacher, _place, distillation_batches, train_student
-from kdistill.train import resolve_precision
+from kdistill.compute import Compute, resolve_precision
+from kdistill.pipeline import train_student
+from kdistill.teacher import TrainedTeacher, distillation_batches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-seedlike"
@@ -77,7 +78,7 @@ def main() -> None:
         torch.manual_seed(0)
         teacher, head, normalize = standardized_model(args.teacher, len(data.classes), 0.0, "none", "auto",
                                                       data.mean, data.std)
-        trained = TrainedTeacher(_place(teacher, compute).eval().requires_grad_(False), head, normalize, [], None)
+        trained = TrainedTeacher(compute.place(teacher).eval().requires_grad_(False), head, normalize, [], None)
         mixed = dataclasses.replace(base, mix="both")
         plain_batcher, mixed_batcher = ImageBatcher(data, base, compute.device), ImageBatcher(data, mixed,
                                                                                                 compute.device)

@@ -14,7 +14,7 @@ from .errors import KdistillError
 from .evaluate import write_predictions
 from .export import load_bundle
 from .images import DEFAULT_MAX_PIXELS, decode_task
-from .train import resolve_device
+from .compute import resolve_device
 
 
 def run_max_pixels(run_dir: str) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -25,6 +24,7 @@ from .distillers import Distiller, Outputs
 from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import BackgroundSaver, load_torch, save_torch
+from .compute import autocast
 
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
 WARMUP_START_FACTOR = 0.01  # cosine's warmup starts at lr * this
@@ -110,43 +110,6 @@ class Batches:
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class indices; for mixed (probability) labels, the most probable class."""
     return labels.argmax(1) if labels.dim() == 2 else labels
-
-
-def resolve_device(name: str, what: str = "setting device") -> torch.device:
-    """auto|cpu|mps|cuda|cuda:N as a torch.device (auto: cuda when present, else cpu); what names
-    the setting or flag in the one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise KdistillError(f"{what} must be auto, cpu, mps, cuda or cuda:N, got {name!r}")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdistillError(f"{what} is {name!r} but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise KdistillError(f"{what} is {name!r} but this machine has {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX): there bf16 autocast
-    trains a ResNet18 about twice as fast as float32 (benchmarks/bench_precision.py)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("flags") and ({"avx512_bf16", "amx_bf16"} & set(line.split()))
-                       for line in f)
-    except OSError:
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bfloat16 autocast on CUDA and on CPUs with bfloat16 units, float32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()

@@ -27,8 +27,6 @@ def test_device_resident_channels_last_batches_equal_the_memory_mapped_ones(digi
 def test_a_whole_run_on_the_gpu_code_path(digits_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "ImageBatcher",
                         functools.partial(pipeline.ImageBatcher, resident=True, channels_last=True))
-    monkeypatch.setattr(pipeline, "_place",
-                        lambda model, compute: model.to(compute.device, memory_format=torch.channels_last))
     autocasts = []
     real_autocast = train.autocast
 

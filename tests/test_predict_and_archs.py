@@ -23,7 +23,7 @@ from kdistill.export import load_bundle, save_bundle
 from kdistill.images import load_image
 from kdistill.models import Standardized, build_model, check_train_output
 from kdistill.predict import predict_folder
-from kdistill.train import resolve_device
+from kdistill.compute import resolve_device
 
 SIZE = 16
 CLASSES = ["cat", "dog"]

@@ -6,7 +6,8 @@ import torch
 from kdistill.config import TrainConfig
 from kdistill.distillers import CrossEntropy
 from kdistill.models import build_model, trainable_part
-from kdistill.pipeline import Compute, TrainedTeacher
+from kdistill.compute import Compute
+from kdistill.teacher import TrainedTeacher
 from kdistill.teacher_signal import cached_tensors, head_inputs
 from kdistill.train import Batches, fit, predict_logits
 

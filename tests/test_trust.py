@@ -288,19 +288,19 @@ def test_a_run_folder_from_an_older_kdistill_is_refused_in_one_line(digits_datas
 
 
 def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_bf16_units(monkeypatch):
-    from kdistill import train
+    from kdistill import compute
 
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
-    assert train.resolve_precision("auto", CPU) == "bf16"
-    assert train.resolve_precision("fp32", CPU) == "fp32"  # the setting that turns it off
-    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    assert train.resolve_precision("auto", CPU) == "fp32"
-    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
-    assert pipeline.Compute(CPU, "bf16").channels_last and not pipeline.Compute(CPU, "fp32").channels_last
+    monkeypatch.setattr(compute, "cpu_has_bf16", lambda: True)
+    assert compute.resolve_precision("auto", CPU) == "bf16"
+    assert compute.resolve_precision("fp32", CPU) == "fp32"  # the setting that turns it off
+    monkeypatch.setattr(compute, "cpu_has_bf16", lambda: False)
+    assert compute.resolve_precision("auto", CPU) == "fp32"
+    assert compute.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert compute.Compute(CPU, "bf16").channels_last and not compute.Compute(CPU, "fp32").channels_last
 
 
 def test_cpu_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    from kdistill import train
+    from kdistill import compute
 
     real_open = open
     for flags, expected in (("fpu sse avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
@@ -309,5 +309,5 @@ def test_cpu_bf16_units_are_read_from_the_cpu_flags(monkeypatch, tmp_path):
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
             cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
-        assert train.cpu_has_bf16() is expected
+        assert compute.cpu_has_bf16() is expected
         monkeypatch.undo()
