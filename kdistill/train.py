@@ -103,14 +103,17 @@ class Batches:
                 teacher = (Outputs(said.logits.float(), said.features) if isinstance(said, Outputs)
                            else Outputs(said.float()))
             elif "teacher_logits" in self.extras:
-                def served(stored: torch.Tensor) -> torch.Tensor:  # each sample's row, or its picked view's
-                    stored = stored[index]
-                    return (stored if pick is None else stored[torch.arange(len(index)), pick]).to(
-                        device, non_blocking=True)
-                teacher = Outputs(served(self.extras["teacher_logits"]), {
-                    key.removeprefix(TEACHER_FEATURES): served(value).float()
+                teacher = Outputs(_stored_rows(self.extras["teacher_logits"], index, pick, device), {
+                    key.removeprefix(TEACHER_FEATURES): _stored_rows(value, index, pick, device).float()
                     for key, value in self.extras.items() if key.startswith(TEACHER_FEATURES)})
             yield Batch(x, y, teacher, index.to(device, non_blocking=True))
+
+
+def _stored_rows(stored: torch.Tensor, index: torch.Tensor, pick: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """Each sample's stored row, or with stored views the row of the view it was served in."""
+    rows = stored[index]
+    return (rows if pick is None else rows[torch.arange(len(index)), pick]).to(device, non_blocking=True)
 
 
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:

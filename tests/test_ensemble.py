@@ -121,7 +121,8 @@ def test_the_student_learns_from_the_weighted_average_of_two_saved_teachers(digi
     right = sum(int((by_hand(teachers, [0.25, 0.75], 2.0, x).argmax(1) == labels).sum()) for x, labels in val)
     assert metrics["ensemble"] == {"teachers": ["teacher", "teacher-2"], "weights": [0.25, 0.75],
                                    "temperature": 2.0, "val_acc": pytest.approx(right / 24)}
-    report = open(os.path.join(out, "report.md")).read()
+    with open(os.path.join(out, "report.md")) as f:
+        report = f.read()
     assert (f"Ensemble of 2 teachers, teacher (weight 0.25), teacher-2 (weight 0.75): the student learned from the "
             f"weighted average of their probabilities at T=2.0, whose argmax scores {right / 24:.2%}") in report
     assert "| teacher-2 | tiny_nets:tiny_teacher |" in report
