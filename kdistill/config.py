@@ -75,11 +75,18 @@ class _DistillSettings:
     temperature: float = setting(4.0, "softmax temperature T of both teacher and student")
     alpha: float = setting(0.5, "weight of the teacher's term; 1 - alpha goes to the labels")
     teacher_signal: str = setting(
-        "auto", "cached: teacher logits computed once per image (exact without augmentation); views: "
-                "logits of `views` stored augmented views per image; online: teacher runs on every batch; "
-                "auto: cached, views for flip, online for crop_flip, rrc_flip and any mix",
+        "auto", "cached: teacher logits (and the features a method reads) computed once per image (exact "
+                "without augmentation); views: those of `views` stored augmented views per image; online: "
+                "teacher runs on every batch; auto: cached, views for flip, online for crop_flip, rrc_flip, any "
+                "mix, and teacher features above max_signal_memory_gb",
         choices=("auto", "cached", "views", "online"))
     views: int = setting(8, "stored augmented views per image when teacher_signal is views")
+    max_signal_memory_gb: float = setting(4.0, "most memory (GB) the stored teacher features of a method reading "
+                                               "them may take (cached or views); above it auto runs the teacher "
+                                               "online and cached or views is refused")
+    ensemble_weights: list = setting([], "weight of each teacher (teacher, then the ensemble's in order) in the "
+                                         "average of their softened probabilities; empty: equal",
+                                     item_kind=float)
     unlabeled: str = setting("", "transfer set: test (the run's DATA/test images) or a folder of images, "
                                  "labelled by the teacher and learned through the teacher's terms only; "
                                  "empty: none")
@@ -120,6 +127,9 @@ class Config:
     workers: int = setting(0, "decode processes; 0 = all cores")
     max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs")
     compile: bool = setting(False, "torch.compile the student (CUDA only)")
+    ensemble: list = setting([], "more teachers (teacher-2, teacher-3, ...), each a mapping of teacher settings; "
+                                 "unset ones are the teacher section's; the student learns from the weighted "
+                                 "average of all teachers' softened probabilities", item_kind=dict)
     teacher: TeacherConfig = section(TeacherConfig, "the large model, trained first")
     student: StudentConfig = section(StudentConfig, "the small model, distilled from the teacher")
     distill: DistillConfig = section(DistillConfig, "how the teacher's knowledge reaches the student")
@@ -136,15 +146,29 @@ class Config:
         return build_distiller(self.distill.method, self.distill.temperature, self.distill.alpha,
                                self.student.label_smoothing, getattr(self.distill, self.distill.method, None))
 
+    def teachers(self) -> dict[str, TeacherConfig]:
+        """Every teacher by run name: teacher, then the ensemble's as teacher-2, teacher-3, ..."""
+        found = {"teacher": self.teacher}
+        for position, changes in enumerate(self.ensemble):
+            member = dataclasses.replace(self.teacher)
+            apply_settings(member, changes, prefix=f"ensemble[{position}].")
+            found[f"teacher-{position + 2}"] = member
+        return found
+
+    def teacher_weights(self) -> list[float]:
+        """Each teacher's weight in the ensemble's average, summing to 1."""
+        weights = self.distill.ensemble_weights or [1.0] * (1 + len(self.ensemble))
+        return [weight / sum(weights) for weight in weights]
+
     def signal_mode(self) -> str:
+        """The teacher signal before any memory limit (see teacher.distillation_batches)."""
         if self.distill.teacher_signal != "auto":
             return self.distill.teacher_signal
-        if self.distiller().teacher_features():  # features at module paths: the teacher runs on each batch
-            return "online"
-        # The exact choice: flip has just two views per image, so both are stored; random crops
-        # are too many to store, so the teacher runs online on each one. For rrc_flip, FKD stores
-        # views, but with one set per epoch; K < epochs repeats views, and a teacher that sees
-        # fewer views than the student teaches worse (Beyer et al. 2022, "patient and consistent").
+        # The exact choice, for logits and the teacher features a method reads alike: flip has just
+        # two views per image, so both are stored; random crops are too many to store, so the
+        # teacher runs online on each one. For rrc_flip, FKD stores views, but with one set per
+        # epoch; K < epochs repeats views, and a teacher that sees fewer views than the student
+        # teaches worse (Beyer et al. 2022, "patient and consistent").
         # Mixed images pair images anew in every batch: only an online teacher sees them.
         if self.mix != "none":
             return "online"
@@ -232,7 +256,11 @@ def validate(cfg: Config) -> None:
             f"must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     require(cfg.max_image_pixels > 0, "max_image_pixels", f"must be > 0, got {cfg.max_image_pixels}")
-    for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
+    members = list(cfg.teachers().values())[1:]  # an unknown or ill-typed member setting fails here, named
+    cfg.ensemble = [{key: getattr(member, key) for key in changes} for changes, member in zip(cfg.ensemble, members)]
+    parts = [("teacher", cfg.teacher), *((f"ensemble[{i}]", member) for i, member in enumerate(members)),
+             ("student", cfg.student)]
+    for name, part in parts:
         _check_arch(f"{name}.arch", part.arch, cfg.image_size)
         require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
         require(part.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {part.batch_size}")
@@ -274,10 +302,16 @@ def validate(cfg: Config) -> None:
         if hasattr(cfg.distill, name):
             for key, message in method.problems(getattr(cfg.distill, name)):
                 require(False, f"distill.{name}.{key}", message)
-    if cfg.distiller().teacher_features():
-        require(cfg.distill.teacher_signal in ("auto", "online"), "distill.teacher_signal",
-                f"cannot be {cfg.distill.teacher_signal} with distill.method {cfg.distill.method}: it reads the "
-                "teacher's features, which only an online teacher gives (use online or auto)")
+    require(cfg.distill.max_signal_memory_gb > 0, "distill.max_signal_memory_gb",
+            f"must be > 0, got {cfg.distill.max_signal_memory_gb}")
+    weights, teachers = cfg.distill.ensemble_weights, 1 + len(cfg.ensemble)
+    require(not weights or len(weights) == teachers, "distill.ensemble_weights",
+            f"must give one weight per teacher ({teachers}: teacher, then the ensemble's), got {len(weights)}")
+    require(all(weight >= 0 for weight in weights), "distill.ensemble_weights", f"must be >= 0, got {weights}")
+    require(not weights or sum(weights) > 0, "distill.ensemble_weights", f"must not all be zero, got {weights}")
+    require(not (cfg.ensemble and cfg.distiller().teacher_features()), "ensemble",
+            f"cannot be used with distill.method {cfg.distill.method}: it reads one teacher's features at module "
+            "paths, which an ensemble does not have (use a method that reads logits, e.g. kd, dkd or dist)")
     unlabeled = cfg.distill.unlabeled
     require(unlabeled in ("", "test") or os.path.isdir(unlabeled), "distill.unlabeled",
             f"must be empty, test or an existing folder, got {unlabeled!r}")

@@ -27,7 +27,7 @@ from .fileio import atomic_write_text, remove_stale_temporaries, save_torch
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
-from .teacher import distillation_batches, train_teacher, without_teacher
+from .teacher import distillation_batches, ensemble_summary, train_teachers, without_teacher
 from .train import Batches, fit, offered_val_acc, predict_logits
 
 ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
@@ -186,7 +186,7 @@ def run(cfg: Config, log=None) -> dict:
     remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
     device = resolve_device(cfg.device)
     compute = Compute(device, resolve_precision(cfg.precision, device))
-    for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
+    for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
         if ":" in part.arch:  # a third-party model that would crash in training: say so now
             check_train_output(part.arch, cfg.image_size, f"{name}.arch")
         if part.weights == "imagenet":  # offline? say so now, not after preparing the data
@@ -209,29 +209,29 @@ def run(cfg: Config, log=None) -> dict:
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
 
-    trained_teacher = train_teacher(cfg, data, batcher, compute, log)
-    teacher = trained_teacher.model
-    save_torch(teacher.state_dict(), os.path.join(models_dir, "teacher.pt"), what="teacher weights")
+    teachers = train_teachers(cfg, data, batcher, compute, models_dir, log)  # teacher, teacher-2, ...
+    ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log)
     lap("teacher")
 
-    signal = cfg.signal_mode()
     transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
     if transfer:
         log(f"teacher signal: {len(data.splits[transfer].files)} unlabelled images of {cfg.distill.unlabeled} "
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
-    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log, transfer)
+    student_train, signal = distillation_batches(cfg.signal_mode(), cfg, data, teachers, batcher, compute, log,
+                                                 transfer)
     lap("teacher_signal")
     students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap)
-    histories = {"teacher": trained_teacher.history, **students.histories}
+    histories = {**{name: teacher.history for name, teacher in teachers.items()}, **students.histories}
 
     log("report: measuring models, writing predictions, report and exports")
     val = data.splits["val"]
     write_val_predictions(os.path.join(cfg.out, "val_predictions.csv"), val.files, val.labels,
                           students.val_predicted, data.classes)
-    trained = {"teacher": ("teacher", cfg.seed, trained_teacher.normalize, teacher), **students.first}
+    trained = {**{name: (name, teacher.seed, teacher.normalize, teacher.model) for name, teacher in teachers.items()},
+               **students.first}
     models = {}
     for kind, (name, seed, normalize, model) in trained.items():
-        arch = cfg.teacher.arch if kind == "teacher" else cfg.student.arch
+        arch = teachers[kind].arch if kind in teachers else cfg.student.arch
         models[kind] = summarize(arch, seed, normalize, model, histories[name],
                                  os.path.join(models_dir, f"{name}.pt"), cfg.image_size, device)
     counts = []  # per seed, (b, c): val images only the distilled student / only the baseline gets right
@@ -263,7 +263,7 @@ def run(cfg: Config, log=None) -> dict:
                "skipped_files": len(data.skipped), "device": str(device), "precision": compute.precision,
                "teacher_signal": signal if cfg.mix == "none" else f"{signal} (mixed batches)",
                "transfer_set": {"source": cfg.distill.unlabeled, "images": len(data.splits[transfer].files)}
-               if transfer else None,
+               if transfer else None, "ensemble": ensemble,
                "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
     if cfg.seeds:
         metrics["seeds"] = students.rows

@@ -155,7 +155,8 @@ def markdown(metrics: dict, config: dict) -> str:
     d = config["distill"]
     lines += [
         "", f"Distillation: method {d['method']}, T={d['temperature']}, alpha={d['alpha']}, teacher signal "
-            f"{metrics['teacher_signal']}.{_transfer_text(metrics)} GFLOPs count a multiply-add as two FLOPs, at "
+            f"{metrics['teacher_signal']} ({SIGNALS[metrics['teacher_signal'].split()[0]]})."
+            f"{_ensemble_text(metrics)}{_transfer_text(metrics)} GFLOPs count a multiply-add as two FLOPs, at "
             f"{config['image_size']} px. Latency: median of 20 forward passes on {metrics['device']}.",
         "", "Wall time of each stage in the last invocation (s; a resumed run counts only what it redid): "
             + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in metrics["stage_seconds"].items())
@@ -165,6 +166,22 @@ def markdown(metrics: dict, config: dict) -> str:
         "The fully resolved settings are in `config.yaml`; per-epoch numbers in `history/`.", "",
     ]
     return "\n".join(lines)
+
+
+SIGNALS = {"cached": "the teacher's outputs computed once per training image and stored",
+           "views": "the teacher's outputs for stored augmented views of each image, computed once",
+           "online": "the teacher ran on every training batch"}
+
+
+def _ensemble_text(metrics: dict) -> str:
+    ensemble = metrics.get("ensemble")
+    if not ensemble:
+        return ""
+    members = ", ".join(f"{name} (weight {weight:.3g})" for name, weight in zip(ensemble["teachers"],
+                                                                                 ensemble["weights"]))
+    return (f" Ensemble of {len(ensemble['teachers'])} teachers, {members}: the student learned from the weighted "
+            f"average of their probabilities at T={ensemble['temperature']}, whose argmax scores "
+            f"{ensemble['val_acc']:.2%} on the val images.")
 
 
 def _transfer_text(metrics: dict) -> str:

@@ -19,11 +19,12 @@ from .errors import KdistillError
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def setting(default: Any, help: str, choices: Any = None) -> Any:
+def setting(default: Any, help: str, choices: Any = None, item_kind: type | None = None) -> Any:
     """A field with its description and, for a fixed set of values, the allowed ones (any container;
     DISTILLERS is passed itself, so methods registered later count). A list default is copied per
-    instance; its items' type is that of the default's items (whole numbers for an empty default)."""
-    metadata = {"help": help, "choices": choices}
+    instance; its items' type is item_kind, else that of the default's items (whole numbers for an
+    empty default); dict items are mappings of settings that their owner checks."""
+    metadata = {"help": help, "choices": choices, "item_kind": item_kind}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -35,7 +36,9 @@ def _kind(f: dataclasses.Field) -> type:
 
 
 def _item_kind(f: dataclasses.Field) -> type:
-    """The type of a list setting's items: its default's, whole numbers for an empty default."""
+    """The type of a list setting's items: declared, else its default's, whole numbers for an empty default."""
+    if f.metadata.get("item_kind") is not None:
+        return f.metadata["item_kind"]
     items = f.default_factory()
     return type(items[0]) if items else int
 
@@ -117,6 +120,11 @@ def _as_kind(value: Any, kind: type, item_kind: type = int) -> Any:
     """value (typed by YAML or Python, or the text of a --set) read as kind (a list: of item_kind);
     None if it has no such reading."""
     if kind is list:  # a YAML list, or text such as 0,1,2 or [0.35, 1]
+        if isinstance(value, str) and item_kind is dict:  # --set text of mappings: YAML's [{arch: resnet18}]
+            try:
+                value = yaml.load(value, Loader=_SettingsLoader)
+            except yaml.YAMLError:
+                return None
         if isinstance(value, str):
             text = value.strip().removeprefix("[").removesuffix("]")
             # Items as typed, without the spaces and quotes around them: "layer1, 'layer2'".
@@ -125,6 +133,8 @@ def _as_kind(value: Any, kind: type, item_kind: type = int) -> Any:
             return None
         items = [_as_kind(item, item_kind) for item in value]
         return None if None in items else items
+    if kind is dict:
+        return value if isinstance(value, dict) else None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -153,6 +163,8 @@ def _expected(f: dataclasses.Field) -> str:
     if choices is not None:
         return f"one of {', '.join(choices)}"
     kind = _kind(f)
+    if kind is list and _item_kind(f) is dict:
+        return "a list of mappings of settings, e.g. [{arch: resnet18, epochs: 3}]"
     if kind is list:
         return ("a list of whole numbers, e.g. [0, 1, 2] or 0,1,2" if _item_kind(f) is int
                 else "a list of numbers, e.g. [0.35, 1] or 0.35,1")

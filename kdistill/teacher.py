@@ -1,5 +1,7 @@
-"""The teacher: trained once (its head on cached features, or fully fine-tuned), then served to the
-student as a signal: cached logits, logits for stored views, or the model itself online."""
+"""The teachers: each trained once (its head on cached features, or fully fine-tuned), then served
+to the student as a signal: cached logits, logits for stored views, or the models themselves
+online; with the teacher features a method reads, stored alike where that is exact. Several
+teachers (an ensemble) are served as one, see ensemble.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,10 +17,13 @@ from .config import Config
 from .data import PreparedData
 from .distillers import CrossEntropy
 from .features import OnlineTeacher
-from .fileio import tensors_sha256
+from .ensemble import EnsembleTeacher, combined_logits, ensemble_val_acc
+from .errors import KdistillError
+from .fileio import save_torch, tensors_sha256
 from .models import Standardized, standardized_model, trainable_part
-from .teacher_signal import cached_tensors, head_inputs, signal_key
-from .train import Batches, fit, predict_logits
+from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
+                             hooked_outputs, signal_key)
+from .train import TEACHER_FEATURES, Batches, fit, predict_logits
 
 
 class TrainedTeacher(NamedTuple):
@@ -27,6 +32,8 @@ class TrainedTeacher(NamedTuple):
     normalize: str  # the input statistics it was trained with
     history: list[dict]
     features: dict[str, torch.Tensor] | None  # cached backbone features per split (head-only mode)
+    arch: str = ""
+    seed: int = 0
 
     def train_logits(self, batcher: ImageBatcher, batch_size: int, compute: Compute,
                      transfer: str | None = None) -> torch.Tensor:
@@ -44,18 +51,34 @@ class TrainedTeacher(NamedTuple):
         return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute)])
 
 
-def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log) -> TrainedTeacher:
-    t = cfg.teacher
-    torch.manual_seed(cfg.seed)
+def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, models_dir: str,
+                   log) -> dict[str, TrainedTeacher]:
+    """Every teacher by run name (teacher, teacher-2, ...), each trained once into its own checkpoints
+    (a finished one is loaded, not retrained), seeded with seed + its position, and saved to
+    models/<name>.pt."""
+    teachers = {}
+    for position, (name, settings) in enumerate(cfg.teachers().items()):
+        teachers[name] = train_teacher(cfg, data, batcher, compute, log, name, settings, cfg.seed + position)
+        save_torch(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
+                   what=f"{name} weights")
+    return teachers
+
+
+def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
+                  name: str = "teacher", t=None, seed: int | None = None) -> TrainedTeacher:
+    """One teacher with settings t (default: the teacher section) and seed (default: cfg.seed)."""
+    t = t or cfg.teacher
+    seed = cfg.seed if seed is None else seed
+    torch.manual_seed(seed)
     teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
                                                   data.mean, data.std)
     trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
-    log(f"teacher: {t.arch}, weights {t.weights}, {trained_part}, input standardized with {normalize} "
+    log(f"{name}: {t.arch}, weights {t.weights}, {trained_part}, input standardized with {normalize} "
         f"statistics, {t.epochs} epochs")
     teacher = compute.place(teacher)
     head_only = t.mode == "head"
     trainable = trainable_part(teacher, head, head_only)
-    checkpoint_dir = os.path.join(cfg.out, "checkpoints", "teacher")
+    checkpoint_dir = os.path.join(cfg.out, "checkpoints", name)
     train, val = data.splits["train"], data.splits["val"]
     features = None
     if head_only and cfg.augment == "none":
@@ -70,56 +93,154 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
         features = cached_tensors(os.path.join(data.folder, "signal", f"features-{key}.pt"),
                                   {"train": len(train.files), "val": len(val.files)}, compute_features,
                                   "teacher features", log)
-        history = fit("teacher", trainable, trainable,
+        history = fit(name, trainable, trainable,
                       Batches(features["train"], train.labels, lambda x: x),
                       Batches(features["val"], val.labels, lambda x: x),
-                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, cfg.seed, log,
+                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
                       compute.precision)
     else:
-        history = fit("teacher", teacher, trainable, batcher("train", augment=True), batcher("val"),
-                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, cfg.seed, log,
+        history = fit(name, teacher, trainable, batcher("train", augment=True), batcher("val"),
+                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
                       compute.precision)
-    return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features)
+    return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed)
 
 
-def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_teacher: TrainedTeacher,
-                         batcher: ImageBatcher, compute: Compute, log, transfer: str | None = None) -> Batches:
-    """The student's training batches with the teacher's signal: cached, stored views, or online.
+def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batches, compute: Compute,
+                     log) -> dict | None:
+    """With several teachers: their names, weights and the val accuracy of their combined
+    probabilities (argmax of p, at distill.temperature); None for one teacher."""
+    if len(teachers) == 1:
+        return None
+    weights = cfg.teacher_weights()
+    accuracy = ensemble_val_acc([teacher.model for teacher in teachers.values()], weights, cfg.distill.temperature,
+                                val, cfg.teacher.batch_size, compute)
+    log(f"ensemble: {', '.join(f'{name} (weight {weight:.3g})' for name, weight in zip(teachers, weights))}; "
+        f"val acc of the averaged probabilities {accuracy:.2%}")
+    return {"teachers": list(teachers), "weights": weights, "temperature": cfg.distill.temperature,
+            "val_acc": accuracy}
+
+
+def distillation_batches(signal: str, cfg: Config, data: PreparedData, teachers: dict[str, TrainedTeacher],
+                         batcher: ImageBatcher, compute: Compute, log,
+                         transfer: str | None = None) -> tuple[Batches, str]:
+    """The student's training batches with the teachers' signal: cached, stored views, or online;
+    and the signal served (auto turns to online where stored teacher features would not fit in
+    distill.max_signal_memory_gb).
 
     transfer: the split of unlabelled images the teacher labels, served after the training images
     (labels -1: they reach the student through the teacher's terms only)."""
-    teacher, batch_size = trained_teacher.model, cfg.student.batch_size
     served = batcher.join("train", transfer) if transfer else "train"
-    train = batcher.splits[served]
-    if signal == "online":  # the teacher sees each freshly drawn (and mixed) view
-        return batcher(served, augment=True, mix=True,
-                       teacher=OnlineTeacher(teacher, cfg.distiller().teacher_features()))
-    teacher_hash = tensors_sha256(teacher.state_dict())
+    count = len(batcher.splits[served].files)
+    paths = cfg.distiller().teacher_features()
+    members = list(teachers.values())
+    views = None
+    if signal == "views":  # FKD: K stored augmented views per image
+        views = stored_views(cfg.augment, count, cfg.distill.views, cfg.image_size, cfg.seed,
+                             cfg.rrc_scale, cfg.rrc_ratio)
+        if views.shape[1] != cfg.distill.views:
+            log(f"teacher signal: augment={cfg.augment} has {views.shape[1]} distinct views per image; storing those")
+    if paths and signal != "online" and not _features_fit(cfg, members[0], paths, batcher(served), signal,
+                                                          count * (1 if views is None else views.shape[1]),
+                                                          compute, log):
+        signal = "online"
+    if signal == "online":  # the teachers see each freshly drawn (and mixed) view
+        log(f"teacher signal: online, the teacher{'s run' if len(members) > 1 else ' runs'} on every training "
+            f"batch ({_online_reason(cfg)})")
+        teacher = (OnlineTeacher(members[0].model, paths) if len(members) == 1 else
+                   EnsembleTeacher([member.model for member in members], cfg.teacher_weights(),
+                                   cfg.distill.temperature))
+        return batcher(served, augment=True, mix=True, teacher=teacher), signal
+    logits = [_stored_logits(member, cfg, data, batcher, served, transfer, views, compute, log)
+              for member in members]
+    extras = {"teacher_logits": logits[0] if len(logits) == 1 else
+              combined_logits(logits, cfg.teacher_weights(), cfg.distill.temperature)}
+    if paths:
+        extras.update({TEACHER_FEATURES + path: value for path, value in _stored_features(
+            members[0], paths, cfg, data, batcher, served, transfer, views, compute, log).items()})
+    return batcher(served, views=views, extras=extras), signal
+
+
+def _online_reason(cfg: Config) -> str:
+    if cfg.mix != "none":
+        return f"mix={cfg.mix}: mixed images are paired anew in every batch"
+    if cfg.distill.teacher_signal == "online":
+        return "distill.teacher_signal=online"
+    if cfg.augment not in ("none", "flip"):
+        return f"augment={cfg.augment}: too many views to store"
+    return f"its features would not fit in distill.max_signal_memory_gb={cfg.distill.max_signal_memory_gb}"
+
+
+def _features_fit(cfg: Config, teacher: TrainedTeacher, paths, batches: Batches, signal: str, samples: int,
+                  compute: Compute, log) -> bool:
+    """Whether the teacher features of `samples` images (or views) fit in distill.max_signal_memory_gb;
+    stated in the log. Where they don't: False under auto, else a one-line error."""
+    shapes = feature_shapes(teacher.model, paths, batches, *compute)
+    megabytes = feature_megabytes(shapes, samples)
+    limit = cfg.distill.max_signal_memory_gb
+    described = ", ".join(f"{path} {tuple(shape)}" for path, shape in shapes.items())
+    log(f"teacher signal: features at {described} of {samples} images{' and views' if signal == 'views' else ''} "
+        f"take {megabytes:.1f} MB in {str(FEATURE_DTYPE).removeprefix('torch.')}")
+    if megabytes <= limit * 1024:
+        return True
+    if cfg.distill.teacher_signal == "auto":
+        return False
+    fewer = " or fewer distill.views" if signal == "views" else ""
+    raise KdistillError(f"setting distill.teacher_signal={signal}: the teacher features of {samples} images need "
+                        f"{megabytes / 1024:.2f} GB, above distill.max_signal_memory_gb={limit}; set "
+                        f"distill.teacher_signal=online{fewer}, or raise distill.max_signal_memory_gb")
+
+
+def _signal_parts(cfg: Config, teacher: TrainedTeacher, data: PreparedData, transfer: str | None,
+                  views: torch.Tensor | None, compute: Compute) -> list[str]:
+    """What a stored signal depends on: the weights, the data, the views, the transfer set, the device."""
+    parts = [tensors_sha256(teacher.model.state_dict()), data.key]
+    if views is not None:
+        # The box ranges draw the views too (the key of the other kinds is as it always was).
+        augmentation = (f"{cfg.augment} {cfg.rrc_scale} {cfg.rrc_ratio}" if cfg.augment == "rrc_flip"
+                        else cfg.augment)
+        parts += [augmentation, str(views.shape[1]), str(cfg.seed)]
     # A transfer set joins the key only when set, so earlier signal caches stay valid.
-    transfer_key = [f"transfer {transfer}"] if transfer else []
-    if signal == "cached":  # no augmentation: one set of logits per training image
-        key = signal_key("logits", teacher_hash, data.key, *transfer_key, compute.key())
-        logits = cached_tensors(
-            os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
-            lambda: {"train": trained_teacher.train_logits(batcher, batch_size, compute, transfer)},
+    return parts + ([f"transfer {transfer}"] if transfer else []) + [compute.key()]
+
+
+def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, batcher: ImageBatcher, served: str,
+                   transfer: str | None, views: torch.Tensor | None, compute: Compute, log) -> torch.Tensor:
+    """One teacher's logits for every training image (N, C), or for each stored view (N, K, C)."""
+    batch_size, rows = cfg.student.batch_size, {"train": len(batcher.splits[served].files)}
+    folder = os.path.join(data.folder, "signal")
+    if views is None:  # no augmentation: one set of logits per training image
+        key = signal_key("logits", *_signal_parts(cfg, teacher, data, transfer, None, compute))
+        return cached_tensors(
+            os.path.join(folder, f"logits-{key}.pt"), rows,
+            lambda: {"train": teacher.train_logits(batcher, batch_size, compute, transfer)},
             "teacher logits", log)["train"]
-        return batcher(served, extras={"teacher_logits": logits})
-    # views (FKD): logits for K stored augmented views per image
-    views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed,
-                         cfg.rrc_scale, cfg.rrc_ratio)
     count = views.shape[1]
-    if count != cfg.distill.views:
-        log(f"teacher signal: augment={cfg.augment} has {count} distinct views per image; storing those")
-    # The box ranges draw the views too (the key of the other kinds is as it always was).
-    augmentation = f"{cfg.augment} {cfg.rrc_scale} {cfg.rrc_ratio}" if cfg.augment == "rrc_flip" else cfg.augment
-    key = signal_key("views", teacher_hash, data.key, augmentation, str(count), str(cfg.seed), *transfer_key,
-                     compute.key())
-    logits = cached_tensors(
-        os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
-        lambda: {"train": torch.stack([predict_logits(teacher, batcher(served, views=views[:, k:k + 1]),
+    key = signal_key("views", *_signal_parts(cfg, teacher, data, transfer, views, compute))
+    return cached_tensors(
+        os.path.join(folder, f"views-{key}.pt"), rows,
+        lambda: {"train": torch.stack([predict_logits(teacher.model, batcher(served, views=views[:, k:k + 1]),
                                                       batch_size, *compute) for k in range(count)], 1)},
         f"teacher logits for {count} views per image", log)["train"]
-    return batcher(served, views=views, extras={"teacher_logits": logits})
+
+
+def _stored_features(teacher: TrainedTeacher, paths, cfg: Config, data: PreparedData, batcher: ImageBatcher,
+                     served: str, transfer: str | None, views: torch.Tensor | None, compute: Compute,
+                     log) -> dict[str, torch.Tensor]:
+    """The teacher's outputs at the module paths for every training image (N, ...), or for each stored
+    view (N, K, ...), in float16 (float32 where a value exceeds float16's range)."""
+    view_batches = ([batcher(served)] if views is None else
+                    [batcher(served, views=views[:, k:k + 1]) for k in range(views.shape[1])])
+
+    def compute_features() -> dict[str, torch.Tensor]:
+        for dtype in (FEATURE_DTYPE, torch.float32):
+            features = hooked_outputs(teacher.model, paths, view_batches, cfg.student.batch_size, *compute, dtype)
+            if features is not None:
+                return {path: value.squeeze(1) if views is None else value for path, value in features.items()}
+    key = signal_key("teacher-features", *paths, str(FEATURE_DTYPE),
+                     *_signal_parts(cfg, teacher, data, transfer, views, compute))
+    what = "teacher features" + ("" if views is None else f" for {views.shape[1]} views per image")
+    return cached_tensors(os.path.join(data.folder, "signal", f"teacher-features-{key}.pt"),
+                          {path: len(batcher.splits[served].files) for path in paths}, compute_features, what, log)
 
 
 def without_teacher(batches: Batches, labelled: int) -> Batches:

@@ -6,6 +6,8 @@
   computed once; a student epoch then costs a plain student epoch.
 - Distillation with augmentation, "views" mode (FKD): the logits for K stored augmented views per
   image are computed once, and each epoch replays one of them (see augment.py).
+- A method that reads teacher features at module paths gets them stored the same way, in float16
+  (half the memory of float32; the loss terms it changes by are measured in README).
 
 Each cache file is keyed by a hash of the weights that produced it and by the data cache key (and
 for views by the augmentation, K and the seed that draws them), and
@@ -15,14 +17,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from .compute import autocast
 from .errors import KdistillError
+from .features import FeatureTaps
 from .fileio import load_torch, save_torch, tensors_sha256
 from .train import Batches, predict_logits
+
+FEATURE_DTYPE = torch.float16
 
 
 @torch.no_grad()
@@ -37,6 +44,53 @@ def head_inputs(model: nn.Module, head: str, batches: Batches, batch_size: int,
     finally:
         hook.remove()
     return torch.cat(captured)
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, paths: Sequence[str], batches: Batches, device: torch.device,
+                   precision: str = "fp32") -> dict[str, torch.Size]:
+    """The shape of one sample's output of each module at paths (batch dimension dropped)."""
+    taps = FeatureTaps(model, paths, "the teacher")
+    try:
+        model.eval()
+        probe = next(iter(batches.iterate(1, device, precision=precision)))
+        with autocast(device, precision):
+            model(probe.x)
+        return {path: value.shape[1:] for path, value in taps.take().items()}
+    finally:
+        taps.remove()
+
+
+def feature_megabytes(shapes: dict[str, torch.Size], samples: int, dtype: torch.dtype = FEATURE_DTYPE) -> float:
+    return samples * sum(math.prod(shape) for shape in shapes.values()) * dtype.itemsize / 2**20
+
+
+@torch.no_grad()
+def hooked_outputs(model: nn.Module, paths: Sequence[str], views: Sequence[Batches], batch_size: int,
+                   device: torch.device, precision: str = "fp32",
+                   dtype: torch.dtype = FEATURE_DTYPE) -> dict[str, torch.Tensor] | None:
+    """The output of each module at paths for every sample of each view's batches, (N, views,
+    *shape) in dtype; None if a value exceeds the range of a dtype narrower than float32."""
+    taps = FeatureTaps(model, paths, "the teacher")
+    stored: dict[str, torch.Tensor] = {}
+    try:
+        model.eval()
+        for view, batches in enumerate(views):
+            start = 0
+            for x, *_ in batches.iterate(batch_size, device, precision=precision):
+                with autocast(device, precision):
+                    model(x)
+                for path, value in taps.take().items():
+                    narrower = torch.finfo(dtype).max < torch.finfo(value.dtype).max
+                    if narrower and value.abs().max() > torch.finfo(dtype).max:
+                        return None
+                    if path not in stored:  # filled in place: never two copies of the whole signal
+                        stored[path] = torch.empty((len(batches), len(views), *value.shape[1:]), dtype=dtype)
+                    stored[path][start:start + len(value), view] = value.cpu()
+                start += len(x)
+    finally:
+        taps.remove()
+    return stored
 
 
 def signal_key(*parts: str) -> str:

@@ -26,6 +26,8 @@ from .features import FeatureTaps, build_objective
 from .fileio import BackgroundSaver, load_torch, save_torch
 from .compute import autocast
 
+# extras key prefix of stored teacher features: TEACHER_FEATURES + module path (float16 or float32)
+TEACHER_FEATURES = "teacher_features:"
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
 WARMUP_START_FACTOR = 0.01  # cosine's warmup starts at lr * this
 
@@ -45,7 +47,7 @@ class Batches:
     labels: torch.Tensor
     to_model_input: Callable[[torch.Tensor], torch.Tensor]  # device batch -> model input
     # Per-sample tensors aligned with inputs, e.g. cached teacher logits: (N, C), or (N, K, C)
-    # with stored views.
+    # with stored views, and teacher features by module path (see TEACHER_FEATURES).
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     # Augmentation as view parameters (see augment.py), applied to model input by apply_view:
     # either K stored views per sample, (N, K, parameters), one picked at random each time a sample is
@@ -101,10 +103,17 @@ class Batches:
                 teacher = (Outputs(said.logits.float(), said.features) if isinstance(said, Outputs)
                            else Outputs(said.float()))
             elif "teacher_logits" in self.extras:
-                stored = self.extras["teacher_logits"][index]
-                teacher = Outputs((stored if pick is None else stored[torch.arange(len(index)), pick]).to(
-                    device, non_blocking=True))
+                teacher = Outputs(_stored_rows(self.extras["teacher_logits"], index, pick, device), {
+                    key.removeprefix(TEACHER_FEATURES): _stored_rows(value, index, pick, device).float()
+                    for key, value in self.extras.items() if key.startswith(TEACHER_FEATURES)})
             yield Batch(x, y, teacher, index.to(device, non_blocking=True))
+
+
+def _stored_rows(stored: torch.Tensor, index: torch.Tensor, pick: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """Each sample's stored row, or with stored views the row of the view it was served in."""
+    rows = stored[index]
+    return (rows if pick is None else rows[torch.arange(len(index)), pick]).to(device, non_blocking=True)
 
 
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
