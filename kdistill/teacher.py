@@ -17,6 +17,7 @@ from .distillers import CrossEntropy
 from .features import OnlineTeacher
 from .fileio import tensors_sha256
 from .models import Standardized, standardized_model, trainable_part
+from .progress import progress_bar
 from .teacher_signal import cached_tensors, head_inputs, signal_key
 from .train import Batches, fit, predict_logits
 
@@ -32,16 +33,19 @@ class TrainedTeacher(NamedTuple):
                      transfer: str | None = None) -> torch.Tensor:
         """The teacher's logits for every training image (unaugmented view), then for every image
         of the transfer split, if any."""
-        if self.features is not None:
-            # The head on the cached backbone features: the same logits, without a second backbone pass.
-            features = self.features["train"]
-            logits = predict_logits(self.model.get_submodule(self.head),
-                                    Batches(features, torch.zeros(len(features)), lambda x: x), batch_size, *compute)
-        else:
-            logits = predict_logits(self.model, batcher("train"), batch_size, *compute)
-        if transfer is None:
-            return logits
-        return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute)])
+        total = len(batcher.splits["train"].files) + (len(batcher.splits[transfer].files) if transfer else 0)
+        with progress_bar(total, "teacher logits") as bar:
+            if self.features is not None:
+                # The head on the cached backbone features: the same logits, without a second backbone pass.
+                features = self.features["train"]
+                logits = predict_logits(self.model.get_submodule(self.head),
+                                        Batches(features, torch.zeros(len(features)), lambda x: x), batch_size,
+                                        *compute, bar=bar)
+            else:
+                logits = predict_logits(self.model, batcher("train"), batch_size, *compute, bar=bar)
+            if transfer is None:
+                return logits
+            return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute, bar=bar)])
 
 
 def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log) -> TrainedTeacher:
@@ -114,11 +118,13 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
     augmentation = f"{cfg.augment} {cfg.rrc_scale} {cfg.rrc_ratio}" if cfg.augment == "rrc_flip" else cfg.augment
     key = signal_key("views", teacher_hash, data.key, augmentation, str(count), str(cfg.seed), *transfer_key,
                      compute.key())
-    logits = cached_tensors(
-        os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
-        lambda: {"train": torch.stack([predict_logits(teacher, batcher(served, views=views[:, k:k + 1]),
-                                                      batch_size, *compute) for k in range(count)], 1)},
-        f"teacher logits for {count} views per image", log)["train"]
+
+    def views_logits() -> dict[str, torch.Tensor]:
+        with progress_bar(count * len(train.files), f"teacher logits for {count} views") as bar:
+            return {"train": torch.stack([predict_logits(teacher, batcher(served, views=views[:, k:k + 1]),
+                                                         batch_size, *compute, bar=bar) for k in range(count)], 1)}
+    logits = cached_tensors(os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
+                            views_logits, f"teacher logits for {count} views per image", log)["train"]
     return batcher(served, views=views, extras={"teacher_logits": logits})
 
 
