@@ -1,4 +1,4 @@
-"""Command line: kdistill run | demo | predict | config | cache.
+"""Command line: kdistill run | demo | predict | compare | config | cache.
 
 Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
@@ -18,6 +18,7 @@ EPILOG = """examples:
   kdistill run --data DATA --out runs/exp3 --config my.yaml
   kdistill run --data DATA --out runs/exp4 --preset seed-nguyen --seeds 0,1,2
   kdistill predict --run runs/exp1 --images more_photos/
+  kdistill compare runs/exp1 runs/exp2 --html compare.html
   kdistill config --preset seed-nguyen > my.yaml
   kdistill cache --list
 
@@ -101,6 +102,14 @@ def parser() -> argparse.ArgumentParser:
                          help="build an architecture outside torchvision and kdistill.zoo named by the bundle "
                               "(runs that module's code: only for bundles from people you trust)")
 
+    compare = commands.add_parser("compare", help="finished runs side by side in one markdown table",
+                                  description="One row per model (teacher, student, baseline) per run: the "
+                                              "settings that differ between the runs, best val accuracy and its "
+                                              "epoch (with seeds: mean ± std), parameters, size, GFLOPs, latency.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="a finished run folder (holds metrics.json and "
+                                                                 "config.yaml)")
+    compare.add_argument("--html", metavar="FILE", help="also write the table as a self-contained HTML page")
+
     cache = commands.add_parser("cache", help="list or remove the decoded data caches",
                                 description="Each entry is one dataset decoded at one image size, with its "
                                             "teacher-signal caches; a run rebuilds a removed entry.")
@@ -124,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                                    device=args.device, log=lambda message: print(printable(message)),
                                    trust_arch=args.trust_arch)
             print(f"wrote {count} predictions to {output}")
+            return 0
+        if args.command == "compare":
+            from .compare import compare_runs
+
+            print(printable(compare_runs(args.runs, args.html)), end="")
             return 0
         if args.command == "cache":
             from .cache import clear_cache, list_cache

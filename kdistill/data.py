@@ -18,12 +18,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .cache import entry_lock, mark_used, unwritable_entry
 from .errors import KdistillError
 from .fileio import atomic_write_text, file_sha256, temporary_name
 from .images import DEFAULT_MAX_PIXELS, IGNORED_NAMES, decode_task, entry_problem
+from .progress import progress_bar
 
 CACHE_VERSION = 2  # 2: content hashes in meta.json
 SPLITS = ("train", "val", "test")
@@ -232,7 +232,7 @@ def _decode_split(split: SplitFiles, size: int, max_pixels: int, workers: int, o
     tasks = [(i, os.path.join(split.root, f), size, max_pixels) for i, f in enumerate(split.files)]
     ok = np.zeros(n, bool)
     failures = []
-    progress = tqdm(total=n, desc=f"prepare {name}", unit="img", leave=False, disable=None)
+    progress = progress_bar(n, f"prepare {name}")
     release = _page_releaser(images)
     done = 0
 

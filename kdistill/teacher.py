@@ -21,6 +21,7 @@ from .ensemble import EnsembleTeacher, combined_logits, ensemble_val_acc
 from .errors import KdistillError
 from .fileio import save_torch, tensors_sha256
 from .models import Standardized, standardized_model, trainable_part
+from .progress import progress_bar
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
                              hooked_outputs, signal_key)
 from .train import TEACHER_FEATURES, Batches, fit, predict_logits
@@ -39,16 +40,19 @@ class TrainedTeacher(NamedTuple):
                      transfer: str | None = None) -> torch.Tensor:
         """The teacher's logits for every training image (unaugmented view), then for every image
         of the transfer split, if any."""
-        if self.features is not None:
-            # The head on the cached backbone features: the same logits, without a second backbone pass.
-            features = self.features["train"]
-            logits = predict_logits(self.model.get_submodule(self.head),
-                                    Batches(features, torch.zeros(len(features)), lambda x: x), batch_size, *compute)
-        else:
-            logits = predict_logits(self.model, batcher("train"), batch_size, *compute)
-        if transfer is None:
-            return logits
-        return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute)])
+        total = len(batcher.splits["train"].files) + (len(batcher.splits[transfer].files) if transfer else 0)
+        with progress_bar(total, "teacher logits") as bar:
+            if self.features is not None:
+                # The head on the cached backbone features: the same logits, without a second backbone pass.
+                features = self.features["train"]
+                logits = predict_logits(self.model.get_submodule(self.head),
+                                        Batches(features, torch.zeros(len(features)), lambda x: x), batch_size,
+                                        *compute, bar=bar)
+            else:
+                logits = predict_logits(self.model, batcher("train"), batch_size, *compute, bar=bar)
+            if transfer is None:
+                return logits
+            return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute, bar=bar)])
 
 
 def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, models_dir: str,
@@ -216,11 +220,13 @@ def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, bat
             "teacher logits", log)["train"]
     count = views.shape[1]
     key = signal_key("views", *_signal_parts(cfg, teacher, data, transfer, views, compute))
-    return cached_tensors(
-        os.path.join(folder, f"views-{key}.pt"), rows,
-        lambda: {"train": torch.stack([predict_logits(teacher.model, batcher(served, views=views[:, k:k + 1]),
-                                                      batch_size, *compute) for k in range(count)], 1)},
-        f"teacher logits for {count} views per image", log)["train"]
+
+    def views_logits() -> dict[str, torch.Tensor]:
+        with progress_bar(count * rows["train"], f"teacher logits for {count} views") as bar:
+            return {"train": torch.stack([predict_logits(teacher.model, batcher(served, views=views[:, k:k + 1]),
+                                                         batch_size, *compute, bar=bar) for k in range(count)], 1)}
+    return cached_tensors(os.path.join(folder, f"views-{key}.pt"), rows, views_logits,
+                          f"teacher logits for {count} views per image", log)["train"]
 
 
 def _stored_features(teacher: TrainedTeacher, paths, cfg: Config, data: PreparedData, batcher: ImageBatcher,

@@ -27,6 +27,7 @@ from .compute import autocast
 from .errors import KdistillError
 from .features import FeatureTaps
 from .fileio import load_torch, save_torch, tensors_sha256
+from .progress import progress_bar
 from .train import Batches, predict_logits
 
 FEATURE_DTYPE = torch.float16
@@ -40,7 +41,8 @@ def head_inputs(model: nn.Module, head: str, batches: Batches, batch_size: int,
     hook = model.get_submodule(head).register_forward_pre_hook(
         lambda module, args: captured.append(args[0].detach().float().cpu()))
     try:
-        predict_logits(model, batches, batch_size, device, precision)
+        with progress_bar(len(batches), "teacher features") as bar:
+            predict_logits(model, batches, batch_size, device, precision, bar=bar)
     finally:
         hook.remove()
     return torch.cat(captured)

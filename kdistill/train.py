@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 from .config import TrainConfig
 from .data import batch_indices
@@ -24,6 +25,7 @@ from .distillers import Distiller, Outputs
 from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import BackgroundSaver, load_torch, save_torch
+from .progress import counted, with_progress
 from .compute import autocast
 
 # extras key prefix of stored teacher features: TEACHER_FEATURES + module path (float16 or float32)
@@ -123,10 +125,11 @@ def hard_labels(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Batches, batch_size: int, device: torch.device,
-                   precision: str = "fp32") -> torch.Tensor:
+                   precision: str = "fp32", bar: tqdm | None = None) -> torch.Tensor:
+    """bar: a progress bar (progress.progress_bar) to count the images on."""
     model.eval()
     outputs = []
-    for x, *_ in batches.iterate(batch_size, device, precision=precision):
+    for x, *_ in counted(batches.iterate(batch_size, device, precision=precision), bar):
         with autocast(device, precision):
             outputs.append(model(x).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
@@ -301,9 +304,10 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             labelled = torch.zeros((), dtype=torch.int64, device=device)
             lr = optimizer.param_groups[0]["lr"]
             objective.epoch = epoch
-            for batch, (x, y, teacher, index) in enumerate(
+            for batch, (x, y, teacher, index) in enumerate(with_progress(
                     train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator,
-                                  view_generator=view_generator, precision=precision), 1):
+                                  view_generator=view_generator, precision=precision),
+                    len(train), f"{name} epoch {epoch}/{cfg.epochs}"), 1):
                 with autocast(device, precision):
                     logits = model(x)
                 terms = objective(Outputs(logits.float(), student_taps.take()), y, teacher, index)

@@ -1,0 +1,44 @@
+"""Progress bars for the long loops (decoding, teacher signal, training epochs), on a terminal only.
+
+A bar is drawn on stderr when stderr is a terminal and the CI environment variable is not set;
+otherwise nothing is written, so log.txt and captured output hold the log lines alone.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm import tqdm
+
+Item = TypeVar("Item")
+
+
+def show_progress() -> bool:
+    """Whether to draw bars: on an interactive terminal, not under CI (whose logs keep every redraw)."""
+    return sys.stderr.isatty() and "CI" not in os.environ
+
+
+def progress_bar(total: int, description: str) -> tqdm:
+    """A bar counting images, with images per second and the time left; a silent one off a terminal.
+
+    Transient (leave=False): when it closes, the line is cleared for the next log line."""
+    return tqdm(total=total, desc=description, unit="img", leave=False, dynamic_ncols=True,
+                disable=not show_progress())
+
+
+def counted(batches: Iterable[Item], bar: tqdm | None) -> Iterator[Item]:
+    """The batches (train.Batch records), each counted on bar (None: no bar) once it has been used;
+    the caller closes the bar, which may count several loops."""
+    for batch in batches:
+        yield batch
+        if bar is not None:
+            bar.update(len(batch.labels))  # a shape: read without waiting for the device
+
+
+def with_progress(batches: Iterable[Item], total: int, description: str) -> Iterator[Item]:
+    """The batches with a bar of their own. It closes when they end or the loop stops (an error,
+    Ctrl-C: the generator is closed as the loop unwinds), so no half-drawn line stays behind."""
+    with progress_bar(total, description) as bar:
+        yield from counted(batches, bar)
