@@ -44,7 +44,10 @@ class TrainedTeacher(NamedTuple):
         return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute)])
 
 
-def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log) -> TrainedTeacher:
+def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
+                  checkpoint_dir: str | None = None) -> TrainedTeacher:
+    """Train (or, from its finished checkpoints, reload) the teacher; checkpoints in checkpoint_dir,
+    else OUT/checkpoints/teacher."""
     t = cfg.teacher
     torch.manual_seed(cfg.seed)
     teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
@@ -55,7 +58,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     teacher = compute.place(teacher)
     head_only = t.mode == "head"
     trainable = trainable_part(teacher, head, head_only)
-    checkpoint_dir = os.path.join(cfg.out, "checkpoints", "teacher")
+    checkpoint_dir = checkpoint_dir or os.path.join(cfg.out, "checkpoints", "teacher")
     train, val = data.splits["train"], data.splits["val"]
     features = None
     if head_only and cfg.augment == "none":
