@@ -41,7 +41,7 @@ MAX_POINT_NAME = 120
 
 @dataclass
 class Point:
-    name: str  # key=value,key=value (the folder's name, unless it needed changing)
+    name: str  # key=value,key=value as typed, made fit for a folder name (see point_name)
     folder: str  # OUT/points/<name>
     position: tuple[int, ...]  # index of its value on each grid axis
     values: dict[str, Any]  # grid key -> this point's value

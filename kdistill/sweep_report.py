@@ -58,10 +58,10 @@ def markdown(summary: dict, texts: dict[str, dict[str, str]]) -> str:
     over = (f"mean ± sample std over seeds {', '.join(map(str, seeds))}, with each seed's best epoch"
             if seeds else "with its epoch")
     lines = ["# kdistill sweep", "",
-             f"{len(summary['points'])} points over {' × '.join(f'`{key}`' for key in keys)}; each is a run "
-             "folder in `points/` with its own report. Accuracies are the best epoch's val accuracy "
-             f"({over}); the baseline is the same student trained without a teacher, the gain the "
-             "distilled student's over it in points.", "",
+             (f"{len(summary['points'])} points over {' × '.join(f'`{key}`' for key in keys)}; each is a run "
+              "folder in `points/` with its own report. Accuracies are the best epoch's val accuracy "
+              f"({over}); the baseline is the same student trained without a teacher, the gain the "
+              "distilled student's over it in points."), "",
              "| " + " | ".join([*keys, "Distilled student", "Without teacher", "Gain", "Teacher", "Run"]) + " |",
              "|---" * (len(keys) + 5) + "|"]
     best = summary["best"] and summary["best"]["point"]
@@ -77,8 +77,8 @@ def markdown(summary: dict, texts: dict[str, dict[str, str]]) -> str:
                       f"`{row['folder']}`"]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     if best:
-        lines += ["", f"Best by val: **{best}** (in bold). It was picked on the val images it is scored on, "
-                      "so its accuracy flatters it; confirm it on other images or over seeds (`--seeds`)."]
+        lines += ["", (f"Best by val: **{best}** (in bold). It was picked on the val images it is scored on, "
+                       "so its accuracy flatters it; confirm it on other images or over seeds (`--seeds`).")]
     shared = {kind: sorted({row["shared"][kind] for row in summary["points"] if kind in row["shared"]})
               for kind in ("teacher", "baseline")}
     lines += ["", "Trained once and shared: " + "; ".join(
@@ -117,10 +117,9 @@ def plot(path: str, summary: dict, positions: dict[str, tuple[int, ...]]) -> Non
         low, high = low - 0.005, high + 0.005
     columns = min(len(panels), PANEL_COLUMNS)
     figure_rows = math.ceil(len(panels) / columns)
-    figure, subplots = plt.subplots(figure_rows, columns, squeeze=False, figsize=(
-        columns * (1.1 * shape[1] + 2.2) + 1.2, figure_rows * (0.7 * shape[0] + 1.8)))
-    colours = plt.get_cmap("viridis").copy()
-    colours.set_bad("lightgray")  # a failed point
+    figure, subplots = plt.subplots(figure_rows, columns, squeeze=False, layout="constrained", figsize=(
+        columns * (1.1 * shape[1] + 2.2) + 1.2, figure_rows * (0.7 * shape[0] + 2.0)))
+    colours = plt.get_cmap("viridis").with_extremes(bad="lightgray")  # a failed point
     image = None
     for panel, axes_plot in itertools.zip_longest(panels, subplots.flat):
         if panel is None:
@@ -140,15 +139,17 @@ def plot(path: str, summary: dict, positions: dict[str, tuple[int, ...]]) -> Non
         axes_plot.set_xticks(range(shape[1]), [str(text) for text in column_axis["texts"]],
                              rotation=30 if shape[1] > 4 else 0)
         axes_plot.set_xlabel(column_axis["key"])
-        axes_plot.set_yticks(range(shape[0]), [str(text) for text in row_axis["texts"]] if row_axis else [""])
         if row_axis:
+            axes_plot.set_yticks(range(shape[0]), [str(text) for text in row_axis["texts"]])
             axes_plot.set_ylabel(row_axis["key"])
+        else:
+            axes_plot.set_yticks([])
         if rest:
             axes_plot.set_title(", ".join(f"{axis['key']}={axis['texts'][index]}" for axis, index in zip(rest, panel)),
                                 fontsize=9)
     figure.colorbar(image, ax=subplots.ravel().tolist(), label="best val acc, distilled student")
-    figure.suptitle("Distilled student's best val accuracy (below: gain over the baseline, points; red: best)",
-                    fontsize=10)
+    below = "below: gain over the baseline, points; " if any("gain" in row for row in summary["points"]) else ""
+    figure.suptitle(f"Distilled student's best val accuracy ({below}red: best)", fontsize=10)
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110), "plot")
     plt.close(figure)
 

@@ -26,14 +26,14 @@ def tiny_net():
                          nn.Flatten(), nn.Linear(8, 10))
 '''
 ARCH = "sweep_nets:tiny_net"
-EPOCH_LINE = re.compile(r"^(teacher|student|baseline) epoch \d+/\d+:", re.MULTILINE)
+EPOCH_LINE = re.compile(r"^(teacher|student|baseline)(?:-seed\d+)? epoch \d+/\d+:", re.MULTILINE)
 GRID = ["--grid", "distill.temperature=1,4", "--grid", "distill.alpha=0.25,0.9"]
 
 
 def as_sets(settings: dict, prefix: str = "") -> list[str]:
     sets = []
     for key, value in settings.items():
-        sets += as_sets(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"--set", f"{prefix}{key}={value}"]
+        sets += as_sets(value, f"{prefix}{key}.") if isinstance(value, dict) else ["--set", f"{prefix}{key}={value}"]
     return sets
 
 
@@ -45,11 +45,16 @@ def base_settings(data: str, cache: str, **extra) -> dict:
     return settings
 
 
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def epoch_lines(out: str) -> dict[str, int]:
     """How many epochs each kind of model trained, over every point's log."""
     counts = {"teacher": 0, "student": 0, "baseline": 0}
     for path in glob.glob(os.path.join(out, "points", "*", "log.txt")):
-        for kind in EPOCH_LINE.findall(open(path, encoding="utf-8").read()):
+        for kind in EPOCH_LINE.findall(read(path)):
             counts[kind] += 1
     return counts
 
@@ -85,9 +90,9 @@ def test_a_grid_trains_one_teacher_and_one_baseline_for_all_points(finished_swee
     for name in names:
         point = os.path.join(out, "points", name)
         assert not os.path.exists(os.path.join(point, "checkpoints", "teacher"))
-        assert os.path.basename(teacher_folder) in open(os.path.join(point, "log.txt"), encoding="utf-8").read()
+        assert os.path.basename(teacher_folder) in read(os.path.join(point, "log.txt"))
         teachers.append(load_torch(os.path.join(point, "models", "teacher.pt")))
-        saved = open(os.path.join(point, "config.yaml"), encoding="utf-8").read()
+        saved = read(os.path.join(point, "config.yaml"))
         temperature, alpha = re.findall(r"=([\d.]+)", name)
         assert f"temperature: {float(temperature)}" in saved and f"alpha: {float(alpha)}" in saved
     for teacher in teachers[1:]:  # every point reports the one shared teacher
@@ -103,7 +108,7 @@ def test_the_summary_holds_each_points_metrics_and_the_best_point(finished_sweep
         summary = json.load(f)
     assert [axis["key"] for axis in summary["grid"]] == ["distill.temperature", "distill.alpha"]
     assert summary["grid"][1]["values"] == [0.25, 0.9] and len(summary["points"]) == 4
-    markdown = open(os.path.join(out, "sweep.md"), encoding="utf-8").read()
+    markdown = read(os.path.join(out, "sweep.md"))
     for row in summary["points"]:
         with open(os.path.join(out, row["folder"], "metrics.json")) as f:
             models = json.load(f)["models"]
@@ -116,7 +121,8 @@ def test_the_summary_holds_each_points_metrics_and_the_best_point(finished_sweep
     assert summary["best"]["point"] == best["point"]
     assert f"Best by val: **{best['point']}**" in markdown
     png = os.path.join(out, "sweep.png")
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 1000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 1000
     with Image.open(png) as image:
         assert image.width > 200 and image.height > 200
 
@@ -135,7 +141,7 @@ def test_rerunning_the_sweep_trains_nothing_again(finished_sweep):
     assert epoch_lines(out) == {"teacher": 1, "student": 4, "baseline": 1}
     assert {path: os.stat(path).st_mtime_ns for path in checkpoints} == times
     assert os.path.exists(os.path.join(rerun, "report.md"))
-    log = open(os.path.join(out, "log.txt"), encoding="utf-8").read()
+    log = read(os.path.join(out, "log.txt"))
     assert log.count("finished earlier, not rerun") == 3
     with open(os.path.join(out, "sweep.json")) as f:
         assert json.load(f)["points"] == before["points"]
@@ -217,3 +223,28 @@ def test_grid_values_and_point_names():
     assert "/" not in first and first.startswith("teacher.weights=_a_b.pth-") and first != second
     with pytest.raises(KdistillError, match="at least one --grid"):
         parse_grid([], set())
+
+
+def test_a_method_grid_over_seeds_reports_each_points_mean_and_std(digits_dataset, tiny_nets, tmp_path):
+    out = str(tmp_path / "sweep")
+    settings = base_settings(digits_dataset, str(tmp_path / "cache"))
+    del settings["distill"]["method"]
+    args = ["sweep", "--data", digits_dataset, "--out", out, "--grid", "distill.method=kd,dist", "--seeds", "0,1",
+            *as_sets(settings)]
+    assert main(args) == 0
+    # One teacher; a student per point and seed; the baseline once per seed, for both methods.
+    assert epoch_lines(out) == {"teacher": 1, "student": 4, "baseline": 2}
+    with open(os.path.join(out, "sweep.json")) as f:
+        summary = json.load(f)
+    assert summary["seeds"] == [0, 1] and [row["point"] for row in summary["points"]] == \
+        ["distill.method=kd", "distill.method=dist"]
+    markdown = read(os.path.join(out, "sweep.md"))
+    for row in summary["points"]:
+        with open(os.path.join(out, row["folder"], "metrics.json")) as f:
+            metrics = json.load(f)
+        for kind in ("student", "baseline"):
+            stats = metrics["summary"][kind]["best_val_acc"]
+            assert (row[kind]["best_val_acc"], row[kind]["std"]) == (stats["mean"], stats["std"])
+            assert row[kind]["per_seed"] == [{key: seed[key] for key in ("seed", "best_val_acc", "best_epoch")}
+                                             for seed in metrics["seeds"][kind]]
+        assert f"{stats['mean'] * 100:.1f} ± {stats['std'] * 100:.1f}%" in markdown
