@@ -1,6 +1,8 @@
 """kdistill sweep: a grid of runs sharing one prepared dataset, one teacher and one baseline where
 their settings allow, a summary of every point, resumable, and grid specs checked up front."""
+import csv
 import glob
+import io
 import json
 import os
 import re
@@ -9,10 +11,12 @@ import sys
 import pytest
 from PIL import Image
 
+import kdistill
 from conftest import tiny_settings
 from kdistill.cli import main
 from kdistill.errors import KdistillError
 from kdistill.fileio import load_torch
+from kdistill.settings import read_yaml
 from kdistill.sweep import parse_grid, plan, point_name
 
 # A network that trains in well under a second per epoch on a busy CPU: the sweep's logic is
@@ -100,6 +104,19 @@ def test_a_grid_trains_one_teacher_and_one_baseline_for_all_points(finished_swee
     with open(os.path.join(teacher_folder, "settings.json")) as f:
         described = json.load(f)
     assert "student" not in described["settings"] and described["settings"]["teacher"]["arch"] == ARCH
+
+
+def test_a_point_that_reused_the_shared_models_equals_a_run_of_its_own(finished_sweep, tmp_path):
+    out, _ = finished_sweep
+    point = os.path.join(out, "points", "distill.temperature=4,distill.alpha=0.9")  # the last: it trained neither
+    alone = str(tmp_path / "alone")
+    settings = read_yaml(os.path.join(point, "config.yaml"), "config")
+    kdistill.run({**settings, "out": alone})
+    for name in ("teacher", "student", "baseline"):
+        histories = [[{key: value for key, value in row.items() if key != "seconds"}
+                      for row in csv.DictReader(io.StringIO(read(os.path.join(folder, "history", f"{name}.csv"))))]
+                     for folder in (point, alone)]
+        assert histories[0] == histories[1], name
 
 
 def test_the_summary_holds_each_points_metrics_and_the_best_point(finished_sweep):
