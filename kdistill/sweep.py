@@ -105,8 +105,8 @@ def _flat_names(nested: dict, prefix: str = "") -> set[str]:
 
 
 def point_name(assignments: list[tuple[str, str]]) -> str:
-    """key=value,... as a folder name: other characters become _, a long name is cut; either way a
-    short hash of the full text keeps names apart."""
+    """key=value,... as a folder name. Where other characters became _ or a long name was cut, a short
+    hash of the full text keeps names apart."""
     text = ",".join(f"{key}={value}" for key, value in assignments)
     name = re.sub(POINT_NAME_CHARACTERS, "_", text)
     if name == text and len(name) <= MAX_POINT_NAME:
@@ -125,13 +125,14 @@ def teacher_settings(cfg: Config) -> dict:
 def baseline_settings(cfg: Config) -> dict:
     """The settings the baseline's training reads. It trains on the distilled student's batches without
     the teacher (pipeline.without_teacher): with augmentation, the teacher signal's kind picks stored
-    views (distill.views of them) or fresh ones; without, every kind serves the same batches."""
+    views (distill.views of them; flip always stores its two) or fresh ones; without, every kind serves
+    the same batches."""
     settings = {key: value for key, value in cfg.to_dict().items() if key not in NOT_BASELINE}
     if cfg.augment != "rrc_flip":
         del settings["rrc_scale"], settings["rrc_ratio"]
     signal = cfg.signal_mode() if cfg.augment != "none" else "unaugmented"
     settings["distill"] = {"batches": signal, "unlabeled": cfg.distill.unlabeled,
-                           **({"views": cfg.distill.views} if signal == "views" else {})}
+                           **({"views": cfg.distill.views} if signal == "views" and cfg.augment != "flip" else {})}
     return settings
 
 
@@ -245,8 +246,8 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
             sharing.setdefault(folder, []).append(point.name)
     counts = {kind: len({point.shared[kind] for point in points if kind in point.shared})
               for kind in ("teacher", "baseline")}
-    log(f"sweep: {len(points)} points over {' x '.join(key for key, *_ in axes)}; "
-        f"{' and '.join(f'{count} {kind}(s)' for kind, count in counts.items() if count)} to train, in "
+    log(f"sweep: {len(points)} points over {' x '.join(key for key, *_ in axes)}, sharing "
+        f"{' and '.join(f'{count} {kind}(s)' for kind, count in counts.items() if count)} in "
         f"{os.path.join(out, 'shared')}")
     results: dict[str, dict] = {}
     for number, point in enumerate(points, 1):
@@ -254,7 +255,7 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
             os.makedirs(folder, exist_ok=True)
             # What the folder's model is trained with, for a reader (its name's digest is what matches).
             atomic_write_text(os.path.join(folder, "settings.json"), json.dumps(point.described[kind], indent=2))
-        uses = ", ".join(f"{kind} {os.path.relpath(folder, out)} (shared by {len(sharing[folder])} points)"
+        uses = ", ".join(f"{kind} {os.path.relpath(folder, out)} (used by {len(sharing[folder])} of {len(points)} points)"
                          for kind, folder in point.shared.items())
         metrics = _finished(point)
         log(f"sweep point {number}/{len(points)} {point.name}: "
