@@ -1,4 +1,4 @@
-"""Command line: kdistill run | demo | predict | compare | config | cache.
+"""Command line: kdistill run | sweep | demo | predict | compare | config | cache.
 
 Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
@@ -17,6 +17,8 @@ EPILOG = """examples:
   kdistill run --data DATA --out runs/exp2 --preset seed-shen --set image_size=128 --set student.epochs=20
   kdistill run --data DATA --out runs/exp3 --config my.yaml
   kdistill run --data DATA --out runs/exp4 --preset seed-nguyen --seeds 0,1,2
+  kdistill sweep --data DATA --out runs/sweep1 --preset seed-nguyen --grid distill.temperature=1,2,4,8 \
+      --grid distill.alpha=0.25,0.5,0.9
   kdistill predict --run runs/exp1 --images more_photos/
   kdistill compare runs/exp1 runs/exp2 --html compare.html
   kdistill config --preset seed-nguyen > my.yaml
@@ -76,6 +78,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
     _add_setting_flags(run)
     _add_print_config_flag(run)
+
+    sweep = commands.add_parser(
+        "sweep", help="one run per point of a grid of settings, sharing the data, teacher and baseline",
+        description="Run every combination of the --grid values as its own run folder OUT/points/<values>; the "
+                    "data is prepared once, and the teacher and the baseline are trained once for all points "
+                    "that train them alike. Then OUT/sweep.md, sweep.json and sweep.png compare the points. "
+                    "Rerun the same command to resume.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--data", help="image folder in the layout train/<class>/, val/<class>/, test/")
+    sweep.add_argument("--out", required=True, help="sweep folder; rerun with the same folder to resume")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
+                       help="a setting and its values, e.g. --grid distill.temperature=1,2,4 (repeatable: the "
+                            "grid is every combination; a list setting's values in brackets: [0.08,1],[0.35,1])")
+    _add_setting_flags(sweep)
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the built-in digits dataset (no download)")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -145,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir = Config(cache_dir=args.cache_dir or "").resolved_cache_dir()
             lines = list_cache(cache_dir) if args.clear is None else clear_cache(cache_dir, args.clear)
             print(printable("\n".join(lines)))
+            return 0
+        if args.command == "sweep":
+            from .sweep import run_sweep
+
+            run_sweep(args.out, args.grid, args.preset, tuple(args.config), _overrides(args, data=args.data),
+                      args.sets)
             return 0
         printing = args.command == "config" or args.print_config
         if args.command == "demo":

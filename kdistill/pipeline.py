@@ -45,8 +45,9 @@ def make_logger(out: str):
 
 
 def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: Batches, val: Batches,
-                  objective: nn.Module, compute: Compute, log) -> tuple[Standardized, str, list]:
-    """(model, its input statistics, history)."""
+                  objective: nn.Module, compute: Compute, log, checkpoint_dir: str | None = None
+                  ) -> tuple[Standardized, str, list]:
+    """(model, its input statistics, history); checkpoints in checkpoint_dir, else OUT/checkpoints/<name>."""
     s = cfg.student
     # The student and the baseline of a seed start from the same weights and see the same inputs
     # in the same order (same seeds, see train.fit): the teacher is the only difference between them.
@@ -59,8 +60,9 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     student = compute.place(student)
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
-    history = fit(name, student, student, train, val, objective, s, os.path.join(cfg.out, "checkpoints", name),
-                  compute.device, seed + 1, log, compute.precision)
+    history = fit(name, student, student, train, val, objective, s,
+                  checkpoint_dir or os.path.join(cfg.out, "checkpoints", name), compute.device, seed + 1, log,
+                  compute.precision)
     return student.eval(), normalize, history
 
 
@@ -92,11 +94,12 @@ def run_name(kind: str, seed: int, cfg: Config) -> str:
 
 
 def train_students(cfg: Config, data: PreparedData, student_train: Batches, val: Batches, compute: Compute,
-                   models_dir: str, log, lap) -> TrainedStudents:
+                   models_dir: str, log, lap, checkpoints: dict[str, str]) -> TrainedStudents:
     """Train the distilled student and the baseline for each seed (cfg.seeds, else cfg.seed).
 
     Every seed shares the prepared data and the one teacher's signal. A finished seed is not
-    retrained on a rerun: its checkpoints hold all its epochs."""
+    retrained on a rerun: its checkpoints hold all its epochs. checkpoints: kind -> the folder holding
+    that kind's checkpoint folders."""
     # Objectives are made anew for each seed: a method's trainable parts must not carry over.
     kinds = {"student": (student_train, cfg.distiller)}
     if cfg.baseline:
@@ -108,7 +111,7 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
         for kind, (train, make_objective) in kinds.items():
             name = run_name(kind, seed, cfg)
             model, normalize, history = train_student(name, seed, cfg, data, train, val, make_objective(), compute,
-                                                      log)
+                                                      log, os.path.join(checkpoints[kind], name))
             save_torch(model.state_dict(), os.path.join(models_dir, f"{name}.pt"), what=f"{name} weights")
             trained.histories[name] = history
             trained.rows[kind].append({"seed": seed, **best_and_final(history)})
@@ -170,8 +173,11 @@ def _check_out_folder(cfg: Config, data_identity: dict) -> None:
     raise KdistillError(f"{cfg.out} holds a run on other data at {cfg.data} ({what}); use another --out")
 
 
-def run(cfg: Config, log=None) -> dict:
-    """Run the whole experiment described by cfg (already validated); return metrics.json's content."""
+def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None) -> dict:
+    """Run the whole experiment described by cfg (already validated); return metrics.json's content.
+
+    shared_checkpoints: kind (teacher, baseline) -> a folder holding that kind's checkpoint folders
+    instead of OUT/checkpoints, shared by runs that train it alike (kdistill sweep)."""
     if not cfg.data or not cfg.out:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
@@ -209,7 +215,9 @@ def run(cfg: Config, log=None) -> dict:
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
 
-    teachers = train_teachers(cfg, data, batcher, compute, models_dir, log)  # teacher, teacher-2, ...
+    checkpoints = {kind: os.path.join(cfg.out, "checkpoints") for kind in ("teacher", "student", "baseline")}
+    checkpoints |= shared_checkpoints or {}
+    teachers = train_teachers(cfg, data, batcher, compute, models_dir, log, checkpoints["teacher"])
     ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log)
     lap("teacher")
 
@@ -220,7 +228,8 @@ def run(cfg: Config, log=None) -> dict:
     student_train, signal = distillation_batches(cfg.signal_mode(), cfg, data, teachers, batcher, compute, log,
                                                  transfer)
     lap("teacher_signal")
-    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap)
+    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap,
+                              checkpoints)
     histories = {**{name: teacher.history for name, teacher in teachers.items()}, **students.histories}
 
     log("report: measuring models, writing predictions, report and exports")

@@ -56,21 +56,24 @@ class TrainedTeacher(NamedTuple):
 
 
 def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, models_dir: str,
-                   log) -> dict[str, TrainedTeacher]:
-    """Every teacher by run name (teacher, teacher-2, ...), each trained once into its own checkpoints
-    (a finished one is loaded, not retrained), seeded with seed + its position, and saved to
-    models/<name>.pt."""
+                   log, checkpoints_root: str) -> dict[str, TrainedTeacher]:
+    """Every teacher by run name (teacher, teacher-2, ...), each trained once into
+    checkpoints_root/<name> (a finished one is loaded, not retrained), seeded with seed + its
+    position, and saved to models/<name>.pt."""
     teachers = {}
     for position, (name, settings) in enumerate(cfg.teachers().items()):
-        teachers[name] = train_teacher(cfg, data, batcher, compute, log, name, settings, cfg.seed + position)
+        teachers[name] = train_teacher(cfg, data, batcher, compute, log, name, settings, cfg.seed + position,
+                                       os.path.join(checkpoints_root, name))
         save_torch(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
                    what=f"{name} weights")
     return teachers
 
 
 def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
-                  name: str = "teacher", t=None, seed: int | None = None) -> TrainedTeacher:
-    """One teacher with settings t (default: the teacher section) and seed (default: cfg.seed)."""
+                  name: str = "teacher", t=None, seed: int | None = None,
+                  checkpoint_dir: str | None = None) -> TrainedTeacher:
+    """One teacher with settings t (default: the teacher section) and seed (default: cfg.seed),
+    checkpointed in checkpoint_dir (default: OUT/checkpoints/<name>)."""
     t = t or cfg.teacher
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
@@ -82,7 +85,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     teacher = compute.place(teacher)
     head_only = t.mode == "head"
     trainable = trainable_part(teacher, head, head_only)
-    checkpoint_dir = os.path.join(cfg.out, "checkpoints", name)
+    checkpoint_dir = checkpoint_dir or os.path.join(cfg.out, "checkpoints", name)
     train, val = data.splits["train"], data.splits["val"]
     features = None
     if head_only and cfg.augment == "none":
