@@ -40,7 +40,8 @@ class TrainedTeacher(NamedTuple):
                      transfer: str | None = None) -> torch.Tensor:
         """The teacher's logits for every training image (unaugmented view), then for every image
         of the transfer split, if any."""
-        total = len(batcher.splits["train"].files) + (len(batcher.splits[transfer].files) if transfer else 0)
+        train = len(self.features["train"]) if self.features is not None else len(batcher.splits["train"].files)
+        total = train + (len(batcher.splits[transfer].files) if transfer else 0)
         with progress_bar(total, "teacher logits") as bar:
             if self.features is not None:
                 # The head on the cached backbone features: the same logits, without a second backbone pass.
