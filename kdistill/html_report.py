@@ -199,8 +199,8 @@ def _mistakes(val, classes: list[str], labels: np.ndarray, teacher: np.ndarray, 
         cells.append(
             f"<figure>{_img(_thumbnail_png(thumbnails[index]), val.files[index])}<figcaption>"
             f"true <b>{html.escape(classes[labels[index]])}</b><br>student {html.escape(classes[student_class])} "
-            f"({student[index, student_class]:.0%})<br>teacher {html.escape(classes[teacher_class])} "
-            f"({teacher[index, teacher_class]:.0%})<br><span class='note'>{html.escape(val.files[index])}</span>"
+            f"({student[index, student_class]:.1%})<br>teacher {html.escape(classes[teacher_class])} "
+            f"({teacher[index, teacher_class]:.1%})<br><span class='note'>{html.escape(val.files[index])}</span>"
             f"</figcaption></figure>")
     return (f"<p class='note'>{len(shown)} of the student's {len(wrong)} wrong answers on the "
             f"{len(labels)} val images, most confident first.</p><div class='mistakes'>{''.join(cells)}</div>")
@@ -270,7 +270,8 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
     if isinstance(metrics.get("deployment"), dict) and metrics["deployment"]:
         parts += ["<h2>Deployment</h2>", _deployment(metrics["deployment"])]
     parts += [
-        "<h2>Stage times (s)</h2>",
+        "<h2>Stage times (s)</h2><p class='note'>Wall time of each stage in the last invocation: a resumed "
+        "run counts only what it redid.</p>",
         _table(["Stage", "Seconds"], [[stage, f"{seconds:.1f}"] for stage, seconds in metrics["stage_seconds"].items()]),
         "<h2>Settings</h2><div class='settings'>"
         + "".join(f"<div>{html.escape(key)} = {_text(value)}</div>" for key, value in _flat(config)) + "</div>",
