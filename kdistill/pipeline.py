@@ -24,6 +24,7 @@ from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
 from .fileio import atomic_write_text, remove_stale_temporaries, save_torch
+from .html_report import write_html_report
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
@@ -86,6 +87,7 @@ class TrainedStudents(NamedTuple):
     histories: dict[str, list[dict]]  # run name -> history
     rows: dict[str, list[dict]]  # kind -> per seed: seed, best_val_acc, best_epoch, final_val_acc
     val_predicted: dict[str, torch.Tensor]  # run name -> predicted class of each val image (best weights)
+    first_val_logits: dict[str, torch.Tensor]  # kind -> the first seed's val logits, for report.html
 
 
 def run_name(kind: str, seed: int, cfg: Config) -> str:
@@ -106,7 +108,7 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
         kinds["baseline"] = (without_teacher(student_train, len(data.splits["train"].files)),
                              lambda: CrossEntropy(cfg.student.label_smoothing))
     seeds = cfg.seeds or [cfg.seed]
-    trained = TrainedStudents({}, {}, {kind: [] for kind in kinds}, {})
+    trained = TrainedStudents({}, {}, {kind: [] for kind in kinds}, {}, {})
     for seed in seeds:
         for kind, (train, make_objective) in kinds.items():
             name = run_name(kind, seed, cfg)
@@ -116,8 +118,10 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
             trained.histories[name] = history
             trained.rows[kind].append({"seed": seed, **best_and_final(history)})
             # For the paired test: the best weights' answer on each val image.
-            trained.val_predicted[name] = predict_logits(model, val, cfg.student.batch_size, *compute).argmax(1)
+            val_logits = predict_logits(model, val, cfg.student.batch_size, *compute)
+            trained.val_predicted[name] = val_logits.argmax(1)
             if seed == seeds[0]:
+                trained.first_val_logits[kind] = val_logits
                 # The first seed's models are reported, exported and predict the test images. Not the
                 # best seed by val: that choice would be selection on the val images they are judged on.
                 trained.first[kind] = (name, seed, normalize, model)
@@ -250,6 +254,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
                      for kind in ("student", "baseline")]
             counts.append(discordant_counts(*right))
     student = students.first["student"][3]
+    val_logits = {"teacher": predict_logits(teacher, batcher("val"), cfg.teacher.batch_size, *compute),
+                  **students.first_val_logits}
 
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
@@ -280,6 +286,7 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
     elif counts:
         metrics["mcnemar"] = mcnemar(*counts[0])
     write_report(cfg.out, metrics, histories, cfg.to_dict())
+    write_html_report(cfg.out, metrics, cfg.to_dict(), val, data.classes, val_logits, log)
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
              f"{m['params'] / 1e6:.1f}M params, {m['gflops']:.2f} GFLOPs" for name, m in models.items()]
     if cfg.seeds:

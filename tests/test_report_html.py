@@ -1,0 +1,158 @@
+import base64
+import csv
+import io
+import os
+import shutil
+import subprocess
+from types import SimpleNamespace
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import kdistill
+from conftest import tiny_settings
+from kdistill.html_report import MISTAKES_SHOWN, agreement, expected_calibration_error, page
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+WINDOW = (1280, 2000)
+
+
+def test_expected_calibration_error_matches_a_hand_computed_value():
+    probabilities = np.array([[0.9, 0.1], [0.08, 0.92], [0.3, 0.7], [0.62, 0.38]])
+    labels = np.array([0, 0, 1, 1])
+    # Bins of width 1/15: 0.9 and 0.92 share (13/15, 14/15] (accuracy 1/2, confidence 0.91), 0.7 is
+    # alone in (10/15, 11/15] (right), 0.62 alone in (9/15, 10/15] (wrong).
+    by_hand = 2 / 4 * abs(0.5 - 0.91) + 1 / 4 * abs(1 - 0.7) + 1 / 4 * abs(0 - 0.62)
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(by_hand)  # 0.435
+    # Always right at full confidence: perfectly calibrated (1.0 falls in the last bin, not past it).
+    assert expected_calibration_error(np.eye(3), np.arange(3)) == pytest.approx(0.0)
+
+
+def test_agreement_counts_match_hand_counts():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    teacher = np.array([0, 0, 1, 0, 2, 1])
+    student = np.array([0, 0, 1, 1, 0, 1])
+    result = agreement(labels, teacher, student, classes=4)
+    assert result["overall"] == pytest.approx(4 / 6)
+    assert result["per_class"] == [1.0, 0.5, 0.5, None]  # class 3 has no val images
+    assert (result["both_right"], result["student_right_teacher_wrong"], result["teacher_right_student_wrong"],
+            result["both_wrong"]) == (3, 1, 1, 1)
+
+
+def test_page_shows_seed_spreads_deployment_rows_and_escapes_names():
+    """Without training: a page from made-up numbers of a run with seeds and a deployment section."""
+    model = {"arch": "resnet18", "seed": 0, "best_val_acc": 0.5, "best_epoch": 2, "final_val_acc": 0.5,
+             "params": 1e6, "gflops": 0.1, "latency_ms": 1.0, "size_mb": 4.0, "train_seconds": 3.0}
+    spread = {"best_val_acc": {"mean": 0.6, "std": 0.05}, "final_val_acc": {"mean": 0.55, "std": 0.1}}
+    metrics = {"models": {"teacher": model, "student": model, "baseline": model}, "images": {"train": 8, "val": 4},
+               "device": "cpu", "precision": "fp32", "stage_seconds": {"teacher": 1.5},
+               "summary": {"seeds": [0, 1], "student": spread, "baseline": spread},
+               "deployment": {"onnx int8": {"latency_ms": 0.25, "size_mb": 1.5}, "torchscript": {"latency_ms": 2}}}
+    config = {"data": "D", "image_size": 8, "distill": {"method": "kd", "temperature": 4, "alpha": 0.7}}
+    val = SimpleNamespace(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), labels=torch.tensor([0, 1, 0, 1]),
+                          files=["a.png", "b.png", "c.png", "d.png"])
+    probabilities = {"teacher": np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]]),
+                     "student": np.array([[0.7, 0.3], [0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]),
+                     "baseline": np.array([[0.5, 0.5], [0.4, 0.6], [0.6, 0.4], [0.3, 0.7]])}
+    parts = PageParts()
+    parts.feed(page(metrics, config, val, ["<b>cat</b>", "dog"], probabilities, [b"", b""]))
+    rows = {row[0]: row for row in parts.tables["comparison"][1:]}
+    assert rows["Distilled student (seed 0)"][4:6] == ["60.00% ± 5.00%", "55.00% ± 10.00%"]
+    assert rows["Teacher"][4] == "trained once"
+    deployment = [table for table in parts.tables.values() if table[0][1:] == ["latency_ms", "size_mb"]]
+    assert deployment == [[["", "latency_ms", "size_mb"], ["onnx int8", "0.25", "1.5"], ["torchscript", "2", ""]]]
+    assert parts.tables["per-class"][1][0] == "<b>cat</b>"  # a class name is text, not markup
+    assert len(parts.images) == 4 + 1  # one mistake: b.png, the student sure at 90%
+
+
+class PageParts(HTMLParser):
+    """The tables (by id: rows of cell texts), the <img> sources and any script or stylesheet link."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.external = {}, [], []
+        self._table = self._row = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._table = self.tables.setdefault(attrs.get("id", f"table{len(self.tables)}"), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._row.append("")
+        elif tag == "img":
+            self.images.append(attrs)
+        elif tag in ("script", "link", "iframe"):
+            self.external.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._table = self._row = None
+
+    def handle_data(self, data):
+        if self._row:
+            self._row[-1] += data
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_dataset, tmp_path_factory):
+    base = tmp_path_factory.mktemp("html")
+    out = str(base / "run")
+    metrics = kdistill.run(tiny_settings(digits_dataset, out, str(base / "cache"), teacher={"epochs": 1},
+                                         student={"epochs": 1}))
+    return out, metrics
+
+
+def test_report_html_holds_the_comparison_and_every_figure(finished_run):
+    out, metrics = finished_run
+    text = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+    parts = PageParts()
+    parts.feed(text)
+    assert "<h2>Deployment</h2>" not in text  # metrics.json has no deployment numbers
+    rows = {row[0]: row for row in parts.tables["comparison"][1:]}
+    assert list(rows) == ["Teacher", "Distilled student", "Student without teacher"]
+    for kind, label in (("teacher", "Teacher"), ("student", "Distilled student"),
+                        ("baseline", "Student without teacher")):
+        model = metrics["models"][kind]
+        assert rows[label][2] == f"{model['best_val_acc']:.2%} ({model['best_epoch']})"
+    assert [row[0] for row in parts.tables["per-class"][1:]] == ["one", "two", "zero"]
+    with open(os.path.join(out, "val_predictions.csv")) as f:
+        val = list(csv.DictReader(f))
+    mistakes = sum(row["student"] != row["label"] for row in val)
+    # The two curves, the confusion matrices, the reliability diagrams, one thumbnail per mistake shown.
+    assert len(parts.images) == 4 + min(MISTAKES_SHOWN, mistakes)
+    assert not parts.external
+    for image in parts.images:
+        prefix = "data:image/png;base64,"
+        assert image["src"].startswith(prefix)
+        Image.open(io.BytesIO(base64.b64decode(image["src"][len(prefix):]))).verify()
+    # Agreement with the teacher: the 2x2 table's counts cover every val image.
+    counts = [int(cell) for row in parts.tables["agreement"][1:] for cell in row[1:]]
+    assert sum(counts) == len(val)
+    assert "report.html written in" in open(os.path.join(out, "log.txt")).read()
+
+
+def test_report_html_renders_in_a_headless_browser(finished_run, tmp_path):
+    out, _ = finished_run
+    browser = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
+    if browser is None:
+        pytest.fail("no Chromium found (looked for chromium, chromium-browser, google-chrome): install Debian's "
+                    "chromium (apt-get install -y chromium)", pytrace=False)
+    screenshot = tmp_path / "page.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={screenshot}",
+                    f"--window-size={WINDOW[0]},{WINDOW[1]}", "file://" + os.path.join(out, "report.html")],
+                   check=True, capture_output=True, timeout=180)
+    with Image.open(screenshot) as image:
+        assert image.format == "PNG" and image.size == WINDOW
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    non_white = (pixels.min(2) < 235).mean()
+    # Text alone is grey: strongly coloured pixels come from the rendered figures (curves, matrices).
+    coloured = (pixels.max(2) - pixels.min(2) > 80).mean()
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
+    assert non_white > 0.03 and coloured > 0.01, (non_white, coloured)
