@@ -272,7 +272,8 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
     parts += [
         "<h2>Stage times (s)</h2><p class='note'>Wall time of each stage in the last invocation: a resumed "
         "run counts only what it redid.</p>",
-        _table(["Stage", "Seconds"], [[stage, f"{seconds:.1f}"] for stage, seconds in metrics["stage_seconds"].items()]),
+        _table(["Stage", "Seconds"],
+               [[stage, f"{seconds:.1f}"] for stage, seconds in metrics["stage_seconds"].items()]),
         "<h2>Settings</h2><div class='settings'>"
         + "".join(f"<div>{html.escape(key)} = {_text(value)}</div>" for key, value in _flat(config)) + "</div>",
         "</body></html>"]

@@ -254,8 +254,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
                      for kind in ("student", "baseline")]
             counts.append(discordant_counts(*right))
     student = students.first["student"][3]
-    val_logits = {"teacher": predict_logits(teacher, batcher("val"), cfg.teacher.batch_size, *compute),
-                  **students.first_val_logits}
+    val_logits = {"teacher": predict_logits(teachers["teacher"].model, batcher("val"), cfg.teacher.batch_size,
+                                            *compute), **students.first_val_logits}
 
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
