@@ -50,7 +50,8 @@ def plot_curves(path: str, histories: dict[str, list[dict]], metric: str, ylabel
     for name, history in histories.items():
         kind = kind_of(name)
         label = None if kind in drawn else LABELS.get(kind, kind)
-        style = {"color": COLORS.get(kind), "alpha": 1.0 if label else 0.3}
+        # Markers, so that a one-epoch history still shows as points.
+        style = {"color": COLORS.get(kind), "alpha": 1.0 if label else 0.3, "marker": ".", "markersize": 4}
         drawn.add(kind)
         epochs = [row["epoch"] for row in history]
         axes.plot(epochs, [row[f"train_{metric}"] for row in history], "--",
