@@ -132,9 +132,13 @@ class Config:
             os.path.expanduser("~"), ".cache", "kdistill")
 
     def distiller(self) -> Distiller:
-        """The distillation method with its settings."""
-        return build_distiller(self.distill.method, self.distill.temperature, self.distill.alpha,
-                               self.student.label_smoothing, getattr(self.distill, self.distill.method, None))
+        """The distillation method with its settings; for born_again, the method that distills each
+        generation (its base), with that method's settings."""
+        method = self.distill.method
+        if method == "born_again":
+            method = self.distill.born_again.base
+        return build_distiller(method, self.distill.temperature, self.distill.alpha,
+                               self.student.label_smoothing, getattr(self.distill, method, None))
 
     def signal_mode(self) -> str:
         if self.distill.teacher_signal != "auto":
