@@ -142,9 +142,13 @@ class Config:
             os.path.expanduser("~"), ".cache", "kdistill")
 
     def distiller(self) -> Distiller:
-        """The distillation method with its settings."""
-        return build_distiller(self.distill.method, self.distill.temperature, self.distill.alpha,
-                               self.student.label_smoothing, getattr(self.distill, self.distill.method, None))
+        """The distillation method with its settings; for born_again, the method that distills each
+        generation (its base), with that method's settings."""
+        method = self.distill.method
+        if method == "born_again":
+            method = self.distill.born_again.base
+        return build_distiller(method, self.distill.temperature, self.distill.alpha,
+                               self.student.label_smoothing, getattr(self.distill, method, None))
 
     def teachers(self) -> dict[str, TeacherConfig]:
         """Every teacher by run name: teacher, then the ensemble's as teacher-2, teacher-3, ..."""

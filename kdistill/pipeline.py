@@ -28,7 +28,7 @@ from .html_report import write_html_report
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
-from .teacher import distillation_batches, ensemble_summary, train_teachers, without_teacher
+from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
 from .train import Batches, fit, offered_val_acc, predict_logits
 
 ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
@@ -59,6 +59,10 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
         f"{normalize} statistics, {s.epochs} epochs, "
         f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
     student = compute.place(student)
+    # A method that trains a model of its own beside the student (DML's peer) builds it like the student, from scratch.
+    objective.make_model = lambda arch: compute.place(standardized_model(
+        s.arch if arch == "student" else arch, len(data.classes), s.dropout, "none", s.normalize, data.mean,
+        data.std)[0])
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
     history = fit(name, student, student, train, val, objective, s,
@@ -88,6 +92,7 @@ class TrainedStudents(NamedTuple):
     rows: dict[str, list[dict]]  # kind -> per seed: seed, best_val_acc, best_epoch, final_val_acc
     val_predicted: dict[str, torch.Tensor]  # run name -> predicted class of each val image (best weights)
     first_val_logits: dict[str, torch.Tensor]  # kind -> the first seed's val logits, for report.html
+    generations: list[dict]  # born again, per seed and generation: run name, best_val_acc, best_epoch, final_val_acc
 
 
 def run_name(kind: str, seed: int, cfg: Config) -> str:
@@ -96,35 +101,52 @@ def run_name(kind: str, seed: int, cfg: Config) -> str:
 
 
 def train_students(cfg: Config, data: PreparedData, student_train: Batches, val: Batches, compute: Compute,
-                   models_dir: str, log, lap, checkpoints: dict[str, str]) -> TrainedStudents:
+                   models_dir: str, log, lap, checkpoints: dict[str, str], taught_by) -> TrainedStudents:
     """Train the distilled student and the baseline for each seed (cfg.seeds, else cfg.seed).
 
     Every seed shares the prepared data and the one teacher's signal. A finished seed is not
     retrained on a rerun: its checkpoints hold all its epochs. checkpoints: kind -> the folder holding
-    that kind's checkpoint folders."""
+    that kind's checkpoint folders (born-again generations: the student's). Born again: the baseline
+    is generation 0, each later generation is distilled from the one before (taught_by: a
+    TrainedTeacher -> the student's batches with its signal), and the last is the student."""
     # Objectives are made anew for each seed: a method's trainable parts must not carry over.
-    kinds = {"student": (student_train, cfg.distiller)}
-    if cfg.baseline:
-        kinds["baseline"] = (without_teacher(student_train, len(data.splits["train"].files)),
-                             lambda: CrossEntropy(cfg.student.label_smoothing))
+    plain = (without_teacher(student_train, len(data.splits["train"].files)),
+             lambda: CrossEntropy(cfg.student.label_smoothing))
+    generations = cfg.distill.born_again.generations if cfg.distill.method == "born_again" else 0
+    if generations:  # batches None: served by the generation trained just before
+        kinds = {"baseline": plain, **{"student" if k == generations else f"generation{k}": (None, cfg.distiller)
+                                       for k in range(1, generations + 1)}}
+    else:  # a method that reads no teacher (DML) sees exactly the baseline's batches
+        kinds = {"student": (student_train if cfg.distiller().needs_teacher else plain[0], cfg.distiller),
+                 **({"baseline": plain} if cfg.baseline else {})}
     seeds = cfg.seeds or [cfg.seed]
-    trained = TrainedStudents({}, {}, {kind: [] for kind in kinds}, {}, {})
+    trained = TrainedStudents({}, {}, {kind: [] for kind in kinds if kind in ("student", "baseline")}, {}, {}, [])
     for seed in seeds:
-        for kind, (train, make_objective) in kinds.items():
+        previous = None  # born again: (run name, TrainedTeacher) of the generation just trained
+        for generation, (kind, (train, make_objective)) in enumerate(kinds.items()):
             name = run_name(kind, seed, cfg)
+            if train is None:
+                log(f"{name}: born-again generation {generation}, distilled from {previous[0]}")
+                train = taught_by(previous[1])
+            checkpoint_dir = os.path.join(checkpoints.get(kind, checkpoints["student"]), name)
             model, normalize, history = train_student(name, seed, cfg, data, train, val, make_objective(), compute,
-                                                      log, os.path.join(checkpoints[kind], name))
+                                                      log, checkpoint_dir)
             save_torch(model.state_dict(), os.path.join(models_dir, f"{name}.pt"), what=f"{name} weights")
             trained.histories[name] = history
-            trained.rows[kind].append({"seed": seed, **best_and_final(history)})
             # For the paired test: the best weights' answer on each val image.
             val_logits = predict_logits(model, val, cfg.student.batch_size, *compute)
             trained.val_predicted[name] = val_logits.argmax(1)
-            if seed == seeds[0]:
-                trained.first_val_logits[kind] = val_logits
-                # The first seed's models are reported, exported and predict the test images. Not the
-                # best seed by val: that choice would be selection on the val images they are judged on.
-                trained.first[kind] = (name, seed, normalize, model)
+            if generations:
+                previous = (name, TrainedTeacher(model, "", normalize, history, None))
+                trained.generations.append({"generation": generation, "run": name, "seed": seed,
+                                            **best_and_final(history)})
+            if kind in trained.rows:  # the student and the baseline; born again's others are in generations only
+                trained.rows[kind].append({"seed": seed, **best_and_final(history)})
+                if seed == seeds[0]:
+                    trained.first_val_logits[kind] = val_logits
+                    # The first seed's models are reported, exported and predict the test images. Not the
+                    # best seed by val: that choice would be selection on the val images they are judged on.
+                    trained.first[kind] = (name, seed, normalize, model)
             lap(name)
     return trained
 
@@ -233,7 +255,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
                                                  transfer)
     lap("teacher_signal")
     students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap,
-                              checkpoints)
+                              checkpoints, lambda taught: distillation_batches(
+                                  signal, cfg, data, {"teacher": taught}, batcher, compute, log, transfer)[0])
     histories = {**{name: teacher.history for name, teacher in teachers.items()}, **students.histories}
 
     log("report: measuring models, writing predictions, report and exports")
@@ -248,7 +271,7 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
         models[kind] = summarize(arch, seed, normalize, model, histories[name],
                                  os.path.join(models_dir, f"{name}.pt"), cfg.image_size, device)
     counts = []  # per seed, (b, c): val images only the distilled student / only the baseline gets right
-    if cfg.baseline:
+    if "baseline" in students.rows:  # with born again, generation 0
         for row in students.rows["student"]:
             right = [(students.val_predicted[run_name(kind, row["seed"], cfg)] == val.labels).tolist()
                      for kind in ("student", "baseline")]
@@ -280,6 +303,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
                "transfer_set": {"source": cfg.distill.unlabeled, "images": len(data.splits[transfer].files)}
                if transfer else None, "ensemble": ensemble,
                "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
+    if students.generations:
+        metrics["generations"] = students.generations
     if cfg.seeds:
         metrics["seeds"] = students.rows
         metrics["summary"] = summarize_seeds(students.rows, counts)
@@ -289,6 +314,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
     write_html_report(cfg.out, metrics, cfg.to_dict(), val, data.classes, val_logits, log)
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
              f"{m['params'] / 1e6:.1f}M params, {m['gflops']:.2f} GFLOPs" for name, m in models.items()]
+    lines += [f"  born-again generation {row['generation']} ({row['run']}) best val acc {row['best_val_acc']:.2%} "
+              f"(epoch {row['best_epoch']})" for row in students.generations]
     if cfg.seeds:
         summary = metrics["summary"]
         lines.append(f"  over seeds {', '.join(map(str, cfg.seeds))}, best val acc mean ± std: " + "; ".join(

@@ -310,7 +310,12 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     len(train), f"{name} epoch {epoch}/{cfg.epochs}"), 1):
                 with autocast(device, precision):
                     logits = model(x)
-                terms = objective(Outputs(logits.float(), student_taps.take()), y, teacher, index)
+                student = Outputs(logits.float(), student_taps.take())
+                if objective.needs_input:  # it runs a model of its own on x (DML's peer), in the student's precision
+                    with autocast(device, precision):
+                        terms = objective(student, y, teacher, index, inputs=x)
+                else:
+                    terms = objective(student, y, teacher, index)
                 loss = terms["loss"]
                 first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
                 optimizer.zero_grad(set_to_none=True)

@@ -54,7 +54,10 @@ def start_and_signal_after_first_student_epoch(command: list[str], out: str, sig
     # Methods with trainable parts: a regressor, and embedding heads with memory banks and negatives.
     ({"augment": "flip", "distill": {"method": "fitnets", "teacher_signal": "online"}}, "online"),
     ({"augment": "flip", "distill": {"method": "crd"}}, "views"),
-], ids=["stored-views", "online-teacher", "resized-crop-mixup", "fitnets", "crd"])
+    # A peer network trained beside the student; generations of the student, killed in the last one.
+    ({"augment": "flip", "distill": {"method": "dml"}}, "views"),
+    ({"augment": "flip", "distill": {"method": "born_again", "born_again": {"generations": 2}}}, "views"),
+], ids=["stored-views", "online-teacher", "resized-crop-mixup", "fitnets", "crd", "dml", "born-again"])
 def test_an_augmented_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, tmp_path,
                                                                           augment_settings, signal_name):
     settings = tiny_settings(digits_dataset, "", "", teacher={"epochs": 1}, student={"epochs": 3},

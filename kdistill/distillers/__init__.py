@@ -6,9 +6,11 @@ new file registered here.
 """
 from .at import AT
 from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
+from .born_again import BornAgain
 from .crd import CRD
 from .dist import DIST
 from .dkd import DKD
+from .dml import DML
 from .fitnets import FitNets
 from .kd import KD
 from .lskd import LSKD
@@ -29,6 +31,8 @@ DISTILLERS: dict[str, type[Distiller]] = {
     "pkt": PKT,
     "sp": SP,
     "crd": CRD,
+    "dml": DML,
+    "born_again": BornAgain,
 }
 
 
@@ -39,5 +43,5 @@ def build_distiller(method: str, temperature: float, alpha: float, label_smoothi
                               settings=settings)
 
 
-__all__ = ["AT", "CRD", "DIST", "DISTILLERS", "DKD", "KD", "LSKD", "PEFD", "PKT", "RKD", "SP", "CrossEntropy",
-           "Distiller", "FitNets", "LogitDistiller", "Outputs", "build_distiller"]
+__all__ = ["AT", "BornAgain", "CRD", "DIST", "DISTILLERS", "DKD", "DML", "KD", "LSKD", "PEFD", "PKT", "RKD", "SP",
+           "CrossEntropy", "Distiller", "FitNets", "LogitDistiller", "Outputs", "build_distiller"]

@@ -33,6 +33,8 @@ class Distiller(nn.Module):
       student_features()        module paths of the student whose outputs it reads
       teacher_features()        module paths of the teacher whose outputs it reads (served online)
       needs_index               the batch's sample indices
+      needs_input               the batch's model input, as forward(..., inputs=x) (for a method
+                                that runs a model of its own on it, e.g. DML's peer)
     Trainable parts (regressors, projectors, memory banks) are created in build(), called once
     before training with the shapes of one dummy forward; they train and are checkpointed with
     the student, and are not part of the exported student.
@@ -44,6 +46,7 @@ class Distiller(nn.Module):
 
     needs_teacher = True
     needs_index = False
+    needs_input = False
     Settings: type = NoSettings
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0, settings=None):
