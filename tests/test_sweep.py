@@ -205,9 +205,10 @@ def test_bad_grid_specs_stop_before_anything_runs(digits_dataset, tmp_path, caps
     ({}, ["augment=none,flip"], 2, 2),
     ({"augment": "flip"}, ["rrc_scale=[0.08,1],[0.35,1]"], 1, 1),  # crop ranges unused by flip
     ({"augment": "rrc_flip"}, ["rrc_scale=[0.08,1],[0.35,1]"], 2, 2),
-    # With augmentation the baseline replays the student's stored views (kd) or draws fresh ones
-    # (fitnets reads the teacher's features: an online teacher); without, both see the same batches.
-    ({"augment": "flip"}, ["distill.method=kd,fitnets"], 1, 2),
+    # With augmentation the baseline replays the student's stored views or draws fresh ones (an
+    # online teacher); feature methods store views like logit methods; without, all see the same batches.
+    ({"augment": "flip"}, ["distill.teacher_signal=views,online"], 1, 2),
+    ({"augment": "flip"}, ["distill.method=kd,fitnets"], 1, 1),
     ({}, ["distill.method=kd,fitnets"], 1, 1),
     ({"augment": "rrc_flip", "distill": {"teacher_signal": "views"}}, ["distill.views=2,4"], 1, 2),
     ({"augment": "rrc_flip"}, ["distill.views=2,4"], 1, 1),  # auto: an online teacher, no stored views
