@@ -120,6 +120,9 @@ class Config:
     workers: int = setting(0, "decode processes; 0 = all cores")
     max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs")
     compile: bool = setting(False, "torch.compile the student (CUDA only)")
+    deploy_check: bool = setting(True, "at the end, write student-int8.onnx (static int8) and measure size, val "
+                                       "accuracy and CPU latency of the student (PyTorch, ONNX Runtime fp32 and int8) "
+                                       "and the teacher")
     teacher: TeacherConfig = section(TeacherConfig, "the large model, trained first")
     student: StudentConfig = section(StudentConfig, "the small model, distilled from the teacher")
     distill: DistillConfig = section(DistillConfig, "how the teacher's knowledge reaches the student")
@@ -152,7 +155,7 @@ class Config:
 
 
 # Settings that change where or how fast a run goes, never its numbers.
-NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile"}
+NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check"}
 
 
 def preset_names() -> list[str]:
