@@ -125,11 +125,12 @@ def load_onnx_student(path: str, threads: int = 0):
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KdistillError(f"{path} is not a usable ONNX model ({message[:160]})") from None
     stored = session.get_modelmeta().custom_metadata_map
+    missing = [f"kdistill.{key}" for key in ONNX_METADATA_KEYS if f"kdistill.{key}" not in stored]
+    if missing:
+        raise KdistillError(f"{path} is an ONNX model but not a kdistill student: its metadata has no "
+                            f"{missing[0]} (`kdistill export --run RUN` writes a run's students with it)")
     try:
         description = {key: json.loads(stored[f"kdistill.{key}"]) for key in ONNX_METADATA_KEYS}
-    except KeyError:
-        raise KdistillError(f"{path} is an ONNX model but not a kdistill student (its metadata lacks "
-                            f"kdistill.classes and the other keys `kdistill export` writes)") from None
     except ValueError as e:
         raise KdistillError(f"{path}: unreadable kdistill metadata ({e})") from None
     classes, size, inputs = description["classes"], description["image_size"], session.get_inputs()
