@@ -1,9 +1,10 @@
-"""Command line: kdistill run | sweep | demo | predict | compare | config | cache.
+"""Command line: kdistill run | sweep | demo | predict | export | compare | config | cache.
 
 Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -21,6 +22,8 @@ EPILOG = """examples:
       --grid distill.alpha=0.25,0.5,0.9
   kdistill predict --run runs/exp1 --images more_photos/
   kdistill compare runs/exp1 runs/exp2 --html compare.html
+  kdistill predict --run runs/exp1/student-int8.onnx --images more_photos/
+  kdistill export --run runs/exp1
   kdistill config --preset seed-nguyen > my.yaml
   kdistill cache --list
 
@@ -106,7 +109,9 @@ def parser() -> argparse.ArgumentParser:
     _add_setting_flags(config)
 
     predict = commands.add_parser("predict", help="label new images with a finished run's student")
-    predict.add_argument("--run", required=True, help="a finished run folder (holds student.pt)")
+    predict.add_argument("--run", required=True,
+                         help="a finished run folder (uses its student.pt), or a student file: student.pt, "
+                              "student.onnx or student-int8.onnx (ONNX Runtime, on the CPU)")
     predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
     predict.add_argument("--output", help="CSV to write (default RUN/predictions-<folder name>.csv)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -125,6 +130,19 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", metavar="RUN", help="a finished run folder (holds metrics.json and "
                                                                  "config.yaml)")
     compare.add_argument("--html", metavar="FILE", help="also write the table as a self-contained HTML page")
+    export = commands.add_parser(
+        "export", help="write a finished run's student.onnx and student-int8.onnx and measure the deployment table",
+        description="From RUN/student.pt: student.onnx (float32, dynamic batch, metadata with the classes, input "
+                    "statistics and image size) and student-int8.onnx (static int8 quantization calibrated on "
+                    "training images); then size, val accuracy and CPU latency (batch 1 and 32) of the student in "
+                    "PyTorch and ONNX Runtime fp32 and int8, and of the teacher, into RUN/metrics.json "
+                    "(deployment) and RUN/report.md.")
+    export.add_argument("--run", required=True, help="a finished run folder")
+    export.add_argument("--repeats", type=int, default=30,
+                        help="timed runs per latency at batch 1, per round (a fifth at batch 32; default 30)")
+    export.add_argument("--trust-arch", action="store_true",
+                        help="build architectures outside torchvision and kdistill.zoo named by the run "
+                             "(runs that module's code: only for runs from people you trust)")
 
     cache = commands.add_parser("cache", help="list or remove the decoded data caches",
                                 description="Each entry is one dataset decoded at one image size, with its "
@@ -154,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import compare_runs
 
             print(printable(compare_runs(args.runs, args.html)), end="")
+        if args.command == "export":
+            from .deploy import EXPORT_TIMING, export_run
+
+            if args.repeats < 1:
+                raise KdistillError(f"--repeats must be >= 1, got {args.repeats}")
+            export_run(args.run, args.trust_arch, dataclasses.replace(EXPORT_TIMING, repeats=args.repeats),
+                       log=lambda message: print(printable(message)))
+            print(f"wrote {os.path.join(args.run, 'student.onnx')} and student-int8.onnx; the deployment table "
+                  f"is in {os.path.join(args.run, 'report.md')} and metrics.json")
             return 0
         if args.command == "cache":
             from .cache import clear_cache, list_cache

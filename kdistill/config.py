@@ -130,6 +130,9 @@ class Config:
     ensemble: list = setting([], "more teachers (teacher-2, teacher-3, ...), each a mapping of teacher settings; "
                                  "unset ones are the teacher section's; the student learns from the weighted "
                                  "average of all teachers' softened probabilities", item_kind=dict)
+    deploy_check: bool = setting(True, "at the end, write student-int8.onnx (static int8) and measure size, val "
+                                       "accuracy and CPU latency of the student (PyTorch, ONNX Runtime fp32 and int8) "
+                                       "and the teacher")
     teacher: TeacherConfig = section(TeacherConfig, "the large model, trained first")
     student: StudentConfig = section(StudentConfig, "the small model, distilled from the teacher")
     distill: DistillConfig = section(DistillConfig, "how the teacher's knowledge reaches the student")
@@ -180,7 +183,7 @@ class Config:
 
 
 # Settings that change where or how fast a run goes, never its numbers.
-NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile"}
+NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check"}
 
 
 def preset_names() -> list[str]:

@@ -5,10 +5,13 @@
   `kdistill predict` uses.
 - OUT/student.onnx: takes float32 images scaled to [0, 1], shape (N, 3, S, S), and returns logits;
   the student's standardization is built in, so a deployment only resizes, crops and scales.
-  It is written only if ONNX Runtime reproduces PyTorch's logits within ONNX_TOLERANCE.
+  It is written only if ONNX Runtime reproduces PyTorch's logits within ONNX_TOLERANCE. Its
+  metadata_props describe it (ONNX_METADATA_KEYS, as JSON text under "kdistill.<key>"), so
+  `kdistill predict` can use it alone; student-int8.onnx (see deploy.py) carries the same.
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -24,13 +27,18 @@ BUNDLE_KEYS = {"arch", "dropout", "classes", "image_size", "normalize", "mean", 
 TRUSTED_MODULES = ("kdistill.zoo",)
 # ONNX Runtime and PyTorch must agree within atol + rtol * (largest |logit|) on every logit.
 ONNX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
+# What an ONNX student says about itself: enough to prepare its input and name its outputs.
+ONNX_METADATA_KEYS = ("arch", "classes", "image_size", "normalize", "mean", "std")
+ONNX_INPUT = "float32 RGB images scaled to [0, 1], N x 3 x S x S (short side resized to S, centre-cropped)"
 
 
 def save_bundle(path: str, model: Standardized, arch: str, dropout: float, classes: list[str],
-                image_size: int, normalize: str) -> None:
-    save_torch({"arch": arch, "dropout": dropout, "classes": classes, "image_size": image_size,
-                "normalize": normalize, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-                "state_dict": model.state_dict()}, path, what="student bundle")
+                image_size: int, normalize: str) -> dict:
+    """Write the bundle; return its description (everything but the weights), as load_bundle does."""
+    description = {"arch": arch, "dropout": dropout, "classes": classes, "image_size": image_size,
+                   "normalize": normalize, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
+    save_torch({**description, "state_dict": model.state_dict()}, path, what="student bundle")
+    return description
 
 
 def is_trusted_arch(arch: str) -> bool:
@@ -57,9 +65,19 @@ def load_bundle(path: str, trust_arch: bool = False) -> tuple[Standardized, dict
     return model.eval(), bundle
 
 
-def export_onnx(path: str, model: Standardized, probe: torch.Tensor) -> float:
+def set_onnx_metadata(onnx_model, description: dict) -> None:
+    """The student's description into a freshly exported onnx.ModelProto's metadata_props."""
+    for key, value in [*((key, description[key]) for key in ONNX_METADATA_KEYS), ("input", ONNX_INPUT)]:
+        prop = onnx_model.metadata_props.add()
+        prop.key, prop.value = f"kdistill.{key}", json.dumps(value)
+
+
+def export_onnx(path: str, model: Standardized, probe: torch.Tensor, description: dict | None = None) -> float:
     """Write the ONNX file and return the largest |difference| from PyTorch on the probe images
-    (float, [0, 1], N x 3 x S x S). Raises, leaving no file, if that exceeds ONNX_TOLERANCE."""
+    (float, [0, 1], N x 3 x S x S). Raises, leaving no file, if that exceeds ONNX_TOLERANCE.
+
+    description: the bundle's (save_bundle, load_bundle), written into the file's metadata_props."""
+    import onnx
     import onnxruntime
 
     model = model.cpu().eval()
@@ -75,6 +93,10 @@ def export_onnx(path: str, model: Standardized, probe: torch.Tensor) -> float:
             torch.onnx.export(model, (probe,), tmp, dynamo=False, input_names=["images"],
                               output_names=["logits"], dynamic_axes={"images": {0: "batch"},
                                                                      "logits": {0: "batch"}})
+        if description is not None:
+            onnx_model = onnx.load(tmp)
+            set_onnx_metadata(onnx_model, description)
+            onnx.save(onnx_model, tmp)
         session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         onnx_logits = session.run(None, {"images": probe.numpy()})[0]
         difference = float(np.abs(onnx_logits - torch_logits).max())
@@ -86,3 +108,33 @@ def export_onnx(path: str, model: Standardized, probe: torch.Tensor) -> float:
                 f"logit) on {len(probe)} images; {path} was not written (student.pt is)")
     atomic_write(path, write_and_check, "ONNX model")
     return difference
+
+
+def load_onnx_student(path: str, threads: int = 0):
+    """An ONNX Runtime session (CPU; threads: intra-op threads, 0 = ONNX Runtime's default) for a
+    kdistill ONNX student, and its description (ONNX_METADATA_KEYS). A file that is not an ONNX
+    model, or one kdistill did not write, is refused in one line naming it."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # ONNX Runtime's own warnings would break the one-line error
+    try:
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KdistillError(f"{path} is not a usable ONNX model ({message[:160]})") from None
+    stored = session.get_modelmeta().custom_metadata_map
+    missing = [f"kdistill.{key}" for key in ONNX_METADATA_KEYS if f"kdistill.{key}" not in stored]
+    if missing:
+        raise KdistillError(f"{path} is an ONNX model but not a kdistill student: its metadata has no "
+                            f"{missing[0]} (`kdistill export --run RUN` writes a run's students with it)")
+    try:
+        description = {key: json.loads(stored[f"kdistill.{key}"]) for key in ONNX_METADATA_KEYS}
+    except ValueError as e:
+        raise KdistillError(f"{path}: unreadable kdistill metadata ({e})") from None
+    classes, size, inputs = description["classes"], description["image_size"], session.get_inputs()
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+            and isinstance(size, int) and size > 0 and len(inputs) == 1 and len(inputs[0].shape) == 4):
+        raise KdistillError(f"{path}: its kdistill metadata or its input does not describe an image classifier")
+    return session, description

@@ -18,6 +18,7 @@ from .batcher import ImageBatcher
 from .compute import Compute, resolve_device, resolve_precision
 from .config import Config, result_differences, save_config
 from .settings import read_yaml
+from .deploy import deployment_check
 from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
 from .distillers import CrossEntropy
 from .errors import KdistillError, printable
@@ -288,10 +289,10 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
             f"{os.path.join(cfg.out, 'predictions.csv')}")
 
     student_cpu = student.cpu()
-    save_bundle(os.path.join(cfg.out, "student.pt"), student_cpu, cfg.student.arch, cfg.student.dropout,
-                data.classes, cfg.image_size, models["student"]["input_standardization"])
+    described = save_bundle(os.path.join(cfg.out, "student.pt"), student_cpu, cfg.student.arch, cfg.student.dropout,
+                            data.classes, cfg.image_size, models["student"]["input_standardization"])
     val_images = data.splits["val"].images[:ONNX_PROBE_IMAGES]
-    onnx_diff = export_onnx(os.path.join(cfg.out, "student.onnx"), student_cpu, to_unit_range(val_images))
+    onnx_diff = export_onnx(os.path.join(cfg.out, "student.onnx"), student_cpu, to_unit_range(val_images), described)
     log(f"export: student.pt and student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e} on "
         f"{len(val_images)} val images)")
 
@@ -310,6 +311,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
         metrics["summary"] = summarize_seeds(students.rows, counts)
     elif counts:
         metrics["mcnemar"] = mcnemar(*counts[0])
+    if cfg.deploy_check:
+        deployment_check(cfg.out, data, student_cpu, teacher, metrics, log)
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     write_html_report(cfg.out, metrics, cfg.to_dict(), val, data.classes, val_logits, log)
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "

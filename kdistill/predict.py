@@ -1,4 +1,5 @@
-"""`kdistill predict`: label a folder of new images with a run's saved student."""
+"""`kdistill predict`: label a folder of new images with a run's saved student (student.pt, or
+student.onnx / student-int8.onnx through ONNX Runtime)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -12,7 +13,7 @@ import yaml
 from .data import list_images, to_unit_range
 from .errors import KdistillError
 from .evaluate import write_predictions
-from .export import load_bundle
+from .export import load_bundle, load_onnx_student
 from .images import DEFAULT_MAX_PIXELS, decode_task
 from .compute import resolve_device
 
@@ -37,28 +38,59 @@ def _refuse(path: str, reason: str) -> KdistillError:
     return KdistillError(f"bad input file {path}: {reason} (--strict; without it such files are skipped)")
 
 
-def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int = 64, workers: int = 0,
+def load_student(path: str, device: str, trust_arch: bool):
+    """(forward: uint8 images N x 3 x S x S -> float logits on the CPU, its description) for a student
+    file, by extension: .pt, the bundle (PyTorch, on device); .onnx, student.onnx or student-int8.onnx
+    (ONNX Runtime on the CPU, described by its metadata)."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".onnx":
+        if device not in ("auto", "cpu"):
+            raise KdistillError(f"--device {device}: an .onnx student runs on ONNX Runtime's CPU provider here; "
+                                f"use student.pt for {device}")
+        session, description = load_onnx_student(path)
+        name = session.get_inputs()[0].name
+
+        def forward_onnx(images: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {name: to_unit_range(images).numpy()})[0])
+        return forward_onnx, description
+    if extension != ".pt":
+        raise KdistillError(f"{path}: expected a run folder, a student bundle (.pt) or an ONNX student (.onnx)")
+    target = resolve_device(device, "--device")
+    model, bundle = load_bundle(path, trust_arch)
+    model.to(target)
+
+    def forward_torch(images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(to_unit_range(images.to(target))).float().cpu()
+    return forward_torch, bundle
+
+
+def predict_folder(run: str, images_dir: str, output: str, batch_size: int = 64, workers: int = 0,
                    strict: bool = False, device: str = "auto", log=print, trust_arch: bool = False) -> int:
     """Write filename,label,confidence for every usable image under images_dir; return how many.
 
-    Files that are not usable images are skipped with one warning line, or with strict, the first
-    one stops everything with one line naming it.
+    run: a run folder (its student.pt) or a student file (.pt or .onnx; the run's settings, if
+    any, are read from its folder). Files that are not usable images are skipped with one warning
+    line, or with strict, the first one stops everything with one line naming it.
     """
     if batch_size < 1:
         raise KdistillError(f"--batch-size must be >= 1, got {batch_size}")
-    target = resolve_device(device, "--device")
-    bundle_path = os.path.join(run_dir, "student.pt")
-    if not os.path.exists(bundle_path):
-        raise KdistillError(f"{bundle_path} not found: is {run_dir} a finished kdistill run?")
+    if os.path.isdir(run):
+        run_dir, model_path = run, os.path.join(run, "student.pt")
+        if not os.path.exists(model_path):
+            raise KdistillError(f"{model_path} not found: is {run} a finished kdistill run?")
+    elif os.path.isfile(run):
+        run_dir, model_path = os.path.dirname(run) or ".", run
+    else:
+        raise KdistillError(f"--run {run} does not exist (a run folder or a student .pt / .onnx file)")
     if not os.path.isdir(images_dir):
         raise KdistillError(f"image folder {images_dir} does not exist")
     max_pixels = run_max_pixels(run_dir)
-    model, bundle = load_bundle(bundle_path, trust_arch)
-    model.to(target)
+    forward, description = load_student(model_path, device, trust_arch)
     files, rejected = list_images(images_dir)
     if rejected and strict:
         raise _refuse(*rejected[0])
-    size = bundle["image_size"]
+    size = description["image_size"]
     tasks = [(i, os.path.join(images_dir, f), size, max_pixels) for i, f in enumerate(files)]
     kept, logits = [], []
     workers = workers or os.cpu_count() or 1
@@ -72,14 +104,12 @@ def predict_folder(run_dir: str, images_dir: str, output: str, batch_size: int =
             rejected += bad
             good = [(i, array) for i, array, _ in results if array is not None]
             if good:
-                batch = torch.from_numpy(np.stack([array for _, array in good])).to(target)
-                with torch.no_grad():
-                    logits.append(model(to_unit_range(batch)).float().cpu())
+                logits.append(forward(torch.from_numpy(np.stack([array for _, array in good]))))
                 kept += [files[i] for i, _ in good]
     if rejected:
         log(f"predict: skipped {len(rejected)} file(s) that are not usable images, for example "
             f"{rejected[0][0]} ({rejected[0][1]})")
     if not kept:
         raise KdistillError(f"no usable image in {images_dir}")
-    write_predictions(output, kept, torch.cat(logits), bundle["classes"])
+    write_predictions(output, kept, torch.cat(logits), description["classes"])
     return len(kept)

@@ -121,6 +121,34 @@ def seeds_section(metrics: dict) -> list[str]:
     return lines
 
 
+DEPLOYMENT_LABELS = {"student_torch_fp32": ("Distilled student", "PyTorch", "fp32"),
+                     "student_onnx_fp32": ("Distilled student", "ONNX Runtime (`student.onnx`)", "fp32"),
+                     "student_onnx_int8": ("Distilled student", "ONNX Runtime (`student-int8.onnx`)", "int8"),
+                     "teacher_torch_fp32": ("Teacher", "PyTorch", "fp32")}
+
+
+def deployment_section(metrics: dict) -> list[str]:
+    """The deployment table (deploy.py): size, val accuracy and CPU latency per way of running a model."""
+    rows, setup = metrics["deployment"], metrics["deployment_setup"]
+    lines = ["## Deployment (CPU)", "",
+             "| Model | Runs on | Precision | Size (MiB) | Val acc | Latency batch 1 (ms) | Latency batch 32 (ms) | "
+             "Threads |", "|---|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        model, engine, precision = DEPLOYMENT_LABELS.get(name, (name, "", ""))
+        lines.append(f"| {model} | {engine} | {precision} | {row['size_mb']:.1f} | {row['val_acc']:.2%} | "
+                     f"{row['latency_ms_b1']:.2f} | {row['latency_ms_b32']:.1f} | {row['threads']} |")
+    fp32, int8 = rows["student_onnx_fp32"], rows["student_onnx_int8"]
+    lines += ["", f"int8: {setup['int8']}. Against fp32 ONNX Runtime it is {fp32['size_mb'] / int8['size_mb']:.1f}x "
+                  f"smaller, {fp32['latency_ms_b1'] / int8['latency_ms_b1']:.2f}x as fast at batch 1 and "
+                  f"{(int8['val_acc'] - fp32['val_acc']) * 100:+.1f} points of val accuracy. Val accuracy is "
+                  f"measured anew on every val image; latency is the median of {setup['timed_runs_b1']} timed runs at "
+                  f"batch 1 and {setup['timed_runs_b32']} at batch 32 on the first val images ({setup['rounds']} "
+                  f"round(s) in which the rows take turns, each after {setup['warmup_runs']} untimed runs), PyTorch "
+                  f"timed with torch.utils.benchmark.Timer, ONNX Runtime with time.perf_counter. Size: the file on "
+                  f"disk (`student.pt`, the ONNX files, `models/teacher.pt`)."]
+    return lines
+
+
 def markdown(metrics: dict, config: dict) -> str:
     models = metrics["models"]
     seeds = config.get("seeds") or []
@@ -153,6 +181,8 @@ def markdown(metrics: dict, config: dict) -> str:
                         "(e.g. `--seeds 0,1,2`)."]
     if seeds:
         lines += ["", *seeds_section(metrics)]
+    if metrics.get("deployment"):
+        lines += ["", *deployment_section(metrics)]
     d = config["distill"]
     lines += [
         "", f"Distillation: method {d['method']}, T={d['temperature']}, alpha={d['alpha']}, teacher signal "

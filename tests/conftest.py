@@ -48,10 +48,11 @@ def digits_dataset(tmp_path_factory):
 
 def tiny_settings(data: str, out: str, cache: str, **extra) -> dict:
     """Settings for a run that takes seconds: 16 px, few epochs, small batches; float32, so numbers
-    recomputed by hand compare exactly on any CPU (bf16 runs are tested on their own)."""
+    recomputed by hand compare exactly on any CPU (bf16 runs are tested on their own). No int8
+    export and latency table (tests/test_deploy.py turns it on): it would add seconds to every run."""
     settings = {
         "data": data, "out": out, "cache_dir": cache, "image_size": 16, "seed": 0, "device": "cpu",
-        "precision": "fp32", "workers": 1,
+        "precision": "fp32", "workers": 1, "deploy_check": False,
         "teacher": {"arch": "resnet18", "weights": "none", "mode": "full", "epochs": 2, "batch_size": 16},
         "student": {"arch": "resnet18", "weights": "none", "epochs": 3, "batch_size": 16, "lr_step": 2},
         "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.7},

@@ -202,6 +202,7 @@ CASES = {
     "max_image_pixels": ("0", "1E6", 1_000_000),
     "compile": ("yes please", "true", True),
     "ensemble": ("[resnet18]", "[{arch: resnet18, epochs: 3}]", [{"arch": "resnet18", "epochs": 3}]),
+    "deploy_check": ("sometimes", "off", False),
     "teacher.arch": ("nosuchmodule:build", "resnet18", "resnet18"),
     "teacher.weights": ("/nonexistent.pth", "none", "none"),
     "teacher.dropout": ("1", "0.3", 0.3),
