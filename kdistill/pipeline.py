@@ -312,7 +312,7 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
     elif counts:
         metrics["mcnemar"] = mcnemar(*counts[0])
     if cfg.deploy_check:
-        deployment_check(cfg.out, data, student_cpu, teacher, metrics, log)
+        deployment_check(cfg.out, data, student_cpu, teachers["teacher"].model, metrics, log)
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     write_html_report(cfg.out, metrics, cfg.to_dict(), val, data.classes, val_logits, log)
     lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
