@@ -120,6 +120,10 @@ class Config:
     workers: int = setting(0, "decode processes; 0 = all cores")
     max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs")
     compile: bool = setting(False, "torch.compile the student (CUDA only)")
+    sync_bn: bool = setting(True, "with several processes (torchrun, --nproc): BatchNorm statistics over the global "
+                                  "batch (SyncBatchNorm), as one process computes them; false: each process's share")
+    ddp_timeout_s: int = setting(600, "with several processes: seconds one waits for the others in a training step "
+                                      "before stopping with an error (a process that died or hangs)")
     teacher: TeacherConfig = section(TeacherConfig, "the large model, trained first")
     student: StudentConfig = section(StudentConfig, "the small model, distilled from the teacher")
     distill: DistillConfig = section(DistillConfig, "how the teacher's knowledge reaches the student")
@@ -152,7 +156,7 @@ class Config:
 
 
 # Settings that change where or how fast a run goes, never its numbers.
-NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile"}
+NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "ddp_timeout_s"}
 
 
 def preset_names() -> list[str]:
@@ -232,6 +236,7 @@ def validate(cfg: Config) -> None:
             f"must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     require(cfg.max_image_pixels > 0, "max_image_pixels", f"must be > 0, got {cfg.max_image_pixels}")
+    require(cfg.ddp_timeout_s >= 1, "ddp_timeout_s", f"must be >= 1, got {cfg.ddp_timeout_s}")
     for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
         _check_arch(f"{name}.arch", part.arch, cfg.image_size)
         require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
