@@ -6,6 +6,7 @@ in the same folder finished, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .batcher import ImageBatcher
-from .compute import Compute, resolve_device, resolve_precision
+from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process, resolve_precision
 from .config import Config, result_differences, save_config
 from .settings import read_yaml
 from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
@@ -44,8 +45,13 @@ def make_logger(out: str):
     return log
 
 
+def _silent(message: str) -> None:
+    pass
+
+
 def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: Batches, val: Batches,
-                  objective: nn.Module, compute: Compute, log) -> tuple[Standardized, str, list]:
+                  objective: nn.Module, compute: Compute, log, ranks: Ranks = ONE_PROCESS
+                  ) -> tuple[Standardized, str, list]:
     """(model, its input statistics, history)."""
     s = cfg.student
     # The student and the baseline of a seed start from the same weights and see the same inputs
@@ -60,7 +66,7 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
     history = fit(name, student, student, train, val, objective, s, os.path.join(cfg.out, "checkpoints", name),
-                  compute.device, seed + 1, log, compute.precision)
+                  compute.device, seed + 1, log, compute.precision, ranks)
     return student.eval(), normalize, history
 
 
@@ -92,11 +98,12 @@ def run_name(kind: str, seed: int, cfg: Config) -> str:
 
 
 def train_students(cfg: Config, data: PreparedData, student_train: Batches, val: Batches, compute: Compute,
-                   models_dir: str, log, lap) -> TrainedStudents:
+                   models_dir: str, log, lap, ranks: Ranks = ONE_PROCESS) -> TrainedStudents:
     """Train the distilled student and the baseline for each seed (cfg.seeds, else cfg.seed).
 
     Every seed shares the prepared data and the one teacher's signal. A finished seed is not
-    retrained on a rerun: its checkpoints hold all its epochs."""
+    retrained on a rerun: its checkpoints hold all its epochs. With several processes, all train;
+    rank 0 alone saves the models and predicts the val images."""
     # Objectives are made anew for each seed: a method's trainable parts must not carry over.
     kinds = {"student": (student_train, cfg.distiller)}
     if cfg.baseline:
@@ -108,7 +115,9 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
         for kind, (train, make_objective) in kinds.items():
             name = run_name(kind, seed, cfg)
             model, normalize, history = train_student(name, seed, cfg, data, train, val, make_objective(), compute,
-                                                      log)
+                                                      log, ranks)
+            if not ranks.main:
+                continue
             save_torch(model.state_dict(), os.path.join(models_dir, f"{name}.pt"), what=f"{name} weights")
             trained.histories[name] = history
             trained.rows[kind].append({"seed": seed, **best_and_final(history)})
@@ -171,7 +180,10 @@ def _check_out_folder(cfg: Config, data_identity: dict) -> None:
 
 
 def run(cfg: Config, log=None) -> dict:
-    """Run the whole experiment described by cfg (already validated); return metrics.json's content."""
+    """Run the whole experiment described by cfg (already validated); return metrics.json's content.
+
+    Started by torchrun, every process runs this: all train (see train.fit), rank 0 alone writes
+    the run folder and logs, and returns the metrics; the others return an empty dict."""
     if not cfg.data or not cfg.out:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
@@ -179,18 +191,40 @@ def run(cfg: Config, log=None) -> dict:
     dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled)
     data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
     _check_out_folder(cfg, data_identity)
-    os.makedirs(cfg.out, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-    atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
-    log = log or make_logger(cfg.out)
-    remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
-    device = resolve_device(cfg.device)
+    ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
+    try:
+        return _experiment(cfg, dataset, data_identity, ranks, device, log)
+    except RuntimeError as e:
+        if ranks.joined and lost_process(e):
+            raise KdistillError(
+                f"process {ranks.rank} of {ranks.world_size}: another process stopped, or did not answer within "
+                f"ddp_timeout_s={cfg.ddp_timeout_s} s ({first_line(e)}); this one stopped too. Finished epochs are "
+                f"saved in {cfg.out}: run the same command again to resume") from None
+        raise
+    finally:
+        leave_ranks(ranks)
+
+
+def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
+                log) -> dict:
+    for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
+        if part.batch_size % ranks.world_size:
+            raise KdistillError(f"setting {name}.batch_size ({part.batch_size}) is the global batch: it must divide "
+                                f"evenly among the {ranks.world_size} processes")
+    if ranks.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+        atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
+        log = log or make_logger(cfg.out)
+        remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
+    else:
+        log = _silent  # rank 0 tells the user
     compute = Compute(device, resolve_precision(cfg.precision, device))
     for name, part in (("teacher", cfg.teacher), ("student", cfg.student)):
         if ":" in part.arch:  # a third-party model that would crash in training: say so now
             check_train_output(part.arch, cfg.image_size, f"{name}.arch")
         if part.weights == "imagenet":  # offline? say so now, not after preparing the data
-            imagenet_state_dict(part.arch)
+            ranks.main_first(functools.partial(imagenet_state_dict, part.arch))  # downloaded once per node
     torch.backends.cudnn.benchmark = device.type == "cuda"
     started = last_lap = time.perf_counter()
     stage_seconds: dict[str, float] = {}  # wall time of each stage in this invocation
@@ -202,16 +236,17 @@ def run(cfg: Config, log=None) -> dict:
         last_lap = now
 
     log(f"prepare: {cfg.data}")
-    data = prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction,
-                   seed=cfg.seed, workers=cfg.workers, max_pixels=cfg.max_image_pixels,
-                   skip_bad=cfg.skip_bad, log=log, scanned=dataset)
+    data = ranks.main_first(lambda: prepare(
+        cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction, seed=cfg.seed,
+        workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log, scanned=dataset))
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
 
-    trained_teacher = train_teacher(cfg, data, batcher, compute, log)
+    trained_teacher = train_teacher(cfg, data, batcher, compute, log, ranks)
     teacher = trained_teacher.model
-    save_torch(teacher.state_dict(), os.path.join(models_dir, "teacher.pt"), what="teacher weights")
+    if ranks.main:
+        save_torch(teacher.state_dict(), os.path.join(models_dir, "teacher.pt"), what="teacher weights")
     lap("teacher")
 
     signal = cfg.signal_mode()
@@ -219,9 +254,11 @@ def run(cfg: Config, log=None) -> dict:
     if transfer:
         log(f"teacher signal: {len(data.splits[transfer].files)} unlabelled images of {cfg.distill.unlabeled} "
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
-    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log, transfer)
+    student_train = distillation_batches(signal, cfg, data, trained_teacher, batcher, compute, log, transfer, ranks)
     lap("teacher_signal")
-    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap)
+    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap, ranks)
+    if not ranks.main:
+        return {}
     histories = {"teacher": trained_teacher.history, **students.histories}
 
     log("report: measuring models, writing predictions, report and exports")

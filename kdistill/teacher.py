@@ -10,7 +10,7 @@ import torch
 
 from .augment import stored_views
 from .batcher import ImageBatcher
-from .compute import Compute
+from .compute import ONE_PROCESS, Compute, Ranks
 from .config import Config
 from .data import PreparedData
 from .distillers import CrossEntropy
@@ -44,7 +44,10 @@ class TrainedTeacher(NamedTuple):
         return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute)])
 
 
-def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log) -> TrainedTeacher:
+def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
+                  ranks: Ranks = ONE_PROCESS) -> TrainedTeacher:
+    """The teacher trained (by every process, see fit); frozen backbone features computed once per
+    node, by its first process."""
     t = cfg.teacher
     torch.manual_seed(cfg.seed)
     teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
@@ -67,27 +70,29 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
         def compute_features() -> dict[str, torch.Tensor]:
             return {name: head_inputs(teacher, head, batcher(name), t.batch_size, *compute)
                     for name in ("train", "val")}
-        features = cached_tensors(os.path.join(data.folder, "signal", f"features-{key}.pt"),
-                                  {"train": len(train.files), "val": len(val.files)}, compute_features,
-                                  "teacher features", log)
+        features = ranks.main_first(lambda: cached_tensors(
+            os.path.join(data.folder, "signal", f"features-{key}.pt"),
+            {"train": len(train.files), "val": len(val.files)}, compute_features, "teacher features", log))
         history = fit("teacher", trainable, trainable,
                       Batches(features["train"], train.labels, lambda x: x),
                       Batches(features["val"], val.labels, lambda x: x),
                       CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, cfg.seed, log,
-                      compute.precision)
+                      compute.precision, ranks)
     else:
         history = fit("teacher", teacher, trainable, batcher("train", augment=True), batcher("val"),
                       CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, cfg.seed, log,
-                      compute.precision)
+                      compute.precision, ranks)
     return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features)
 
 
 def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_teacher: TrainedTeacher,
-                         batcher: ImageBatcher, compute: Compute, log, transfer: str | None = None) -> Batches:
+                         batcher: ImageBatcher, compute: Compute, log, transfer: str | None = None,
+                         ranks: Ranks = ONE_PROCESS) -> Batches:
     """The student's training batches with the teacher's signal: cached, stored views, or online.
 
     transfer: the split of unlabelled images the teacher labels, served after the training images
-    (labels -1: they reach the student through the teacher's terms only)."""
+    (labels -1: they reach the student through the teacher's terms only). A stored signal is
+    computed once per node, by its first process; the others read it."""
     teacher, batch_size = trained_teacher.model, cfg.student.batch_size
     served = batcher.join("train", transfer) if transfer else "train"
     train = batcher.splits[served]
@@ -99,10 +104,10 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
     transfer_key = [f"transfer {transfer}"] if transfer else []
     if signal == "cached":  # no augmentation: one set of logits per training image
         key = signal_key("logits", teacher_hash, data.key, *transfer_key, compute.key())
-        logits = cached_tensors(
+        logits = ranks.main_first(lambda: cached_tensors(
             os.path.join(data.folder, "signal", f"logits-{key}.pt"), {"train": len(train.files)},
             lambda: {"train": trained_teacher.train_logits(batcher, batch_size, compute, transfer)},
-            "teacher logits", log)["train"]
+            "teacher logits", log))["train"]
         return batcher(served, extras={"teacher_logits": logits})
     # views (FKD): logits for K stored augmented views per image
     views = stored_views(cfg.augment, len(train.files), cfg.distill.views, cfg.image_size, cfg.seed,
@@ -114,11 +119,11 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, trained_t
     augmentation = f"{cfg.augment} {cfg.rrc_scale} {cfg.rrc_ratio}" if cfg.augment == "rrc_flip" else cfg.augment
     key = signal_key("views", teacher_hash, data.key, augmentation, str(count), str(cfg.seed), *transfer_key,
                      compute.key())
-    logits = cached_tensors(
+    logits = ranks.main_first(lambda: cached_tensors(
         os.path.join(data.folder, "signal", f"views-{key}.pt"), {"train": len(train.files)},
         lambda: {"train": torch.stack([predict_logits(teacher, batcher(served, views=views[:, k:k + 1]),
                                                       batch_size, *compute) for k in range(count)], 1)},
-        f"teacher logits for {count} views per image", log)["train"]
+        f"teacher logits for {count} views per image", log))["train"]
     return batcher(served, views=views, extras={"teacher_logits": logits})
 
 
