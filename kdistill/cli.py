@@ -132,9 +132,11 @@ def _launch(processes: int, argv: list[str] | None) -> int | None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run as torchrun
 
+    launch = parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "kdistill"])
+    # Set here, not parsed: torchrun's parser would take --nproc for an abbreviation of its own flags.
+    launch.training_script_args = sys.argv[1:] if argv is None else argv
     try:
-        torchrun(parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "kdistill",
-                             *(sys.argv[1:] if argv is None else argv)]))
+        torchrun(launch)
     except ChildFailedError as e:  # torchrun has stopped the other processes
         rank, failure = e.get_first_failure()
         how = (f"exited with code {failure.exitcode}" if failure.exitcode > 0
@@ -149,10 +151,6 @@ def _launch(processes: int, argv: list[str] | None) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "run" and args.nproc is not None and not args.print_config:
-            status = _launch(args.nproc, argv)
-            if status is not None:
-                return status
         if args.command == "predict":
             from .predict import predict_folder
 
@@ -185,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         if printing:
             print(printable(render_config(cfg)), end="")
             return 0
+        if args.command == "run" and args.nproc is not None:  # the settings are checked once, here
+            status = _launch(args.nproc, argv)
+            if status is not None:
+                return status
         from .pipeline import run
 
         run(cfg)

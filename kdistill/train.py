@@ -278,6 +278,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     ranks.sync_batch_norm(trainable, device)  # before the taps: they hook the modules it replaces
     student_taps = FeatureTaps(model, objective.student_features(), "the student")
     build_objective(objective, model, student_taps, train, device)
+    ranks.sync_batch_norm(objective, device)  # a method's own BatchNorm (FitNets' regressor)
     # The method's own trainable parts (regressors, projectors) train beside the model.
     optimizer, scheduler = build_optimizer(nn.ModuleList([trainable, objective]), cfg,
                                            math.ceil(len(train) / cfg.batch_size))
