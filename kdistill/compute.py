@@ -197,7 +197,9 @@ def join_ranks(device_setting: str, timeout_s: int, sync_bn: bool) -> tuple[Rank
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     try:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        # On CUDA, NCCL for GPU tensors and gloo for the few on the CPU (a weight average's counter).
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         one_off_group = dist.new_group(backend="gloo", timeout=ONE_OFF_WAIT)
     except dist.DistError as e:
         raise KdistillError(f"process {rank} of {world_size}: the processes did not all join within "

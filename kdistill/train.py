@@ -237,15 +237,12 @@ def _check_same_computation(name: str, saved: dict, current: dict, checkpoint_di
     another number of processes: a run resumes only where it started, so it ends as one that never
     stopped would."""
     if saved != current:
-        def where(computed_on: dict) -> str:
-            processes = computed_on.get("processes", 1)
-            return (f"{computed_on['device']} in {computed_on['precision']}"
-                    f"{f' by {processes} processes' if processes > 1 else ' by one process'}")
+        def where(run: dict) -> str:
+            return f"{run['device']} in {run['precision']} by {run.get('processes', 1)} process(es)"
         raise KdistillError(
             f"{name}: the checkpoint in {checkpoint_dir} was trained on {where(saved)}, this run uses "
-            f"{where(current)}; resuming would not repeat its numbers. Set device={saved['device']} and "
-            f"precision={saved['precision']} and start {saved.get('processes', 1)} process(es) to resume, "
-            f"or use another --out")
+            f"{where(current)}; resuming would not repeat its numbers. Resume with device={saved['device']}, precision="
+            f"{saved['precision']} and {saved.get('processes', 1)} process(es), or use another --out")
 
 
 def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> None:

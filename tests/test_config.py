@@ -201,6 +201,8 @@ CASES = {
     "workers": ("-1", "3", 3),
     "max_image_pixels": ("0", "1E6", 1_000_000),
     "compile": ("yes please", "true", True),
+    "sync_bn": ("maybe", "off", False),
+    "ddp_timeout_s": ("0", "30", 30),
     "teacher.arch": ("nosuchmodule:build", "resnet18", "resnet18"),
     "teacher.weights": ("/nonexistent.pth", "none", "none"),
     "teacher.dropout": ("1", "0.3", 0.3),
