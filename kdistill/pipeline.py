@@ -316,8 +316,9 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
                      for kind in ("student", "baseline")]
             counts.append(discordant_counts(*right))
     student = students.first["student"][3]
-    val_logits = {"teacher": predict_logits(teachers["teacher"].model, batcher("val"), cfg.teacher.batch_size,
-                                            *compute), **students.first_val_logits}
+    # Every model in the report's comparison has its val logits (an ensemble's teacher-2, ... too).
+    val_logits = {**{name: predict_logits(teacher.model, batcher("val"), cfg.teachers()[name].batch_size, *compute)
+                     for name, teacher in teachers.items()}, **students.first_val_logits}
 
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
