@@ -20,6 +20,7 @@ EPILOG = """examples:
   kdistill run --data DATA --out runs/exp4 --preset seed-nguyen --seeds 0,1,2
   kdistill sweep --data DATA --out runs/sweep1 --preset seed-nguyen --grid distill.temperature=1,2,4,8 \
       --grid distill.alpha=0.25,0.5,0.9
+  kdistill run --data DATA --out runs/exp5 --preset seed-nguyen --nproc 4
   kdistill predict --run runs/exp1 --images more_photos/
   kdistill compare runs/exp1 runs/exp2 --html compare.html
   kdistill predict --run runs/exp1/student-int8.onnx --images more_photos/
@@ -79,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--data", required=True, help="image folder in the layout train/<class>/, val/<class>/, test/")
     run.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
+    run.add_argument("--nproc", type=int, metavar="N",
+                     help="train with N processes on this machine, one per GPU (or on the CPU), through torchrun; "
+                          "batch sizes stay global. Several machines: start torchrun yourself (README)")
     _add_setting_flags(run)
     _add_print_config_flag(run)
 
@@ -155,6 +159,38 @@ def parser() -> argparse.ArgumentParser:
     return main_parser
 
 
+def _launch(processes: int, argv: list[str] | None) -> int | None:
+    """run --nproc N: this same command in N processes started by torchrun, its exit status; None
+    where this process is to run the command itself (one process, or one torchrun started)."""
+    if processes < 1:
+        raise KdistillError(f"--nproc must be >= 1, got {processes}")
+    if "LOCAL_WORLD_SIZE" in os.environ:  # started by torchrun: each process finds its place in its environment
+        if int(os.environ["LOCAL_WORLD_SIZE"]) != processes:
+            raise KdistillError(f"--nproc is {processes} but torchrun started {os.environ['LOCAL_WORLD_SIZE']} "
+                                f"processes on this machine; leave --nproc out under torchrun")
+        return None
+    if processes == 1:
+        return None
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as torchrun
+
+    launch = parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "kdistill"])
+    # Set here, not parsed: torchrun's parser would take --nproc for an abbreviation of its own flags.
+    launch.training_script_args = sys.argv[1:] if argv is None else argv
+    try:
+        torchrun(launch)
+    except ChildFailedError as e:  # torchrun has stopped the other processes
+        rank, failure = e.get_first_failure()
+        how = (f"exited with code {failure.exitcode}" if failure.exitcode > 0
+               else f"was stopped by {failure.signal_name()}")
+        raise KdistillError(f"process {rank} of {processes} {how}, so all stopped (its message, if any, is above)"
+                            ) from None
+    except SignalException:
+        raise KeyboardInterrupt from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -210,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         if printing:
             print(printable(render_config(cfg)), end="")
             return 0
+        if args.command == "run" and args.nproc is not None:  # the settings are checked once, here
+            status = _launch(args.nproc, argv)
+            if status is not None:
+                return status
         from .pipeline import run
 
         run(cfg)

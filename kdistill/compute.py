@@ -1,12 +1,18 @@
 """Where and in which precision the numbers are computed: the device, bfloat16 autocast where the
-hardware has the units for it, and the memory format that goes with them."""
+hardware has the units for it, the memory format that goes with them, and the processes (torchrun)
+that share the work."""
 from __future__ import annotations
 
+import os
 import re
-from typing import NamedTuple
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import KdistillError
 
@@ -65,3 +71,201 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# The processes started by torchrun: each trains on its share of every batch, DDP averages the
+# gradients. Waits on one process's one-off work (decoding the data, the teacher's signal) take as
+# long as the data is large: they use a group of their own, without the collectives' timeout.
+ONE_OFF_WAIT = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes training together (torchrun's RANK, WORLD_SIZE,
+    LOCAL_RANK): rank 0 of 1 without torchrun. Rank 0 alone writes the run folder."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # its rank on its own node: its GPU, and 0 for the node's first process
+    sync_bn: bool = True  # BatchNorm statistics over the global batch (SyncBatchNorm)
+    one_off_group: Any = None  # gloo group for the waits on one-off work
+
+    @property
+    def joined(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        return self.rank, self.world_size
+
+    def main_first(self, work: Callable[[], Any]) -> Any:
+        """work() on each node's first process, then, once it is done, on the others, which find what
+        it cached (the cache's file locks make nodes that share the cache build it once)."""
+        if not self.joined:
+            return work()
+        result = work() if self.local_rank == 0 else None
+        dist.barrier(group=self.one_off_group)
+        return result if self.local_rank == 0 else work()
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's value (a checkpoint it read), on every process."""
+        if not self.joined:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value: Any) -> list:
+        """Every process's value, in rank order."""
+        if not self.joined:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """tensor summed over the processes, in place."""
+        if self.joined:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def earliest(self, count: torch.Tensor) -> torch.Tensor:
+        """The smallest non-zero value of an integer tensor over the processes; 0 where all are 0."""
+        if not self.joined:
+            return count
+        never = torch.iinfo(count.dtype).max
+        earliest = torch.where(count == 0, never, count)
+        dist.all_reduce(earliest, op=dist.ReduceOp.MIN)
+        return torch.where(earliest == never, 0, earliest)
+
+    def share_buffers(self, module: nn.Module | None) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every process: without sync_bn each process's
+        own batches move them apart; with it they are equal already."""
+        if self.joined and module is not None:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
+    def sync_batch_norm(self, module: nn.Module, device: torch.device) -> None:
+        """With several processes and sync_bn, every BatchNorm inside module (in place) computes
+        its training statistics over the global batch, as one process would: torch's SyncBatchNorm
+        on CUDA, ReducedBatchNorm elsewhere."""
+        if not (self.joined and self.sync_bn):
+            return
+        if device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            return
+        for layer in module.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.__class__ = ReducedBatchNorm  # the same parameters and buffers, another forward
+
+    def distribute(self, module: nn.Module, device: torch.device, sync_buffers: bool = True) -> nn.Module:
+        """module in DistributedDataParallel, which averages its gradients over the processes (and
+        with sync_buffers gives every process rank 0's buffers before each training forward);
+        module itself in one process, or when nothing in it trains."""
+        if not self.joined or not any(p.requires_grad for p in module.parameters()):
+            return module
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       forward_sync_buffers=sync_buffers)
+
+
+ONE_PROCESS = Ranks()
+
+
+def join_ranks(device_setting: str, timeout_s: int, sync_bn: bool) -> tuple[Ranks, torch.device]:
+    """Join the processes torchrun started (its environment: RANK, WORLD_SIZE, LOCAL_RANK and
+    MASTER_ADDR/PORT) with their device: on CUDA each uses the GPU cuda:LOCAL_RANK and NCCL, on the
+    CPU gloo. A collective that waits longer than timeout_s on another process fails. Without
+    torchrun, or with one process: ONE_PROCESS and the device setting as it is."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return ONE_PROCESS, resolve_device(device_setting)
+    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
+        raise KdistillError(f"WORLD_SIZE is {world_size} but RANK or LOCAL_RANK is not set: start several "
+                            f"processes with torchrun or kdistill run --nproc")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device_setting == "mps" or re.fullmatch(r"cuda:\d+", device_setting):
+        raise KdistillError(f"setting device is {device_setting!r}, but with several processes each uses the GPU "
+                            f"cuda:LOCAL_RANK (device cuda or auto) or the CPU (device cpu)")
+    device = resolve_device(device_setting)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise KdistillError(f"process {rank} has LOCAL_RANK {local_rank} but this machine has "
+                                f"{torch.cuda.device_count()} CUDA devices: start at most one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    try:
+        # On CUDA, NCCL for GPU tensors and gloo for the few on the CPU (a weight average's counter).
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        one_off_group = dist.new_group(backend="gloo", timeout=ONE_OFF_WAIT)
+    except dist.DistError as e:
+        raise KdistillError(f"process {rank} of {world_size}: the processes did not all join within "
+                            f"ddp_timeout_s={timeout_s} s ({first_line(e)})") from None
+    return Ranks(rank, world_size, local_rank, sync_bn, one_off_group), device
+
+
+def leave_ranks(ranks: Ranks) -> None:
+    if ranks.joined and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, without the source location gloo starts it with."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". This is typically")[0]
+    return text[:200]
+
+
+def lost_process(error: BaseException) -> bool:
+    """Whether error is a collective that failed: another process stopped, or stopped answering."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+
+
+class ReducedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm's computation on the CPU, where torch's runs only on GPUs (and DDP refuses it):
+    in training, the statistics of the global batch from per-channel sums added up over the
+    processes (all_reduce, which passes the gradients back to every process's share)."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)  # eval: the running statistics, nothing to exchange
+        values = x.float()
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() // x.shape[1]], dtype=values.dtype, device=x.device)
+        totals = _SumOverProcesses.apply(torch.cat([values.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:-1] / n
+        centered = values - mean.view(shape)  # two passes: the variance as exact as F.batch_norm's
+        var = _SumOverProcesses.apply((centered * centered).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+                self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var * n / (n - 1), alpha=factor)
+        y = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """all_reduce (sum) that passes gradients back: every process's share moves the sum they all use."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOverProcesses.apply(grad)

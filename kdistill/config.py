@@ -133,6 +133,10 @@ class Config:
     deploy_check: bool = setting(True, "at the end, write student-int8.onnx (static int8) and measure size, val "
                                        "accuracy and CPU latency of the student (PyTorch, ONNX Runtime fp32 and int8) "
                                        "and the teacher")
+    sync_bn: bool = setting(True, "with several processes (torchrun, --nproc): BatchNorm statistics over the global "
+                                  "batch (SyncBatchNorm), as one process computes them; false: each process's share")
+    ddp_timeout_s: int = setting(600, "with several processes: seconds one waits for the others in a training step "
+                                      "before stopping with an error (a process that died or hangs)")
     teacher: TeacherConfig = section(TeacherConfig, "the large model, trained first")
     student: StudentConfig = section(StudentConfig, "the small model, distilled from the teacher")
     distill: DistillConfig = section(DistillConfig, "how the teacher's knowledge reaches the student")
@@ -183,7 +187,8 @@ class Config:
 
 
 # Settings that change where or how fast a run goes, never its numbers.
-NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check"}
+NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
+                   "ddp_timeout_s"}
 
 
 def preset_names() -> list[str]:
@@ -263,6 +268,7 @@ def validate(cfg: Config) -> None:
             f"must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     require(cfg.max_image_pixels > 0, "max_image_pixels", f"must be > 0, got {cfg.max_image_pixels}")
+    require(cfg.ddp_timeout_s >= 1, "ddp_timeout_s", f"must be >= 1, got {cfg.ddp_timeout_s}")
     members = list(cfg.teachers().values())[1:]  # an unknown or ill-typed member setting fails here, named
     cfg.ensemble = [{key: getattr(member, key) for key in changes} for changes, member in zip(cfg.ensemble, members)]
     parts = [("teacher", cfg.teacher), *((f"ensemble[{i}]", member) for i, member in enumerate(members)),

@@ -6,6 +6,7 @@ in the same folder finished, so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .batcher import ImageBatcher
-from .compute import Compute, resolve_device, resolve_precision
+from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process, resolve_precision
 from .config import Config, result_differences, save_config
 from .settings import read_yaml
 from .deploy import deployment_check
@@ -46,9 +47,13 @@ def make_logger(out: str):
     return log
 
 
+def _silent(message: str) -> None:
+    pass
+
+
 def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: Batches, val: Batches,
-                  objective: nn.Module, compute: Compute, log, checkpoint_dir: str | None = None
-                  ) -> tuple[Standardized, str, list]:
+                  objective: nn.Module, compute: Compute, log, checkpoint_dir: str | None = None,
+                  ranks: Ranks = ONE_PROCESS) -> tuple[Standardized, str, list]:
     """(model, its input statistics, history); checkpoints in checkpoint_dir, else OUT/checkpoints/<name>."""
     s = cfg.student
     # The student and the baseline of a seed start from the same weights and see the same inputs
@@ -68,7 +73,7 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
         student.compile()
     history = fit(name, student, student, train, val, objective, s,
                   checkpoint_dir or os.path.join(cfg.out, "checkpoints", name), compute.device, seed + 1, log,
-                  compute.precision)
+                  compute.precision, ranks)
     return student.eval(), normalize, history
 
 
@@ -102,14 +107,16 @@ def run_name(kind: str, seed: int, cfg: Config) -> str:
 
 
 def train_students(cfg: Config, data: PreparedData, student_train: Batches, val: Batches, compute: Compute,
-                   models_dir: str, log, lap, checkpoints: dict[str, str], taught_by) -> TrainedStudents:
+                   models_dir: str, log, lap, checkpoints: dict[str, str], taught_by,
+                   ranks: Ranks = ONE_PROCESS) -> TrainedStudents:
     """Train the distilled student and the baseline for each seed (cfg.seeds, else cfg.seed).
 
     Every seed shares the prepared data and the one teacher's signal. A finished seed is not
     retrained on a rerun: its checkpoints hold all its epochs. checkpoints: kind -> the folder holding
     that kind's checkpoint folders (born-again generations: the student's). Born again: the baseline
     is generation 0, each later generation is distilled from the one before (taught_by: a
-    TrainedTeacher -> the student's batches with its signal), and the last is the student."""
+    TrainedTeacher -> the student's batches with its signal), and the last is the student. With
+    several processes, all train; rank 0 alone saves the models and predicts the val images."""
     # Objectives are made anew for each seed: a method's trainable parts must not carry over.
     plain = (without_teacher(student_train, len(data.splits["train"].files)),
              lambda: CrossEntropy(cfg.student.label_smoothing))
@@ -131,14 +138,17 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
                 train = taught_by(previous[1])
             checkpoint_dir = os.path.join(checkpoints.get(kind, checkpoints["student"]), name)
             model, normalize, history = train_student(name, seed, cfg, data, train, val, make_objective(), compute,
-                                                      log, checkpoint_dir)
+                                                      log, checkpoint_dir, ranks)
+            if generations:
+                previous = (name, TrainedTeacher(model, "", normalize, history, None))
+            if not ranks.main:  # every process teaches the next generation; rank 0 alone saves and reports
+                continue
             save_torch(model.state_dict(), os.path.join(models_dir, f"{name}.pt"), what=f"{name} weights")
             trained.histories[name] = history
             # For the paired test: the best weights' answer on each val image.
             val_logits = predict_logits(model, val, cfg.student.batch_size, *compute)
             trained.val_predicted[name] = val_logits.argmax(1)
             if generations:
-                previous = (name, TrainedTeacher(model, "", normalize, history, None))
                 trained.generations.append({"generation": generation, "run": name, "seed": seed,
                                             **best_and_final(history)})
             if kind in trained.rows:  # the student and the baseline; born again's others are in generations only
@@ -204,7 +214,10 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
     """Run the whole experiment described by cfg (already validated); return metrics.json's content.
 
     shared_checkpoints: kind (teacher, baseline) -> a folder holding that kind's checkpoint folders
-    instead of OUT/checkpoints, shared by runs that train it alike (kdistill sweep)."""
+    instead of OUT/checkpoints, shared by runs that train it alike (kdistill sweep).
+
+    Started by torchrun, every process runs this: all train (see train.fit), rank 0 alone writes
+    the run folder and logs, and returns the metrics; the others return an empty dict."""
     if not cfg.data or not cfg.out:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
@@ -212,18 +225,40 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
     dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled)
     data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
     _check_out_folder(cfg, data_identity)
-    os.makedirs(cfg.out, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-    atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
-    log = log or make_logger(cfg.out)
-    remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
-    device = resolve_device(cfg.device)
+    ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
+    try:
+        return _experiment(cfg, dataset, data_identity, ranks, device, log, shared_checkpoints)
+    except RuntimeError as e:
+        if ranks.joined and lost_process(e):
+            raise KdistillError(
+                f"process {ranks.rank} of {ranks.world_size}: another process stopped, or did not answer within "
+                f"ddp_timeout_s={cfg.ddp_timeout_s} s ({first_line(e)}); this one stopped too. Finished epochs are "
+                f"saved in {cfg.out}: run the same command again to resume") from None
+        raise
+    finally:
+        leave_ranks(ranks)
+
+
+def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
+                log, shared_checkpoints: dict[str, str] | None) -> dict:
+    for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
+        if part.batch_size % ranks.world_size:
+            raise KdistillError(f"setting {name}.batch_size ({part.batch_size}) is the global batch: it must divide "
+                                f"evenly among the {ranks.world_size} processes")
+    if ranks.main:
+        os.makedirs(cfg.out, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.out, "config.yaml"))
+        atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
+        log = log or make_logger(cfg.out)
+        remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
+    else:
+        log = _silent  # rank 0 tells the user
     compute = Compute(device, resolve_precision(cfg.precision, device))
     for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
         if ":" in part.arch:  # a third-party model that would crash in training: say so now
             check_train_output(part.arch, cfg.image_size, f"{name}.arch")
         if part.weights == "imagenet":  # offline? say so now, not after preparing the data
-            imagenet_state_dict(part.arch)
+            ranks.main_first(functools.partial(imagenet_state_dict, part.arch))  # downloaded once per node
     torch.backends.cudnn.benchmark = device.type == "cuda"
     started = last_lap = time.perf_counter()
     stage_seconds: dict[str, float] = {}  # wall time of each stage in this invocation
@@ -235,17 +270,17 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
         last_lap = now
 
     log(f"prepare: {cfg.data}")
-    data = prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction,
-                   seed=cfg.seed, workers=cfg.workers, max_pixels=cfg.max_image_pixels,
-                   skip_bad=cfg.skip_bad, log=log, scanned=dataset)
+    data = ranks.main_first(lambda: prepare(
+        cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction, seed=cfg.seed,
+        workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log, scanned=dataset))
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
 
     checkpoints = {kind: os.path.join(cfg.out, "checkpoints") for kind in ("teacher", "student", "baseline")}
     checkpoints |= shared_checkpoints or {}
-    teachers = train_teachers(cfg, data, batcher, compute, models_dir, log, checkpoints["teacher"])
-    ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log)
+    teachers = train_teachers(cfg, data, batcher, compute, models_dir, log, checkpoints["teacher"], ranks)
+    ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log) if ranks.main else None
     lap("teacher")
 
     transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
@@ -253,11 +288,14 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
         log(f"teacher signal: {len(data.splits[transfer].files)} unlabelled images of {cfg.distill.unlabeled} "
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
     student_train, signal = distillation_batches(cfg.signal_mode(), cfg, data, teachers, batcher, compute, log,
-                                                 transfer)
+                                                 transfer, ranks)
     lap("teacher_signal")
     students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap,
                               checkpoints, lambda taught: distillation_batches(
-                                  signal, cfg, data, {"teacher": taught}, batcher, compute, log, transfer)[0])
+                                  signal, cfg, data, {"teacher": taught}, batcher, compute, log, transfer, ranks)[0],
+                              ranks)
+    if not ranks.main:
+        return {}
     histories = {**{name: teacher.history for name, teacher in teachers.items()}, **students.histories}
 
     log("report: measuring models, writing predictions, report and exports")
@@ -278,8 +316,9 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
                      for kind in ("student", "baseline")]
             counts.append(discordant_counts(*right))
     student = students.first["student"][3]
-    val_logits = {"teacher": predict_logits(teachers["teacher"].model, batcher("val"), cfg.teacher.batch_size,
-                                            *compute), **students.first_val_logits}
+    # Every model in the report's comparison has its val logits (an ensemble's teacher-2, ... too).
+    val_logits = {**{name: predict_logits(teacher.model, batcher("val"), cfg.teachers()[name].batch_size, *compute)
+                     for name, teacher in teachers.items()}, **students.first_val_logits}
 
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]

@@ -1,7 +1,8 @@
 """Progress bars for the long loops (decoding, teacher signal, training epochs), on a terminal only.
 
-A bar is drawn on stderr when stderr is a terminal and the CI environment variable is not set;
-otherwise nothing is written, so log.txt and captured output hold the log lines alone.
+A bar is drawn on stderr when stderr is a terminal and the CI environment variable is not set,
+and, with several processes (torchrun), by rank 0 alone; otherwise nothing is written, so log.txt
+and captured output hold the log lines alone.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ Item = TypeVar("Item")
 
 
 def show_progress() -> bool:
-    """Whether to draw bars: on an interactive terminal, not under CI (whose logs keep every redraw)."""
-    return sys.stderr.isatty() and "CI" not in os.environ
+    """Whether to draw bars: on an interactive terminal, not under CI (whose logs keep every redraw),
+    and under torchrun in rank 0 only (its RANK: the other processes' bars would garble its lines)."""
+    return sys.stderr.isatty() and "CI" not in os.environ and os.environ.get("RANK", "0") == "0"
 
 
 def progress_bar(total: int, description: str) -> tqdm:

@@ -238,8 +238,14 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
 
     axes, points = plan(out, grid, preset, config_files, overrides, sets)
     out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
-    log = log or make_logger(out)
+    # Under torchrun every process runs every point (see pipeline.run); rank 0 alone writes and logs.
+    main = os.environ.get("RANK", "0") == "0"
+    if main:
+        os.makedirs(out, exist_ok=True)
+        log = log or make_logger(out)
+    else:
+        def log(message: str) -> None:
+            pass
     sharing: dict[str, list[str]] = {}  # shared folder -> its points
     for point in points:
         for folder in point.shared.values():
@@ -252,9 +258,11 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
     results: dict[str, dict] = {}
     for number, point in enumerate(points, 1):
         for kind, folder in point.shared.items():
-            os.makedirs(folder, exist_ok=True)
-            # What the folder's model is trained with, for a reader (its name's digest is what matches).
-            atomic_write_text(os.path.join(folder, "settings.json"), json.dumps(point.described[kind], indent=2))
+            if main:
+                os.makedirs(folder, exist_ok=True)
+                # What the folder's model is trained with, for a reader (its name's digest is what matches).
+                atomic_write_text(os.path.join(folder, "settings.json"),
+                                  json.dumps(point.described[kind], indent=2))
         uses = ", ".join(f"{kind} {os.path.relpath(folder, out)} "
                          f"(used by {len(sharing[folder])} of {len(points)} points)"
                          for kind, folder in point.shared.items())
@@ -262,13 +270,16 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
         log(f"sweep point {number}/{len(points)} {point.name}: "
             f"{'finished earlier, not rerun; ' if metrics else ''}{uses}")
         if metrics is None:
-            _note(point.folder, f"sweep point {point.name}: {uses}")
+            if main:
+                _note(point.folder, f"sweep point {point.name}: {uses}")
             try:
                 metrics = run(point.cfg, shared_checkpoints=point.shared)
             except KdistillError as e:
                 log(f"sweep point {point.name} failed: {e}")
                 metrics = {"error": str(e)}
         results[point.name] = metrics
+    if not main:
+        return {}
     summary = write_sweep(out, axes, points, results)
     failed = [point.name for point in points if "error" in results[point.name]]
     if failed:

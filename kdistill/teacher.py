@@ -12,7 +12,7 @@ import torch
 
 from .augment import stored_views
 from .batcher import ImageBatcher
-from .compute import Compute
+from .compute import ONE_PROCESS, Compute, Ranks
 from .config import Config
 from .data import PreparedData
 from .distillers import CrossEntropy
@@ -57,24 +57,26 @@ class TrainedTeacher(NamedTuple):
 
 
 def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, models_dir: str,
-                   log, checkpoints_root: str) -> dict[str, TrainedTeacher]:
+                   log, checkpoints_root: str, ranks: Ranks = ONE_PROCESS) -> dict[str, TrainedTeacher]:
     """Every teacher by run name (teacher, teacher-2, ...), each trained once into
     checkpoints_root/<name> (a finished one is loaded, not retrained), seeded with seed + its
-    position, and saved to models/<name>.pt."""
+    position, and saved to models/<name>.pt (by rank 0 alone)."""
     teachers = {}
     for position, (name, settings) in enumerate(cfg.teachers().items()):
         teachers[name] = train_teacher(cfg, data, batcher, compute, log, name, settings, cfg.seed + position,
-                                       os.path.join(checkpoints_root, name))
-        save_torch(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
-                   what=f"{name} weights")
+                                       os.path.join(checkpoints_root, name), ranks)
+        if ranks.main:
+            save_torch(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
+                       what=f"{name} weights")
     return teachers
 
 
 def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
                   name: str = "teacher", t=None, seed: int | None = None,
-                  checkpoint_dir: str | None = None) -> TrainedTeacher:
+                  checkpoint_dir: str | None = None, ranks: Ranks = ONE_PROCESS) -> TrainedTeacher:
     """One teacher with settings t (default: the teacher section) and seed (default: cfg.seed),
-    checkpointed in checkpoint_dir (default: OUT/checkpoints/<name>)."""
+    checkpointed in checkpoint_dir (default: OUT/checkpoints/<name>); trained by every process (see
+    fit), its frozen backbone features computed once per node, by its first process."""
     t = t or cfg.teacher
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
@@ -98,18 +100,18 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
         def compute_features() -> dict[str, torch.Tensor]:
             return {name: head_inputs(teacher, head, batcher(name), t.batch_size, *compute)
                     for name in ("train", "val")}
-        features = cached_tensors(os.path.join(data.folder, "signal", f"features-{key}.pt"),
-                                  {"train": len(train.files), "val": len(val.files)}, compute_features,
-                                  "teacher features", log)
+        features = ranks.main_first(lambda: cached_tensors(
+            os.path.join(data.folder, "signal", f"features-{key}.pt"),
+            {"train": len(train.files), "val": len(val.files)}, compute_features, "teacher features", log))
         history = fit(name, trainable, trainable,
                       Batches(features["train"], train.labels, lambda x: x),
                       Batches(features["val"], val.labels, lambda x: x),
                       CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
-                      compute.precision)
+                      compute.precision, ranks)
     else:
         history = fit(name, teacher, trainable, batcher("train", augment=True), batcher("val"),
                       CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
-                      compute.precision)
+                      compute.precision, ranks)
     return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed)
 
 
@@ -130,13 +132,14 @@ def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batc
 
 def distillation_batches(signal: str, cfg: Config, data: PreparedData, teachers: dict[str, TrainedTeacher],
                          batcher: ImageBatcher, compute: Compute, log,
-                         transfer: str | None = None) -> tuple[Batches, str]:
+                         transfer: str | None = None, ranks: Ranks = ONE_PROCESS) -> tuple[Batches, str]:
     """The student's training batches with the teachers' signal: cached, stored views, or online;
     and the signal served (auto turns to online where stored teacher features would not fit in
     distill.max_signal_memory_gb).
 
     transfer: the split of unlabelled images the teacher labels, served after the training images
-    (labels -1: they reach the student through the teacher's terms only)."""
+    (labels -1: they reach the student through the teacher's terms only). A stored signal is
+    computed once per node, by its first process; the others read it."""
     served = batcher.join("train", transfer) if transfer else "train"
     count = len(batcher.splits[served].files)
     paths = cfg.distiller().teacher_features()
@@ -158,13 +161,13 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, teachers:
                    EnsembleTeacher([member.model for member in members], cfg.teacher_weights(),
                                    cfg.distill.temperature))
         return batcher(served, augment=True, mix=True, teacher=teacher), signal
-    logits = [_stored_logits(member, cfg, data, batcher, served, transfer, views, compute, log)
+    logits = [_stored_logits(member, cfg, data, batcher, served, transfer, views, compute, log, ranks)
               for member in members]
     extras = {"teacher_logits": logits[0] if len(logits) == 1 else
               combined_logits(logits, cfg.teacher_weights(), cfg.distill.temperature)}
     if paths:
         extras.update({TEACHER_FEATURES + path: value for path, value in _stored_features(
-            members[0], paths, cfg, data, batcher, served, transfer, views, compute, log).items()})
+            members[0], paths, cfg, data, batcher, served, transfer, views, compute, log, ranks).items()})
     return batcher(served, views=views, extras=extras), signal
 
 
@@ -212,16 +215,18 @@ def _signal_parts(cfg: Config, teacher: TrainedTeacher, data: PreparedData, tran
 
 
 def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, batcher: ImageBatcher, served: str,
-                   transfer: str | None, views: torch.Tensor | None, compute: Compute, log) -> torch.Tensor:
-    """One teacher's logits for every training image (N, C), or for each stored view (N, K, C)."""
+                   transfer: str | None, views: torch.Tensor | None, compute: Compute, log,
+                   ranks: Ranks) -> torch.Tensor:
+    """One teacher's logits for every training image (N, C), or for each stored view (N, K, C),
+    computed once per node, by its first process."""
     batch_size, rows = cfg.student.batch_size, {"train": len(batcher.splits[served].files)}
     folder = os.path.join(data.folder, "signal")
     if views is None:  # no augmentation: one set of logits per training image
         key = signal_key("logits", *_signal_parts(cfg, teacher, data, transfer, None, compute))
-        return cached_tensors(
+        return ranks.main_first(lambda: cached_tensors(
             os.path.join(folder, f"logits-{key}.pt"), rows,
             lambda: {"train": teacher.train_logits(batcher, batch_size, compute, transfer)},
-            "teacher logits", log)["train"]
+            "teacher logits", log))["train"]
     count = views.shape[1]
     key = signal_key("views", *_signal_parts(cfg, teacher, data, transfer, views, compute))
 
@@ -229,15 +234,16 @@ def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, bat
         with progress_bar(count * rows["train"], f"teacher logits for {count} views") as bar:
             return {"train": torch.stack([predict_logits(teacher.model, batcher(served, views=views[:, k:k + 1]),
                                                          batch_size, *compute, bar=bar) for k in range(count)], 1)}
-    return cached_tensors(os.path.join(folder, f"views-{key}.pt"), rows, views_logits,
-                          f"teacher logits for {count} views per image", log)["train"]
+    return ranks.main_first(lambda: cached_tensors(os.path.join(folder, f"views-{key}.pt"), rows, views_logits,
+                                                   f"teacher logits for {count} views per image", log))["train"]
 
 
 def _stored_features(teacher: TrainedTeacher, paths, cfg: Config, data: PreparedData, batcher: ImageBatcher,
                      served: str, transfer: str | None, views: torch.Tensor | None, compute: Compute,
-                     log) -> dict[str, torch.Tensor]:
+                     log, ranks: Ranks) -> dict[str, torch.Tensor]:
     """The teacher's outputs at the module paths for every training image (N, ...), or for each stored
-    view (N, K, ...), in float16 (float32 where a value exceeds float16's range)."""
+    view (N, K, ...), in float16 (float32 where a value exceeds float16's range); computed once per
+    node, by its first process."""
     view_batches = ([batcher(served)] if views is None else
                     [batcher(served, views=views[:, k:k + 1]) for k in range(views.shape[1])])
 
@@ -249,8 +255,9 @@ def _stored_features(teacher: TrainedTeacher, paths, cfg: Config, data: Prepared
     key = signal_key("teacher-features", *paths, str(FEATURE_DTYPE),
                      *_signal_parts(cfg, teacher, data, transfer, views, compute))
     what = "teacher features" + ("" if views is None else f" for {views.shape[1]} views per image")
-    return cached_tensors(os.path.join(data.folder, "signal", f"teacher-features-{key}.pt"),
-                          {path: len(batcher.splits[served].files) for path in paths}, compute_features, what, log)
+    return ranks.main_first(lambda: cached_tensors(
+        os.path.join(data.folder, "signal", f"teacher-features-{key}.pt"),
+        {path: len(batcher.splits[served].files) for path in paths}, compute_features, what, log))
 
 
 def without_teacher(batches: Batches, labelled: int) -> Batches:

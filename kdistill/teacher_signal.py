@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .cache import entry_lock
 from .compute import autocast
 from .errors import KdistillError
 from .features import FeatureTaps
@@ -102,7 +103,15 @@ def signal_key(*parts: str) -> str:
 def cached_tensors(path: str, expected_rows: dict[str, int], compute: Callable[[], dict[str, torch.Tensor]],
                    what: str, log) -> dict[str, torch.Tensor]:
     """Load {split: tensor} from path if complete and unchanged since it was written, else compute
-    and store it. The file holds a sha256 of its tensors, checked on every read."""
+    and store it. The file holds a sha256 of its tensors, checked on every read. Under its lock:
+    runs (or the nodes of one run) sharing the cache compute it once."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with entry_lock(path, log):
+        return _load_or_compute(path, expected_rows, compute, what, log)
+
+
+def _load_or_compute(path: str, expected_rows: dict[str, int], compute: Callable[[], dict[str, torch.Tensor]],
+                     what: str, log) -> dict[str, torch.Tensor]:
     if os.path.exists(path):
         problem = "unreadable or not a kdistill signal cache"
         try:

@@ -26,11 +26,12 @@ from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import BackgroundSaver, load_torch, save_torch
 from .progress import counted, with_progress
-from .compute import autocast
+from .compute import ONE_PROCESS, Ranks, autocast
 
 # extras key prefix of stored teacher features: TEACHER_FEATURES + module path (float16 or float32)
 TEACHER_FEATURES = "teacher_features:"
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
+RANK_SEED_STRIDE = 104729  # with several processes, each one's global random stream apart from the others'
 WARMUP_START_FACTOR = 0.01  # cosine's warmup starts at lr * this
 
 
@@ -71,15 +72,20 @@ class Batches:
 
     def iterate(self, batch_size: int, device: torch.device, shuffle: bool = False,
                 generator: torch.Generator | None = None, view_generator: torch.Generator | None = None,
-                precision: str = "fp32"):
+                precision: str = "fp32", shard: tuple[int, int] = (0, 1)):
         """Yields a Batch: model input, labels (class indices (B,), -1 for an unlabelled image, or
         class probabilities (B, classes) when mixed), the teacher's Outputs or None, sample indices.
 
         generator orders the samples, view_generator picks or draws their views and mixes: two
         streams, so the order never depends on how many views were drawn, and two trainings given
         the same seeds see the same inputs batch by batch.
+
+        shard: (rank, processes): this process's share of every batch of batch_size (see share).
+        Views are drawn for the whole batch, so a sample's view does not depend on the processes.
         """
-        for index in batch_indices(len(self), batch_size, shuffle, generator):
+        for whole in batch_indices(len(self), batch_size, shuffle, generator):
+            mine = share(len(whole), shard)
+            index = whole[mine]
             x = self.inputs[index.to(self.inputs.device)]
             if self.release_pages is not None:
                 self.release_pages()
@@ -90,11 +96,11 @@ class Batches:
             if self.views is not None:
                 count = self.views.shape[1]
                 # A single view needs no draw (and leaves the random state alone).
-                pick = (torch.randint(count, (len(index),), generator=view_generator) if count > 1
-                        else torch.zeros(len(index), dtype=torch.int64))
+                pick = (torch.randint(count, (len(whole),), generator=view_generator) if count > 1
+                        else torch.zeros(len(whole), dtype=torch.int64))[mine]
                 x = self.apply_view(x, self.views[index, pick].to(device, non_blocking=True))
             elif self.draw_views is not None:
-                x = self.apply_view(x, self.draw_views(len(index), view_generator).to(device, non_blocking=True))
+                x = self.apply_view(x, self.draw_views(len(whole), view_generator)[mine].to(device, non_blocking=True))
             y = self.labels[index].to(device, non_blocking=True)
             if self.mix is not None:
                 x, y = self.mix(x, y, view_generator)
@@ -118,6 +124,20 @@ def _stored_rows(stored: torch.Tensor, index: torch.Tensor, pick: torch.Tensor |
     return (rows if pick is None else rows[torch.arange(len(index)), pick]).to(device, non_blocking=True)
 
 
+def share(count: int, shard: tuple[int, int]) -> slice:
+    """Process rank's contiguous part of a batch of count samples split among processes, as evenly
+    as whole samples allow: (rank, processes) = (0, 1) is the whole batch."""
+    rank, processes = shard
+    return slice(rank * count // processes, (rank + 1) * count // processes)
+
+
+def shard_size(count: int, batch_size: int, shard: tuple[int, int]) -> int:
+    """How many of count samples, served in batches of batch_size, fall in this process's shares."""
+    full, last = divmod(count, batch_size)
+    whole, rest = share(batch_size, shard), share(last, shard)
+    return (whole.stop - whole.start) * full + rest.stop - rest.start
+
+
 def hard_labels(labels: torch.Tensor) -> torch.Tensor:
     """Class indices; for mixed (probability) labels, the most probable class."""
     return labels.argmax(1) if labels.dim() == 2 else labels
@@ -125,22 +145,32 @@ def hard_labels(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, batches: Batches, batch_size: int, device: torch.device,
-                   precision: str = "fp32", bar: tqdm | None = None) -> torch.Tensor:
-    """bar: a progress bar (progress.progress_bar) to count the images on."""
+                   precision: str = "fp32", bar: tqdm | None = None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The logits of every sample in order (of this process's share of each batch, see share).
+
+    bar: a progress bar (progress.progress_bar) to count the images on."""
     model.eval()
     outputs = []
-    for x, *_ in counted(batches.iterate(batch_size, device, precision=precision), bar):
+    for x, *_ in counted(batches.iterate(batch_size, device, precision=precision, shard=shard), bar):
         with autocast(device, precision):
             outputs.append(model(x).float().cpu())
     return torch.cat(outputs) if outputs else torch.empty(0)
 
 
 def evaluate(model: nn.Module, batches: Batches, batch_size: int, device: torch.device,
-             precision: str = "fp32") -> tuple[float, float]:
-    """(cross-entropy loss, accuracy) over a labelled split, in eval mode."""
-    logits = predict_logits(model, batches, batch_size, device, precision)
-    labels = batches.labels.cpu()
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+             precision: str = "fp32", ranks: Ranks = ONE_PROCESS) -> tuple[float, float]:
+    """(cross-entropy loss, accuracy) over a labelled split, in eval mode. With several processes,
+    each evaluates its share of every batch and their sums are added: every image counts once."""
+    logits = predict_logits(model, batches, batch_size, device, precision, shard=ranks.shard)
+    labels = torch.cat([part[share(len(part), ranks.shard)] for part in batches.labels.cpu().split(batch_size)])
+    if not ranks.joined:
+        return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+    totals = torch.zeros(3, dtype=torch.float64)  # loss, correct, images
+    if len(labels):
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="none").double().sum(),
+                               (logits.argmax(1) == labels).sum().double(), torch.tensor(len(labels)).double()])
+    totals = ranks.sum(totals.to(device)).cpu()
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
 def parameter_groups(trainable: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
@@ -187,12 +217,12 @@ def offered_val_acc(row: dict) -> float:
 
 
 def _evaluate_weights(model: nn.Module, trainable: nn.Module, weights: dict, val: Batches, batch_size: int,
-                      device: torch.device, precision: str) -> tuple[float, float]:
+                      device: torch.device, precision: str, ranks: Ranks) -> tuple[float, float]:
     """evaluate() with `weights` in trainable, its own weights put back after."""
     own = {k: v.clone() for k, v in trainable.state_dict().items()}
     trainable.load_state_dict(weights)
     try:
-        return evaluate(model, val, batch_size, device, precision)
+        return evaluate(model, val, batch_size, device, precision, ranks)
     finally:
         trainable.load_state_dict(own)
 
@@ -223,13 +253,16 @@ def load_checkpoint(path: str, log) -> dict | None:
 
 
 def _check_same_computation(name: str, saved: dict, current: dict, checkpoint_dir: str) -> None:
-    """bf16 autocast, cudnn's autotuned kernels and CPU kernels give different numbers: a run
-    resumes only where it started, so it ends as one that never stopped would."""
+    """bf16 autocast, cudnn's autotuned kernels and CPU kernels give different numbers, and so does
+    another number of processes: a run resumes only where it started, so it ends as one that never
+    stopped would."""
     if saved != current:
+        def where(run: dict) -> str:
+            return f"{run['device']} in {run['precision']} by {run.get('processes', 1)} process(es)"
         raise KdistillError(
-            f"{name}: the checkpoint in {checkpoint_dir} was trained on {saved['device']} in {saved['precision']}, "
-            f"this run uses {current['device']} in {current['precision']}; resuming would not repeat its numbers. "
-            f"Set device={saved['device']} and precision={saved['precision']} to resume, or use another --out")
+            f"{name}: the checkpoint in {checkpoint_dir} was trained on {where(saved)}, this run uses "
+            f"{where(current)}; resuming would not repeat its numbers. Resume with device={saved['device']}, precision="
+            f"{saved['precision']} and {saved.get('processes', 1)} process(es), or use another --out")
 
 
 def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> None:
@@ -243,17 +276,26 @@ def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> 
 
 def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches,
         objective: Distiller, cfg: TrainConfig, checkpoint_dir: str, device: torch.device,
-        seed: int, log=print, precision: str = "fp32") -> list[dict]:
+        seed: int, log=print, precision: str = "fp32", ranks: Ranks = ONE_PROCESS) -> list[dict]:
     """Train `trainable` (a part of `model`, or all of it) for cfg.epochs; return per-epoch history.
 
     The rest of `model` stays in eval mode throughout, so a frozen backbone keeps its BatchNorm
     statistics. The best-by-val weights are kept in checkpoint_dir/best.pt: with cfg.ema, those of
     the trained model or of its exponential moving average, whichever scored higher.
+
+    With several processes (ranks), cfg.batch_size is the global batch: each process trains on its
+    share of it, DDP averages the gradients, and the metrics are those of the global batch, the
+    same on every process. Rank 0 alone writes the checkpoints; every process resumes from them.
     """
     last_path = os.path.join(checkpoint_dir, "last.pt")
     best_path = os.path.join(checkpoint_dir, "best.pt")
+    if ranks.joined and 0 < len(train) % cfg.batch_size < ranks.world_size:
+        raise KdistillError(f"{name}: the last batch of each epoch has {len(train) % cfg.batch_size} images, fewer "
+                            f"than the {ranks.world_size} processes; change batch_size or the number of processes")
+    ranks.sync_batch_norm(trainable, device)  # before the taps: they hook the modules it replaces
     student_taps = FeatureTaps(model, objective.student_features(), "the student")
     build_objective(objective, model, student_taps, train, device)
+    ranks.sync_batch_norm(objective, device)  # a method's own BatchNorm (FitNets' regressor)
     # The method's own trainable parts (regressors, projectors) train beside the model.
     optimizer, scheduler = build_optimizer(nn.ModuleList([trainable, objective]), cfg,
                                            math.ceil(len(train) / cfg.batch_size))
@@ -263,12 +305,13 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     shuffle_generator = torch.Generator().manual_seed(seed)
     view_generator = torch.Generator().manual_seed(seed + VIEW_SEED_OFFSET)
     # Where and how the numbers were computed: a resume elsewhere would not repeat them.
-    computed_on = {"device": device.type, "precision": precision}
+    computed_on = {"device": device.type, "precision": precision,
+                   **({"processes": ranks.world_size} if ranks.joined else {})}
     history: list[dict] = []
     start_epoch = 1
     best_val_acc = -1.0
 
-    state = load_checkpoint(last_path, log)
+    state = ranks.from_main(load_checkpoint(last_path, log) if ranks.main else None)
     if state is not None:
         _check_same_computation(name, state.get("computed_on", {"device": "cpu", "precision": "fp32"}),
                                 computed_on, checkpoint_dir)
@@ -279,15 +322,21 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        shuffle_generator.set_state(state["shuffle_rng"])
-        view_generator.set_state(state["view_rng"])
-        _restore_rng(state["rng"])
+        own = state["rank_rngs"][ranks.rank] if ranks.joined else state  # the random streams of this process
+        shuffle_generator.set_state(own["shuffle_rng"])
+        view_generator.set_state(own["view_rng"])
+        _restore_rng(own["rng"])
         history = state["history"]
         start_epoch = state["epoch"] + 1
         best_val_acc = state["best_val_acc"]
         if start_epoch <= cfg.epochs:
             log(f"{name}: resuming after epoch {state['epoch']} of {cfg.epochs}")
 
+    elif ranks.joined:  # dropout masks and a method's draws of its own differ from process to process
+        torch.manual_seed(seed + RANK_SEED_STRIDE * ranks.rank)
+    # Gradients averaged over the processes: the model's, and those of the method's trainable parts.
+    # A method's buffers (CRD's memory banks) stay each process's own.
+    forward, objective_forward = ranks.distribute(model, device), ranks.distribute(objective, device, False)
     # Checkpoints are written in the background while the next epoch trains.
     saver = BackgroundSaver()
     try:
@@ -306,18 +355,23 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             objective.epoch = epoch
             for batch, (x, y, teacher, index) in enumerate(with_progress(
                     train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator,
-                                  view_generator=view_generator, precision=precision),
-                    len(train), f"{name} epoch {epoch}/{cfg.epochs}"), 1):
+                                  view_generator=view_generator, precision=precision, shard=ranks.shard),
+                    shard_size(len(train), cfg.batch_size, ranks.shard), f"{name} epoch {epoch}/{cfg.epochs}"), 1):
                 with autocast(device, precision):
-                    logits = model(x)
+                    logits = forward(x)
                 student = Outputs(logits.float(), student_taps.take())
                 if objective.needs_input:  # it runs a model of its own on x (DML's peer), in the student's precision
                     with autocast(device, precision):
-                        terms = objective(student, y, teacher, index, inputs=x)
+                        terms = objective_forward(student, y, teacher, index, inputs=x)
                 else:
-                    terms = objective(student, y, teacher, index)
+                    terms = objective_forward(student, y, teacher, index)
                 loss = terms["loss"]
                 first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
+                if ranks.joined:
+                    # DDP averages the processes' gradients: weighting each by its share of the global
+                    # batch (unequal in a smaller last batch) gives the gradient of the global batch's mean.
+                    global_batch = min(cfg.batch_size, len(train) - (batch - 1) * cfg.batch_size)
+                    loss = loss * (len(y) * ranks.world_size / global_batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -330,18 +384,25 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                 correct += (logits.argmax(1) == hard_labels(y)).sum()  # an unlabelled image (-1) never counts
                 seen += len(y)
                 labelled += (hard_labels(y) >= 0).sum()
+            # The global batch's numbers, the same on every process.
+            sums = {key: ranks.sum(value) for key, value in sums.items()}
+            correct, labelled = ranks.sum(correct), ranks.sum(labelled)
+            seen = int(ranks.sum(torch.tensor(seen, device=device)))
+            first_bad_batch = ranks.earliest(first_bad_batch)
             if first_bad_batch.item():
                 raise KdistillError(
                     f"{name}: the loss stopped being finite at epoch {epoch}, batch {first_bad_batch.item()}; "
                     f"stopped. The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
                     f"try a lower lr")
-            val_loss, val_acc = evaluate(model, val, cfg.batch_size, device, precision)
+            ranks.share_buffers(trainable)
+            ranks.share_buffers(ema)
+            val_loss, val_acc = evaluate(model, val, cfg.batch_size, device, precision, ranks)
             row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
                    "train_acc": correct.item() / max(labelled.item(), 1), "val_loss": val_loss, "val_acc": val_acc}
             offered = trainable
             if ema is not None:
                 row["val_loss_ema"], row["val_acc_ema"] = _evaluate_weights(
-                    model, trainable, ema.module.state_dict(), val, cfg.batch_size, device, precision)
+                    model, trainable, ema.module.state_dict(), val, cfg.batch_size, device, precision, ranks)
                 row["best_source"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
                 offered = ema.module if row["best_source"] == "ema" else trainable
             row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
@@ -351,14 +412,17 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             if offered_val_acc(row) > best_val_acc:
                 best_val_acc = offered_val_acc(row)
                 best_weights = offered.state_dict()
-            saver.submit(_save_epoch, checkpoint_dir, best_weights, {
-                "model": trainable.state_dict(), "objective": objective.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler else {},
-                "ema": ema.state_dict() if ema is not None else {},
-                "shuffle_rng": shuffle_generator.get_state(), "view_rng": view_generator.get_state(),
-                "rng": _rng_state(), "computed_on": computed_on,
-                "history": history, "epoch": epoch, "best_val_acc": best_val_acc})
+            random_streams = {"shuffle_rng": shuffle_generator.get_state(), "view_rng": view_generator.get_state(),
+                              "rng": _rng_state()}
+            rank_rngs = ranks.gather(random_streams)
+            if ranks.main:
+                saver.submit(_save_epoch, checkpoint_dir, best_weights, {
+                    "model": trainable.state_dict(), "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else {},
+                    "ema": ema.state_dict() if ema is not None else {},
+                    **random_streams, **({"rank_rngs": rank_rngs} if ranks.joined else {}),
+                    "computed_on": computed_on, "history": history, "epoch": epoch, "best_val_acc": best_val_acc})
             terms_text = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
                                  if k.startswith("train_") and k not in ("train_loss", "train_acc"))
             ema_text = (f" | ema val loss {row['val_loss_ema']:.3f} acc {row['val_acc_ema']:.3f}"
@@ -371,5 +435,5 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
         saver.close()
         student_taps.remove()
 
-    trainable.load_state_dict(load_torch(best_path, what="best checkpoint"))
+    trainable.load_state_dict(ranks.from_main(load_torch(best_path, what="best checkpoint") if ranks.main else None))
     return history

@@ -203,6 +203,8 @@ CASES = {
     "compile": ("yes please", "true", True),
     "ensemble": ("[resnet18]", "[{arch: resnet18, epochs: 3}]", [{"arch": "resnet18", "epochs": 3}]),
     "deploy_check": ("sometimes", "off", False),
+    "sync_bn": ("maybe", "off", False),
+    "ddp_timeout_s": ("0", "30", 30),
     "teacher.arch": ("nosuchmodule:build", "resnet18", "resnet18"),
     "teacher.weights": ("/nonexistent.pth", "none", "none"),
     "teacher.dropout": ("1", "0.3", 0.3),
@@ -287,6 +289,9 @@ CASES = {
     "distill.crd.nce_k": ("0", "4096", 4096),
     "distill.crd.nce_temperature": ("0", "0.1", 0.1),
     "distill.crd.momentum": ("1", "0.9", 0.9),
+    "distill.born_again.generations": ("0", "3", 3),
+    "distill.born_again.base": ("fitnets", "dkd", "dkd"),
+    "distill.dml.peer": ("no_such_net", "resnet34", "resnet34"),
 }
 
 

@@ -41,10 +41,19 @@ class FakeStderr(io.StringIO):
 @pytest.mark.parametrize("terminal, ci, shown", [(True, False, True), (True, True, False), (False, False, False)])
 def test_bars_are_shown_on_a_terminal_outside_ci_only(monkeypatch, terminal, ci, shown):
     monkeypatch.setattr("sys.stderr", FakeStderr(terminal))
+    monkeypatch.delenv("RANK", raising=False)
     if ci:
         monkeypatch.setenv("CI", "true")
     else:
         monkeypatch.delenv("CI", raising=False)
+    assert show_progress() is shown
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_under_torchrun_rank_0_alone_draws_bars(monkeypatch, rank, shown):
+    monkeypatch.setattr("sys.stderr", FakeStderr(True))
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setenv("RANK", rank)
     assert show_progress() is shown
 
 
