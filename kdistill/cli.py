@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             from .compare import compare_runs
 
             print(printable(compare_runs(args.runs, args.html)), end="")
+            return 0
         if args.command == "export":
             from .deploy import EXPORT_TIMING, export_run
 

@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 import kdistill
 from conftest import tiny_settings
-from kdistill import pipeline
+from kdistill import pipeline, teacher
 from kdistill.augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views, stored_views
 from kdistill.config import build_config
 from kdistill.distillers import KD, CrossEntropy
@@ -206,6 +206,7 @@ def test_student_and_baseline_see_identical_mixed_inputs(digits_dataset, tmp_pat
         train.iterate = iterate
         return real_fit(name, model, trainable, train, *args, **kwargs)
     monkeypatch.setattr(pipeline, "fit", recording_fit)
+    monkeypatch.setattr(teacher, "fit", recording_fit)  # the teacher trains through teacher.py
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="rrc_flip",
                              mix="both", teacher={"epochs": 1}, student={"epochs": 2})
     metrics = kdistill.run(settings, log=quiet)
