@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-from bench_epoch import TimedBatches, cpu_model, make_subset, quiet
+from bench_epoch import cpu_model, make_subset, quiet
+from bench_signal import student_epoch
 
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute, resolve_precision
@@ -34,21 +35,10 @@ from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.distillers import DISTILLERS, CrossEntropy
 from kdistill.models import standardized_model
-from kdistill.pipeline import train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-seedlike"
-
-
-def student_epoch(cfg, data, batcher, train_batches, objective, compute, work: Path) -> float:
-    """Seconds of fit's pass over the training batches in a one-epoch train_student."""
-    timed = TimedBatches(**{f.name: getattr(train_batches, f.name) for f in dataclasses.fields(train_batches)})
-    out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
-    train_student("student", 0, dataclasses.replace(cfg, out=str(out)), data, timed, batcher("val"), objective,
-                  compute, quiet)
-    shutil.rmtree(out)
-    return timed.seconds
 
 
 def main() -> None:
