@@ -170,8 +170,8 @@ def record_students(monkeypatch) -> dict:
     calls = {}
     real = pipeline.train_student
 
-    def recording(name, seed, cfg, data, train, val, objective, compute, log, checkpoint_dir=None):
-        model, normalize, history = real(name, seed, cfg, data, train, val, objective, compute, log, checkpoint_dir)
+    def recording(name, seed, cfg, data, train, val, objective, compute, log, *rest):
+        model, normalize, history = real(name, seed, cfg, data, train, val, objective, compute, log, *rest)
         calls[name] = (train, objective, model)
         return model, normalize, history
     monkeypatch.setattr(pipeline, "train_student", recording)

@@ -121,8 +121,9 @@ def test_no_baseline_trains_and_reports_no_baseline(digits_dataset, tmp_path, ca
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(digits_dataset, tmp_path):
+    # Epochs enough that Ctrl-C after the first student epoch lands before the run's end.
     settings = tiny_settings(digits_dataset, "", str(tmp_path / "cache"), teacher={"epochs": 1},
-                             student={"epochs": 2}, baseline=False)
+                             student={"epochs": 6}, baseline=False)
     out = str(tmp_path / "run")
     command = run_command(digits_dataset, out, write_config(settings, str(tmp_path / "settings.yaml")))
     process = start_and_signal_after_first_student_epoch(command, out, signal.SIGINT, stdout=subprocess.PIPE,
