@@ -191,6 +191,20 @@ NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baselin
                    "ddp_timeout_s"}
 
 
+def missing_setting_keeps_results(name: str, cfg: "Config") -> bool:
+    """Whether a run folder saved before setting `name` existed resumes unchanged under cfg: the setting
+    changes no numbers, or belongs to a method cfg does not use, or holds the value that reproduces what
+    kdistill did before it (several processes and several teachers came later; stored features too)."""
+    top, _, rest = name.partition(".")
+    if top in NON_RESULT_KEYS or top == "sync_bn":  # sync_bn acts only with several processes
+        return True
+    if top == "distill" and "." in rest:
+        return rest.split(".")[0] != cfg.distill.method
+    return ((name == "ensemble" and not cfg.ensemble)
+            or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
+            or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features()))
+
+
 def preset_names() -> list[str]:
     files = importlib.resources.files("kdistill") / "presets"
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))

@@ -12,6 +12,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -150,7 +151,13 @@ def save_torch(obj: Any, path: str, what: str = "checkpoint") -> None:
         # Through a file object, torch names the archive's inner folder "archive" rather than
         # after the (pid-stamped) temporary file: the same content always gives the same bytes.
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:  # how torch's archive writer reports a failed write (a full disk)
+                if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+                    raise
+                free_mb = shutil.disk_usage(os.path.dirname(tmp)).free / 1e6
+                raise OSError(f"the write failed ({free_mb:.0f} MB free on its disk)") from None
     atomic_write(path, write, what)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .batcher import ImageBatcher
 from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process, resolve_precision
-from .config import Config, result_differences, save_config
+from .config import Config, missing_setting_keeps_results, result_differences, save_config
 from .settings import read_yaml
 from .deploy import deployment_check
 from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
@@ -174,6 +174,13 @@ def _setting_names(settings: dict, prefix: str = "") -> set[str]:
     return names
 
 
+def _copy_setting(source: dict, target: dict, name: str) -> None:
+    *sections, key = name.split(".")
+    for section in sections:
+        source, target = source[section], target.setdefault(section, {})
+    target[key] = source[key]
+
+
 def _check_out_folder(cfg: Config, data_identity: dict) -> None:
     """An --out holding a different experiment, or the same one on other data, is refused rather
     than mixed or overwritten."""
@@ -182,11 +189,15 @@ def _check_out_folder(cfg: Config, data_identity: dict) -> None:
     if not (os.path.exists(config_path) and os.path.isdir(os.path.join(cfg.out, "checkpoints"))):
         return
     saved = read_yaml(config_path, f"saved config {config_path}")
-    missing = sorted(_setting_names(cfg.to_dict()) - _setting_names(saved))
+    current = cfg.to_dict()
+    missing = sorted(_setting_names(current) - _setting_names(saved))
+    for name in [name for name in missing if missing_setting_keeps_results(name, cfg)]:
+        missing.remove(name)
+        _copy_setting(current, saved, name)  # so that it is not reported as a difference below
     if missing:
         raise KdistillError(f"{cfg.out} holds a run made by an older kdistill (it has no setting "
                             f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use another --out")
-    differences = result_differences(saved, cfg.to_dict())
+    differences = result_differences(saved, current)
     if differences:
         raise KdistillError(f"{cfg.out} holds a run with other settings ({'; '.join(differences[:3])}); "
                             f"use another --out, or the same settings to resume it")

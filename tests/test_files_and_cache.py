@@ -250,3 +250,26 @@ def test_cache_clear_skips_an_entry_in_use_and_refuses_a_folder_that_is_not_a_ca
     code, _, err = cache_command(capsys, "--clear", "--cache-dir", cache)
     assert code == 2 and "refusing to clear" in err and "notes.txt" in err
     assert sorted(os.listdir(cache)) == sorted([data.key, data.key + ".lock", "notes.txt"])
+
+
+def test_a_checkpoint_that_does_not_fit_on_the_disk_is_one_line_and_the_previous_one_stays(tmp_path):
+    # A file size limit makes every write past 1 MB fail as a full disk would.
+    path = tmp_path / "last.pt"
+    script = f"""
+import resource, signal, sys, torch
+from kdistill.errors import KdistillError
+from kdistill.fileio import save_torch
+save_torch({{"epoch": 1}}, {str(path)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    save_torch({{"epoch": 2, "weights": torch.zeros(1 << 20)}}, {str(path)!r})
+except KdistillError as e:
+    sys.exit(str(e))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    message = result.stderr.strip()
+    assert result.returncode == 1 and "\n" not in message, result.stderr
+    assert message.startswith(f"could not write checkpoint {path}: the write failed (") and "MB free" in message
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary left behind

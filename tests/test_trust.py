@@ -287,6 +287,37 @@ def test_a_run_folder_from_an_older_kdistill_is_refused_in_one_line(digits_datas
     assert "precision" in str(error.value) and "student.normalize" in str(error.value)
 
 
+def test_a_run_folder_without_the_settings_added_later_resumes_when_their_values_repeat_it(tmp_path):
+    import yaml
+
+    from kdistill.config import config_from_dict, save_config
+
+    def saved_without(names, **distill):
+        settings = {"data": "unused", "out": str(tmp_path / "run"), "distill": distill}
+        cfg = config_from_dict(settings)
+        save_config(cfg, str(tmp_path / "run" / "config.yaml"))
+        saved = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
+        for name in names:
+            *sections, key = name.split(".")
+            section = saved
+            for part in sections:
+                section = section[part]
+            del section[key]
+        yaml.safe_dump(saved, open(tmp_path / "run" / "config.yaml", "w"))
+        return cfg
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    later = ["sync_bn", "ddp_timeout_s", "deploy_check", "ensemble", "distill.ensemble_weights",
+             "distill.max_signal_memory_gb", "distill.dml.peer", "distill.born_again.generations"]
+    pipeline._check_out_folder(saved_without(later, method="kd"), {})  # none of them changes a kd run
+    # Stored teacher features replaced features computed online: a feature method's folder is refused,
+    # and so is one missing a setting of the method it uses.
+    for names, method in ((later, "fitnets"), (["distill.dml.peer"], "dml")):
+        with pytest.raises(KdistillError, match="older kdistill") as error:
+            pipeline._check_out_folder(saved_without(names, method=method), {})
+        assert names[-1 if method == "dml" else 5] in str(error.value)
+
+
 def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_bf16_units(monkeypatch):
     from kdistill import compute
 
