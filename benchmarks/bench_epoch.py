@@ -62,7 +62,8 @@ from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute
 from kdistill.pipeline import train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches, train_teacher
-from kdistill.train import Batches, predict_logits
+from kdistill.batches import Batches
+from kdistill.train import predict_logits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-seedlike"

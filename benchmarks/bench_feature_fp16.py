@@ -22,7 +22,7 @@ from kdistill.distillers import AT, PKT, RKD, SP, FitNets, Outputs
 from kdistill.features import FeatureTaps
 from kdistill.models import standardized_model
 from kdistill.teacher_signal import hooked_outputs
-from kdistill.train import Batches
+from kdistill.batches import Batches
 
 CPU = torch.device("cpu")
 TEACHER_ARCH = "kdistill.zoo:efficientnet_lite0"

@@ -10,7 +10,7 @@ import torch
 from .augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views
 from .config import Config
 from .data import PreparedData, SplitData, to_unit_range
-from .train import Batches
+from .batches import Batches
 
 
 class JoinedImages:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .compute import Compute
-from .train import Batches, predict_logits
+from .batches import Batches
+from .train import predict_logits
 
 
 def combined_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], temperature: float) -> torch.Tensor:

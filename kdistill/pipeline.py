@@ -31,7 +31,8 @@ from .models import Standardized, check_train_output, imagenet_state_dict, stand
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
-from .train import Batches, fit, offered_val_acc, predict_logits
+from .batches import Batches
+from .train import fit, offered_val_acc, predict_logits
 
 ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
 

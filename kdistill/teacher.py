@@ -24,7 +24,8 @@ from .models import Standardized, standardized_model, trainable_part
 from .progress import progress_bar
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
                              hooked_outputs, signal_key)
-from .train import TEACHER_FEATURES, Batches, fit, predict_logits
+from .batches import TEACHER_FEATURES, Batches
+from .train import fit, predict_logits
 
 
 class TrainedTeacher(NamedTuple):

@@ -29,7 +29,8 @@ from .errors import KdistillError
 from .features import FeatureTaps
 from .fileio import load_torch, save_torch, tensors_sha256
 from .progress import progress_bar
-from .train import Batches, predict_logits
+from .batches import Batches
+from .train import predict_logits
 
 FEATURE_DTYPE = torch.float16
 

@@ -15,7 +15,8 @@ from kdistill.config import build_config
 from kdistill.distillers import KD, CrossEntropy
 from kdistill.errors import KdistillError
 from kdistill.models import build_model
-from kdistill.train import Batches, predict_logits
+from kdistill.batches import Batches
+from kdistill.train import predict_logits
 
 CPU = torch.device("cpu")
 quiet = lambda message: None  # noqa: E731

@@ -29,7 +29,8 @@ from fault.kill_resume import comparable
 from kdistill import compute, pipeline
 from kdistill.cli import main
 from kdistill.errors import KdistillError
-from kdistill.train import load_checkpoint, share
+from kdistill.batches import share
+from kdistill.train import load_checkpoint
 
 TESTS = os.path.join(ROOT, "tests")
 WORKER = os.path.join(TESTS, "ddp_worker.py")

@@ -12,7 +12,8 @@ from kdistill.distillers import AT, DISTILLERS, PEFD, FitNets, Outputs
 from kdistill.distillers.at import attention_map
 from kdistill.errors import KdistillError
 from kdistill.features import OnlineTeacher
-from kdistill.train import Batches, fit
+from kdistill.batches import Batches
+from kdistill.train import fit
 
 CPU = torch.device("cpu")
 BN_EPS = 1e-5  # BatchNorm2d's default

@@ -8,7 +8,8 @@ import torch
 
 from kdistill.config import TrainConfig
 from kdistill.distillers import DIST, DISTILLERS, DKD, KD, LSKD
-from kdistill.train import Batches, fit
+from kdistill.batches import Batches
+from kdistill.train import fit
 
 CPU = torch.device("cpu")
 STUDENT = [[1.0, 2.0, 0.5, -1.0], [0.0, -1.0, 3.0, 0.5], [2.0, 0.0, 1.0, 1.0]]

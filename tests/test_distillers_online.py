@@ -15,7 +15,8 @@ from kdistill.config import TrainConfig, build_config
 from kdistill.distillers import DKD, DML, BornAgain, Outputs
 from kdistill.errors import KdistillError
 from kdistill.fileio import load_torch
-from kdistill.train import Batches, fit, predict_logits
+from kdistill.batches import Batches
+from kdistill.train import fit, predict_logits
 
 CPU = torch.device("cpu")
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 0.0, 1.0]]

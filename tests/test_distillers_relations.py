@@ -13,7 +13,8 @@ from kdistill.distillers.pkt import conditional_probabilities
 from kdistill.errors import KdistillError
 from kdistill.features import OnlineTeacher
 from kdistill.fileio import load_torch
-from kdistill.train import Batches, fit
+from kdistill.batches import Batches
+from kdistill.train import fit
 
 CPU = torch.device("cpu")
 METHODS = (RKD, PKT, SP, CRD)

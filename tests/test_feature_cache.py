@@ -17,7 +17,7 @@ from kdistill.features import FeatureTaps
 from kdistill.fileio import load_torch
 from kdistill.models import standardized_model
 from kdistill.teacher_signal import hooked_outputs
-from kdistill.train import Batches
+from kdistill.batches import Batches
 
 CPU = torch.device("cpu")
 TINY = {"teacher": {"arch": "tiny_nets:tiny_teacher", "epochs": 1},

@@ -8,7 +8,8 @@ from kdistill.config import TrainConfig
 from kdistill.distillers import CrossEntropy
 from kdistill.errors import KdistillError
 from kdistill.models import build_model, head_path, trainable_part
-from kdistill.train import Batches, fit
+from kdistill.batches import Batches
+from kdistill.train import fit
 
 
 def test_head_is_replaced_by_dropout_linear_or_linear():

@@ -11,7 +11,8 @@ from kdistill.distillers import KD, CrossEntropy, build_distiller
 from kdistill.errors import KdistillError
 from kdistill.fileio import load_torch
 from kdistill.models import build_model
-from kdistill.train import Batches, build_optimizer, fit, offered_val_acc
+from kdistill.batches import Batches
+from kdistill.train import build_optimizer, fit, offered_val_acc
 
 CPU = torch.device("cpu")
 

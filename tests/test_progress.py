@@ -11,7 +11,8 @@ from kdistill.config import TrainConfig
 from kdistill.distillers import CrossEntropy
 from kdistill.fileio import load_torch
 from kdistill.progress import progress_bar, show_progress
-from kdistill.train import Batches, fit, predict_logits
+from kdistill.batches import Batches
+from kdistill.train import fit, predict_logits
 
 CPU = torch.device("cpu")
 IMAGES = torch.randn(24, 3, 4, 4, generator=torch.Generator().manual_seed(1))

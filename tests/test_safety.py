@@ -14,7 +14,8 @@ from kdistill.distillers import CrossEntropy
 from kdistill.errors import KdistillError
 from kdistill.fileio import BackgroundSaver, load_torch, save_torch
 from kdistill.models import build_model
-from kdistill.train import Batches, fit, load_checkpoint
+from kdistill.batches import Batches
+from kdistill.train import fit, load_checkpoint
 
 CPU = torch.device("cpu")
 

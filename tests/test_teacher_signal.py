@@ -9,7 +9,8 @@ from kdistill.models import build_model, trainable_part
 from kdistill.compute import Compute
 from kdistill.teacher import TrainedTeacher
 from kdistill.teacher_signal import cached_tensors, head_inputs
-from kdistill.train import Batches, fit, predict_logits
+from kdistill.batches import Batches
+from kdistill.train import fit, predict_logits
 
 CPU = torch.device("cpu")
 

@@ -22,7 +22,8 @@ from kdistill.errors import KdistillError
 from kdistill.export import ONNX_TOLERANCE, export_onnx, load_bundle, save_bundle
 from kdistill.fileio import load_torch, save_torch
 from kdistill.models import IMAGENET_STATS, Standardized, build_model, standardized_model
-from kdistill.train import Batches, fit
+from kdistill.batches import Batches
+from kdistill.train import fit
 
 CPU = torch.device("cpu")
 quiet = lambda message: None  # noqa: E731
