@@ -278,10 +278,12 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
     views_batches, views_seconds = None, None
     if "kd_views" in args.only:
         started = time.perf_counter()
-        views_batches = distillation_batches("views", augmented_cfg, data, trained_teacher, augmented, COMPUTE, quiet)
+        views_batches = distillation_batches("views", augmented_cfg, data, {"teacher": trained_teacher}, augmented,
+                                               COMPUTE, quiet)[0]
         views_seconds = time.perf_counter() - started
         print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
-    online_batches = distillation_batches("online", augmented_cfg, data, trained_teacher, augmented, COMPUTE, quiet)
+    online_batches, _ = distillation_batches("online", augmented_cfg, data, {"teacher": trained_teacher}, augmented,
+                                             COMPUTE, quiet)
     distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
 
     runs = {

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 import torchvision
 from bench_epoch import cpu_model, make_subset, quiet
-from bench_signal import student_epoch
+from bench_signal import interleaved_medians, student_epoch
 
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute, resolve_precision
@@ -69,21 +68,18 @@ def main() -> None:
         runs = {"plain": (base, batcher("train"), lambda: CrossEntropy(), "none")}
         for method in args.methods:
             cfg = dataclasses.replace(base, distill=dataclasses.replace(base.distill, method=method))
-            signal = cfg.signal_mode()
-            runs[method] = (cfg, distillation_batches(signal, cfg, data, trained, batcher, compute, quiet),
-                            cfg.distiller, signal)
+            batches, served = distillation_batches(cfg.signal_mode(), cfg, data, {"teacher": trained}, batcher,
+                                                   compute, quiet)
+            runs[method] = (cfg, batches, cfg.distiller, served)
         n = len(data.splits["train"].files)
         print(f"{n} training images at {args.size} px, teacher resnet34, student resnet18, batch "
               f"{base.student.batch_size}, precision {compute.precision}, augment none")
         student_epoch(base, data, batcher, runs["plain"][1], CrossEntropy(), compute, work)  # warm-up
-        times = {name: [] for name in runs}
-        order = list(runs)
-        for repeat in range(args.repeats):
-            for name in order[repeat % len(order):] + order[:repeat % len(order)]:
-                cfg, batches, make_objective, _ = runs[name]
-                times[name].append(student_epoch(cfg, data, batcher, batches, make_objective(), compute, work))
-                print(f"  repeat {repeat + 1}/{args.repeats}  {name:10s} {times[name][-1]:7.2f} s", flush=True)
-        median = {name: statistics.median(values) for name, values in times.items()}
+        # make_objective() per epoch: a method's trainable parts (adapters, a peer) start afresh each time.
+        median = interleaved_medians({
+            name: lambda cfg=cfg, batches=batches, make_objective=make_objective: student_epoch(
+                cfg, data, batcher, batches, make_objective(), compute, work)
+            for name, (cfg, batches, make_objective, _) in runs.items()}, args.repeats)
         print(f"\n=== median of {args.repeats} repeats: seconds per epoch, images/s, ratio to plain ===")
         print("| method | teacher signal | s/epoch | img/s | x plain |\n|---|---|---|---|---|")
         for name, (_, _, _, signal) in runs.items():

@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision
@@ -56,6 +57,18 @@ def student_epoch(cfg, data, batcher, train_batches, objective, compute, work: P
     return timed.seconds
 
 
+def interleaved_medians(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each variant's median seconds over repeats. The variants take turns within a repeat and the order
+    rotates from one repeat to the next, so a slow spell of the machine falls on all of them alike."""
+    times = {name: [] for name in variants}
+    order = list(variants)
+    for repeat in range(repeats):
+        for name in order[repeat % len(order):] + order[:repeat % len(order)]:
+            times[name].append(variants[name]())
+            print(f"  repeat {repeat + 1}/{repeats}  {name:42s} {times[name][-1]:7.2f} s", flush=True)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -83,31 +96,28 @@ def main() -> None:
         plain_batcher, mixed_batcher = ImageBatcher(data, base, compute.device), ImageBatcher(data, mixed,
                                                                                                 compute.device)
         started = time.perf_counter()
-        views = distillation_batches("views", base, data, trained, plain_batcher, compute, quiet)
+        views, _ = distillation_batches("views", base, data, {"teacher": trained}, plain_batcher, compute, quiet)
         views_seconds = time.perf_counter() - started
         kd = base.distiller
         runs = {
             "plain": (base, plain_batcher, plain_batcher("train", augment=True), CrossEntropy),
             "views": (base, plain_batcher, views, kd),
-            "online": (base, plain_batcher, distillation_batches("online", base, data, trained, plain_batcher,
-                                                                 compute, quiet), kd),
+            "online": (base, plain_batcher, distillation_batches("online", base, data, {"teacher": trained},
+                                                                 plain_batcher, compute, quiet)[0], kd),
             "plain_mix": (mixed, mixed_batcher, mixed_batcher("train", augment=True, mix=True), CrossEntropy),
-            "online_mix": (mixed, mixed_batcher, distillation_batches("online", mixed, data, trained,
-                                                                      mixed_batcher, compute, quiet), kd),
+            "online_mix": (mixed, mixed_batcher, distillation_batches("online", mixed, data, {"teacher": trained},
+                                                                      mixed_batcher, compute, quiet)[0], kd),
         }
         n = len(data.splits["train"].files)
         print(f"{n} training images at {args.size} px, teacher {args.teacher}, student {base.student.arch}, "
               f"batch {base.student.batch_size}, precision {compute.precision}; {base.distill.views} stored views "
               f"computed once in {views_seconds:.1f} s")
         student_epoch(base, data, plain_batcher, runs["plain"][2], CrossEntropy(), compute, work)  # warm-up
-        times = {name: [] for name in runs}
-        order = list(runs)
-        for repeat in range(args.repeats):
-            for name in order[repeat % len(order):] + order[:repeat % len(order)]:
-                cfg, batcher, batches, make_objective = runs[name]
-                times[name].append(student_epoch(cfg, data, batcher, batches, make_objective(), compute, work))
-                print(f"  repeat {repeat + 1}/{args.repeats}  {LABELS[name]:42s} {times[name][-1]:7.1f} s", flush=True)
-        median = {name: statistics.median(values) for name, values in times.items()}
+        median = interleaved_medians({
+            LABELS[name]: lambda cfg=cfg, batcher=batcher, batches=batches, make_objective=make_objective:
+                student_epoch(cfg, data, batcher, batches, make_objective(), compute, work)
+            for name, (cfg, batcher, batches, make_objective) in runs.items()}, args.repeats)
+        median = {name: median[LABELS[name]] for name in runs}
         print(f"\n=== median of {args.repeats} (seconds per epoch, images/s, ratio) ===")
         for name, label in LABELS.items():
             print(f"  {label:42s} {median[name]:7.2f} s {n / median[name]:7.1f} img/s")
