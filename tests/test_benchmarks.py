@@ -1,0 +1,35 @@
+"""The benchmark scripts keep running against today's kdistill (they are not imported by anything
+else, so an interface change would break them unnoticed): each on the tiny digits data, one repeat."""
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+from kdistill.distillers import DISTILLERS
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, script, *args], cwd=os.path.join(ROOT, "benchmarks"),
+                            env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_methods_benchmark_times_every_registered_method_against_a_plain_epoch(digits_dataset):
+    printed = run_benchmark("bench_methods.py", "--data", digits_dataset, "--size", "16", "--limit", "8",
+                            "--val-per-class", "2", "--repeats", "1")
+    rows = [line.strip("|").split("|") for line in printed.splitlines() if line.startswith("| ")][1:]
+    table = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
+    assert set(table) == {"plain", *DISTILLERS}
+    assert table["plain"][0] == "none" and float(table["plain"][3]) == 1.0
+    assert table["kd"][0] == "cached" and table["crd"][0] == "cached"  # a frozen teacher's features are stored
+    assert all(float(seconds) > 0 and float(ratio) > 0 for _, seconds, _, ratio in table.values())
+
+
+def test_the_signal_benchmark_compares_stored_views_and_an_online_teacher_with_a_plain_epoch(digits_dataset):
+    printed = run_benchmark("bench_signal.py", "--data", digits_dataset, "--size", "16", "--limit", "8",
+                            "--val-per-class", "2", "--repeats", "1")
+    ratios = {line.split(":")[0].strip(): float(line.split(":")[1].split()[0])
+              for line in printed.splitlines() if "/ plain" in line}
+    assert set(ratios) == {"stored views / plain", "teacher online / plain", "online + mix / plain + mix"}
+    assert all(ratio > 0 for ratio in ratios.values())
