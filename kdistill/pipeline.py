@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .batcher import ImageBatcher
+from .batches import Batches
 from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process, resolve_precision
 from .config import Config, missing_setting_keeps_results, result_differences, save_config
 from .settings import read_yaml
@@ -31,7 +32,6 @@ from .models import Standardized, check_train_output, imagenet_state_dict, stand
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
-from .batches import Batches
 from .train import fit, offered_val_acc, predict_logits
 
 ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on

@@ -1,8 +1,14 @@
 import os
 
-import numpy as np
-import pytest
-from PIL import Image
+# Under pytest-xdist (the README's `-n auto`) each worker process takes one core: one torch thread
+# each, for the tests' own models and the runs they start as subprocesses. Two threads per worker
+# on a machine with as many cores as workers would contend and slow every test down.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
