@@ -361,11 +361,14 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ between two resolved configs, ignoring settings that don't change results."""
+    """Keys whose values differ between two resolved configs, ignoring settings that don't change results:
+    those in NON_RESULT_KEYS, and the section distill.<method> of a method neither config uses."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         if not prefix and key in NON_RESULT_KEYS:
+            continue
+        if prefix == "distill." and key in DISTILLERS and key not in (old.get("method"), new.get("method")):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

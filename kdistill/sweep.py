@@ -162,9 +162,11 @@ def _shared_folder(out: str, kind: str, described: dict) -> str:
 
 def _check_point_folder(point: Point) -> None:
     """A point folder holding a run with other settings (the sweep's --set or preset changed since)
-    is refused now, before anything trains, rather than when its turn comes."""
+    is refused now, before anything trains, rather than when its turn comes. As for a run, only a
+    folder where training started holds results to protect: a point that failed before (a wrong
+    setting) runs again with the corrected one."""
     config_path = os.path.join(point.folder, "config.yaml")
-    if not os.path.exists(config_path):
+    if not (os.path.exists(config_path) and os.path.isdir(os.path.join(point.folder, "checkpoints"))):
         return
     differences = result_differences(read_yaml(config_path, f"saved config {config_path}"), point.cfg.to_dict())
     if differences:

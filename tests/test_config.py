@@ -365,6 +365,12 @@ def test_result_differences_ignore_settings_that_do_not_change_numbers():
     assert "precision" not in NON_RESULT_KEYS
     assert result_differences(old, build_config(sets=["precision=fp32"]).to_dict()) == \
         ["precision ('auto' -> 'fp32')"]
+    # A method's own section counts only for a run of that method.
+    dkd_weight = ["distill.dkd.nckd_weight=2"]
+    assert result_differences(old, build_config(sets=dkd_weight).to_dict()) == []
+    assert result_differences(build_config(sets=["distill.method=dkd"]).to_dict(),
+                              build_config(sets=["distill.method=dkd", *dkd_weight]).to_dict()) == \
+        ["distill.dkd.nckd_weight (8.0 -> 2.0)"]
 
 
 def test_cached_teacher_signal_with_augmentation_is_refused():

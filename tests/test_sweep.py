@@ -267,3 +267,20 @@ def test_a_method_grid_over_seeds_reports_each_points_mean_and_std(digits_datase
             assert row[kind]["per_seed"] == [{key: seed[key] for key in ("seed", "best_val_acc", "best_epoch")}
                                              for seed in metrics["seeds"][kind]]
         assert f"{stats['mean'] * 100:.1f} ± {stats['std'] * 100:.1f}%" in markdown
+
+
+def test_a_point_that_failed_before_training_runs_again_with_the_corrected_setting(digits_dataset, tiny_nets,
+                                                                                   tmp_path, capsys):
+    out = str(tmp_path / "sweep")
+    settings = base_settings(digits_dataset, str(tmp_path / "cache"))
+    del settings["distill"]["method"]
+    args = ["sweep", "--data", digits_dataset, "--out", out, "--grid", "distill.method=kd,fitnets",
+            *as_sets(settings)]
+    # The tiny network has no module layer2, fitnets' default: that point fails, kd's trains.
+    assert main(args) == 2
+    assert "distill.method=fitnets" in capsys.readouterr().err
+    fixed = ["--set", "distill.fitnets.student_layer=0", "--set", "distill.fitnets.teacher_layer=0"]
+    assert main([*args, *fixed]) == 0
+    with open(os.path.join(out, "sweep.json")) as f:
+        assert len(json.load(f)["points"]) == 2
+    assert epoch_lines(out) == {"teacher": 1, "student": 2, "baseline": 1}  # kd's point was not retrained
