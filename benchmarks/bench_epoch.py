@@ -193,7 +193,7 @@ def kdistill_student_epoch(cfg, data, batcher, train_batches, objective, work: P
                                     for f in dataclasses.fields(Batches)})
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     started = time.perf_counter()
-    train_student("student", dataclasses.replace(cfg, out=str(out)), data, train_batches,
+    train_student("student", cfg.seed, dataclasses.replace(cfg, out=str(out)), data, train_batches,
                   batcher("val"), objective, COMPUTE, quiet)
     whole = time.perf_counter() - started
     shutil.rmtree(out)

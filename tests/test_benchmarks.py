@@ -33,3 +33,11 @@ def test_the_signal_benchmark_compares_stored_views_and_an_online_teacher_with_a
               for line in printed.splitlines() if "/ plain" in line}
     assert set(ratios) == {"stored views / plain", "teacher online / plain", "online + mix / plain + mix"}
     assert all(ratio > 0 for ratio in ratios.values())
+
+
+def test_the_epoch_benchmark_compares_kdistill_with_the_naive_loop(digits_dataset):
+    printed = run_benchmark("bench_epoch.py", "--data", digits_dataset, "--sizes", "16", "--limit", "8",
+                            "--val-per-class", "2", "--repeats", "1", "--only", "kd_plain", "kd_distill",
+                            "naive_plain")
+    assert "kdistill distill / kdistill plain (loops)" in printed
+    assert "kdistill distill (loop) / naive plain" in printed
