@@ -191,6 +191,11 @@ NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baselin
                    "ddp_timeout_s"}
 
 
+def _unused_method_section(section: str, *methods: str | None) -> bool:
+    """Whether distill.<section> holds the settings of a method none of methods is: they change no number."""
+    return section in DISTILLERS and section not in methods
+
+
 def missing_setting_keeps_results(name: str, cfg: "Config") -> bool:
     """Whether a run folder saved before setting `name` existed resumes unchanged under cfg: the setting
     changes no numbers, or belongs to a method cfg does not use, or holds the value that reproduces what
@@ -199,7 +204,7 @@ def missing_setting_keeps_results(name: str, cfg: "Config") -> bool:
     if top in NON_RESULT_KEYS or top == "sync_bn":  # sync_bn acts only with several processes
         return True
     if top == "distill" and "." in rest:
-        return rest.split(".")[0] != cfg.distill.method
+        return _unused_method_section(rest.split(".")[0], cfg.distill.method)
     return ((name == "ensemble" and not cfg.ensemble)
             or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
             or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features()))
@@ -368,7 +373,7 @@ def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         name = f"{prefix}{key}"
         if not prefix and key in NON_RESULT_KEYS:
             continue
-        if prefix == "distill." and key in DISTILLERS and key not in (old.get("method"), new.get("method")):
+        if prefix == "distill." and _unused_method_section(key, old.get("method"), new.get("method")):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

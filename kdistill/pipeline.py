@@ -48,8 +48,8 @@ def make_logger(out: str):
     return log
 
 
-def _silent(message: str) -> None:
-    pass
+def silent(message: str) -> None:
+    """The log of a process that is not rank 0: rank 0 tells the user."""
 
 
 def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: Batches, val: Batches,
@@ -264,7 +264,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         log = log or make_logger(cfg.out)
         remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
     else:
-        log = _silent  # rank 0 tells the user
+        log = silent
     compute = Compute(device, resolve_precision(cfg.precision, device))
     for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
         if ":" in part.arch:  # a third-party model that would crash in training: say so now

@@ -235,7 +235,7 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
     """Plan every point, run each (a finished one is read back, not rerun), then write sweep.md,
     sweep.json and sweep.png in out; return sweep.json's content. A point whose run fails is
     recorded and the others go on; the error is raised at the end."""
-    from .pipeline import make_logger, run
+    from .pipeline import make_logger, run, silent
     from .sweep_report import write_sweep
 
     axes, points = plan(out, grid, preset, config_files, overrides, sets)
@@ -246,8 +246,7 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
         os.makedirs(out, exist_ok=True)
         log = log or make_logger(out)
     else:
-        def log(message: str) -> None:
-            pass
+        log = silent
     sharing: dict[str, list[str]] = {}  # shared folder -> its points
     for point in points:
         for folder in point.shared.values():
