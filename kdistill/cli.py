@@ -78,8 +78,9 @@ def parser() -> argparse.ArgumentParser:
                               description="From DATA/train/<class>/, DATA/val/<class>/ (optional) and DATA/test/ "
                                           "(optional) to a distilled student, a report and predictions in OUT.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--data", required=True, help="image folder in the layout train/<class>/, val/<class>/, test/")
-    run.add_argument("--out", required=True, help="run folder; rerun with the same folder to resume")
+    # Not required here: a --config file may name them (a saved OUT/config.yaml does).
+    run.add_argument("--data", help="image folder in the layout train/<class>/, val/<class>/, test/")
+    run.add_argument("--out", help="run folder; rerun with the same folder to resume")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train with N processes on this machine, one per GPU (or on the CPU), through torchrun; "
                           "batch sizes stay global. Several machines: start torchrun yourself (README)")

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
+from filelock import FileLock, Timeout
 
 from .errors import KdistillError
 
@@ -55,6 +56,33 @@ def new_file_mode() -> int:
     changing it; elsewhere the umask at import)."""
     umask = _umask_from_proc()
     return 0o666 & ~(_UMASK_AT_IMPORT if umask is None else umask)
+
+
+FOLDER_LOCK = ".kdistill.lock"
+
+
+@contextlib.contextmanager
+def folder_in_use(folder: str, hold: bool = True):
+    """Create folder and hold its lock file for the block: a second kdistill process given the same
+    run or sweep folder is refused at once, instead of training beside the first and overwriting
+    its files. The lock is the kernel's (flock): it goes with the process, even a killed one.
+    hold False: no lock (another process of the same run holds it)."""
+    if not hold:
+        yield
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = FileLock(os.path.join(folder, FOLDER_LOCK), timeout=0, mode=new_file_mode())
+        lock.acquire()
+    except Timeout:
+        raise KdistillError(f"{folder} is in use by another kdistill process (it holds {FOLDER_LOCK} there); wait "
+                            f"for it to finish or stop it, or use another --out") from None
+    except OSError as e:
+        raise KdistillError(f"cannot write in {folder} ({e.strerror or e}); use another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 TEMPORARY_PREFIX = ".tmp-"

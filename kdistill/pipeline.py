@@ -26,7 +26,7 @@ from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
-from .fileio import atomic_write_text, remove_stale_temporaries, save_torch
+from .fileio import atomic_write_text, folder_in_use, remove_stale_temporaries, save_torch
 from .html_report import write_html_report
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model
 from .report import write_report, write_val_predictions
@@ -236,19 +236,21 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
     dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled)
     data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
-    _check_out_folder(cfg, data_identity)
-    ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
-    try:
-        return _experiment(cfg, dataset, data_identity, ranks, device, log, shared_checkpoints)
-    except RuntimeError as e:
-        if ranks.joined and lost_process(e):
-            raise KdistillError(
-                f"process {ranks.rank} of {ranks.world_size}: another process stopped, or did not answer within "
-                f"ddp_timeout_s={cfg.ddp_timeout_s} s ({first_line(e)}); this one stopped too. Finished epochs are "
-                f"saved in {cfg.out}: run the same command again to resume") from None
-        raise
-    finally:
-        leave_ranks(ranks)
+    # Under torchrun the first process holds the folder for all (see folder_in_use).
+    with folder_in_use(cfg.out, hold=os.environ.get("RANK", "0") == "0"):
+        _check_out_folder(cfg, data_identity)
+        ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
+        try:
+            return _experiment(cfg, dataset, data_identity, ranks, device, log, shared_checkpoints)
+        except RuntimeError as e:
+            if ranks.joined and lost_process(e):
+                raise KdistillError(
+                    f"process {ranks.rank} of {ranks.world_size}: another process stopped, or did not answer within "
+                    f"ddp_timeout_s={cfg.ddp_timeout_s} s ({first_line(e)}); this one stopped too. Finished epochs "
+                    f"are saved in {cfg.out}: run the same command again to resume") from None
+            raise
+        finally:
+            leave_ranks(ranks)
 
 
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,

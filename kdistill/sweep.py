@@ -20,7 +20,7 @@ from typing import Any
 from .config import Config, build_config, result_differences
 from .data import cache_key, scan_dataset
 from .errors import KdistillError, printable
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, folder_in_use
 from .settings import convert, leaves, parse_set, read_yaml
 
 # Settings a point may not vary, and why.
@@ -235,18 +235,20 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
     """Plan every point, run each (a finished one is read back, not rerun), then write sweep.md,
     sweep.json and sweep.png in out; return sweep.json's content. A point whose run fails is
     recorded and the others go on; the error is raised at the end."""
-    from .pipeline import make_logger, run, silent
-    from .sweep_report import write_sweep
+    from .pipeline import make_logger, silent
 
     axes, points = plan(out, grid, preset, config_files, overrides, sets)
     out = os.path.abspath(out)
     # Under torchrun every process runs every point (see pipeline.run); rank 0 alone writes and logs.
     main = os.environ.get("RANK", "0") == "0"
-    if main:
-        os.makedirs(out, exist_ok=True)
-        log = log or make_logger(out)
-    else:
-        log = silent
+    with folder_in_use(out, hold=main):
+        return _run_points(out, axes, points, main, (log or make_logger(out)) if main else silent)
+
+
+def _run_points(out: str, axes: list, points: list[Point], main: bool, log) -> dict:
+    from .pipeline import run
+    from .sweep_report import write_sweep
+
     sharing: dict[str, list[str]] = {}  # shared folder -> its points
     for point in points:
         for folder in point.shared.values():
