@@ -85,6 +85,33 @@ def test_fitnets_terms_match_hand_computed_values(guide_size):
     assert terms["loss"].item() == pytest.approx(hint + ce, rel=1e-5)
 
 
+def hand_kd(student, teacher, t):
+    """T^2 * mean over rows of KL(softmax(teacher / T) || softmax(student / T)), as plain loops."""
+    def softmax(row):
+        exps = [math.exp(v / t) for v in row]
+        return [e / sum(exps) for e in exps]
+    total = sum(sum(q * math.log(q / p) for p, q in zip(softmax(s), softmax(k))) for s, k in zip(student, teacher))
+    return t * t * total / len(student)
+
+
+def test_fitnets_with_kd_adds_kds_term_on_the_logits_and_keeps_the_hint():
+    teacher_logits = [[2.0, 0.0, 1.0], [0.5, 0.5, -1.0]]
+    hint_map = torch.tensor(HINT)
+    guide = torch.arange(24, dtype=torch.float32).view(2, 3, 2, 2) / 10
+    shapes = ({"layer2": torch.Size([2, 2, 2, 2])}, {"layer2": torch.Size([2, 3, 2, 2])})
+    plain, with_kd = built(FitNets, *shapes), FitNets(temperature=3.0, alpha=0.8,
+                                                      settings=FitNets.Settings(kd=True))
+    with_kd.build(*shapes, 10)
+    with_kd.load_state_dict(plain.state_dict())  # the same regressor, so the same hint
+    student = Outputs(torch.tensor(LOGITS), {"layer2": hint_map})
+    teacher = Outputs(torch.tensor(teacher_logits), {"layer2": guide})
+    hint = plain(student, torch.tensor(LABELS), teacher)["hint"].item()
+    terms = with_kd(student, torch.tensor(LABELS), teacher)
+    kd, ce = hand_kd(LOGITS, teacher_logits, 3.0), hand_cross_entropy(LOGITS, LABELS)
+    assert terms["kd"].item() == pytest.approx(kd, rel=1e-5) and terms["hint"].item() == pytest.approx(hint, rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.8 * kd + 0.2 * ce + hint, rel=1e-5)
+
+
 def test_attention_maps_of_a_1x2x2x2_tensor_by_hand():
     features = torch.tensor([[[[1.0, 2.0], [0.0, -1.0]], [[3.0, 0.0], [1.0, 1.0]]]])
     # p=2: mean over channels of f^2 = (1+9)/2, (4+0)/2, (0+1)/2, (1+1)/2 = 5, 2, 0.5, 1; norm sqrt(30.25) = 5.5

@@ -10,7 +10,11 @@ The regressor is mdistiller's ConvReg (convolution, BatchNorm, ReLU: the guided 
 a ReLU output), with a 1x1 convolution from the student's to the teacher's channels. Where the
 two maps differ in height or width, the larger is average-pooled to the smaller first (pooling
 commutes with the 1x1 convolution; mdistiller uses a strided convolution for a 2x size instead).
-No KD term, as in mdistiller: distill.temperature and distill.alpha are unused.
+No KD term by default, as in mdistiller (distill.temperature and distill.alpha are then unused).
+With distill.fitnets.kd true the labels' term becomes KD's, as in the FitNet+KD rows of later
+comparisons (CRD, Tian et al. 2020):
+
+    loss = alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(z_s, y) + hint
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from ..errors import KdistillError
 from ..settings import setting
 from .at import pool_to_common_size
 from .base import LayerPairDistiller
+from .kd import kd_term
 
 
 def conv_map_channels(shapes: dict, path: str, setting_name: str) -> int:
@@ -41,6 +46,8 @@ class FitNets(LayerPairDistiller):
                                                "second stage of a ResNet)")
         teacher_layer: str = setting("layer2", "teacher module whose output guides the hint")
         hint_weight: float = setting(100.0, "weight of the hint's mean squared error (mdistiller: 100)")
+        kd: bool = setting(False, "also distill the logits: KD's alpha*T^2*KL + (1-alpha)*CE (distill.alpha and "
+                                  "distill.temperature) in place of the plain CE")
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
@@ -62,4 +69,7 @@ class FitNets(LayerPairDistiller):
                                               teacher.features[self.settings.teacher_layer])
         hint = self.settings.hint_weight * F.mse_loss(self.regressor(hint_map), guide)
         ce = self.cross_entropy(student.logits, labels)
-        return {"loss": ce + hint, "ce": ce, "hint": hint}
+        if not self.settings.kd:
+            return {"loss": ce + hint, "ce": ce, "hint": hint}
+        kd = kd_term(student.logits, teacher.logits, self.temperature)
+        return {"loss": self.alpha * kd + (1 - self.alpha) * ce + hint, "kd": kd, "ce": ce, "hint": hint}
