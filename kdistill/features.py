@@ -2,10 +2,13 @@
 torchvision or module:callable model, without rewriting it.
 
 Paths name modules of the network itself (`layer3`, `layer4.1.conv2`, `avgpool`), inside the
-input standardization that kdistill wraps every model in.
+input standardization that kdistill wraps every model in. A teacher path may be `auto`: the
+teacher's module whose map has the height and width of the paired student module's (see
+matching_teacher_module), so a method runs on any convolutional teacher without reading its code.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -13,7 +16,11 @@ from torch import nn
 
 from .distillers.base import Distiller, Outputs
 from .errors import KdistillError
-from .models import Standardized
+from .models import Standardized, build_model
+
+AUTO = "auto"
+# A method's settings that name module paths: the student's, and the teacher's paired with them.
+LAYER_SETTINGS = (("student_layer", "teacher_layer"), ("student_layers", "teacher_layers"))
 
 
 class FeatureTaps:
@@ -27,8 +34,9 @@ class FeatureTaps:
         for path in paths:
             if not path or path not in modules:
                 top = ", ".join(name for name, _ in network.named_children())
+                hint = f" (or {AUTO}, the one with the student's map size)" if what == "the teacher" else ""
                 raise KdistillError(f"{what} has no module {path!r} to take features from; its top-level "
-                                    f"modules are: {top}")
+                                    f"modules are: {top}{hint}")
             self.handles.append(modules[path].register_forward_hook(self._keeper(path)))
 
     def _keeper(self, path: str):
@@ -77,3 +85,86 @@ def build_objective(objective: Distiller, model: nn.Module, student_taps: Featur
         teacher_shapes = {path: value.shape for path, value in probe.teacher.features.items()}
     objective.build(student_shapes, teacher_shapes, len(batches))
     objective.to(device)
+
+
+def output_shapes(arch: str, image_size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(module path, output shape of one image) of every module of a throwaway `arch` (random
+    weights), in the order their forward passes end on one image_size image; a module called twice
+    appears twice."""
+    model, _ = build_model(arch, 3)
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def keeper(path: str):
+        def keep(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                shapes.append((path, tuple(output.shape[1:])))
+        return keep
+    for path, module in model.named_modules():
+        if path:
+            module.register_forward_hook(keeper(path))
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, image_size, image_size))
+    return shapes
+
+
+def matching_teacher_module(student_path: str, student_shapes, teacher_shapes, setting: str) -> str:
+    """The teacher module for `auto`: of those whose output map has the height and width of the
+    student's module at student_path, the shallowest (fewest dots: a stage or block rather than a
+    layer inside it), and of those the last to run (the stage's output). A ResNet teacher gets the
+    student's own names (layer2 for layer2, avgpool for avgpool); EfficientNet-Lite0 at 64 px gets
+    _blocks.4 for ResNet18's layer2 and _avg_pooling for its avgpool."""
+    student, teacher_maps = _last_outputs(student_shapes), _last_outputs(teacher_shapes)
+    if student_path not in student:
+        raise KdistillError(f"setting {setting} is {AUTO}, but the student has no module {student_path!r}")
+    shape = student[student_path]
+    if len(shape) != 3:
+        raise KdistillError(f"setting {setting} is {AUTO}, which matches map sizes, but the student's "
+                            f"{student_path} gives features of shape {shape}, not (channels, height, width); "
+                            f"name the teacher's module")
+    same_size = [path for path, teacher in teacher_maps.items() if len(teacher) == 3 and teacher[1:] == shape[1:]]
+    if not same_size:
+        raise KdistillError(f"setting {setting} is {AUTO}, but no module of the teacher gives a "
+                            f"{shape[1]}x{shape[2]} map like the student's {student_path}; name the teacher's module")
+    depth = min(path.count(".") for path in same_size)
+    return [path for path in same_size if path.count(".") == depth][-1]
+
+
+def resolve_auto_layers(cfg, log):
+    """cfg with every `auto` teacher path of its method replaced by the matching teacher module,
+    each logged with both shapes. The saved config keeps `auto`: the choice repeats for the same
+    architectures and image size."""
+    method = cfg.distill.born_again.base if cfg.distill.method == "born_again" else cfg.distill.method
+    section = getattr(cfg.distill, method, None)
+    pairs = [(student, teacher) for student, teacher in LAYER_SETTINGS if hasattr(section, teacher)]
+    if not any(AUTO in _as_list(getattr(section, teacher)) for _, teacher in pairs):
+        return cfg
+    student_shapes = output_shapes(cfg.student.arch, cfg.image_size)
+    teacher_shapes = output_shapes(cfg.teacher.arch, cfg.image_size)
+    changes = {}
+    for student_name, teacher_name in pairs:
+        resolved = []
+        for student_path, teacher_path in zip(_as_list(getattr(section, student_name)),
+                                              _as_list(getattr(section, teacher_name))):
+            if teacher_path == AUTO:
+                setting = f"distill.{method}.{teacher_name}"
+                teacher_path = matching_teacher_module(student_path, student_shapes, teacher_shapes, setting)
+                log(f"{setting}: {AUTO} is the teacher's {teacher_path} {dict(teacher_shapes)[teacher_path]}, "
+                    f"for the student's {student_path} {dict(student_shapes)[student_path]}")
+            resolved.append(teacher_path)
+        changes[teacher_name] = resolved if isinstance(getattr(section, teacher_name), list) else resolved[0]
+    return dataclasses.replace(cfg, distill=dataclasses.replace(
+        cfg.distill, **{method: dataclasses.replace(section, **changes)}))
+
+
+def _last_outputs(shapes) -> dict[str, tuple[int, ...]]:
+    """Each path's last output (what FeatureTaps keeps of a module called twice), in the order of
+    those last outputs."""
+    last: dict[str, tuple[int, ...]] = {}
+    for path, shape in shapes:
+        last.pop(path, None)
+        last[path] = shape
+    return last
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]

@@ -26,6 +26,7 @@ from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
+from .features import resolve_auto_layers
 from .fileio import atomic_write_text, folder_in_use, remove_stale_temporaries, save_torch
 from .html_report import write_html_report
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model
@@ -273,6 +274,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
             check_train_output(part.arch, cfg.image_size, f"{name}.arch")
         if part.weights == "imagenet":  # offline? say so now, not after preparing the data
             ranks.main_first(functools.partial(imagenet_state_dict, part.arch))  # downloaded once per node
+    cfg = resolve_auto_layers(cfg, log)  # after the checks of the architectures, before any signal
     torch.backends.cudnn.benchmark = device.type == "cuda"
     started = last_lap = time.perf_counter()
     stage_seconds: dict[str, float] = {}  # wall time of each stage in this invocation

@@ -11,7 +11,7 @@ from kdistill.config import TrainConfig
 from kdistill.distillers import AT, DISTILLERS, PEFD, FitNets, Outputs
 from kdistill.distillers.at import attention_map
 from kdistill.errors import KdistillError
-from kdistill.features import OnlineTeacher
+from kdistill.features import OnlineTeacher, matching_teacher_module
 from kdistill.batches import Batches
 from kdistill.train import fit
 
@@ -304,3 +304,19 @@ def test_fit_trains_the_adapters_with_the_student_and_leaves_the_teacher_alone(m
     assert all(not torch.equal(initial[k], objective.state_dict()[k]) for k in weights)
     assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_auto_takes_the_shallowest_last_teacher_module_with_the_student_maps_size():
+    student = [("layer1", (64, 16, 16)), ("layer2", (128, 8, 8)), ("fc", (10,))]
+    # In the order forward passes end: a block's layers before the block; "act" runs twice and its
+    # features are those of its last call (4x4), so it never stands for a 16x16 map.
+    teacher = [("stem", (32, 16, 16)), ("act", (32, 16, 16)), ("blocks.0.conv", (64, 8, 8)), ("blocks.0", (64, 8, 8)),
+               ("blocks.1.conv", (64, 8, 8)), ("blocks.1", (64, 8, 8)), ("blocks.2", (96, 4, 4)),
+               ("act", (96, 4, 4)), ("head", (10,))]
+    assert matching_teacher_module("layer2", student, teacher, "s") == "blocks.1"
+    assert matching_teacher_module("layer1", student, teacher, "s") == "stem"
+    with pytest.raises(KdistillError, match=r"^setting distill.at.teacher_layers is auto, .* student's fc gives "
+                                            r"features of shape \(10,\)"):
+        matching_teacher_module("fc", student, teacher, "distill.at.teacher_layers")
+    with pytest.raises(KdistillError, match="no module of the teacher gives a 8x8 map like the student's layer2"):
+        matching_teacher_module("layer2", student, teacher[:2], "s")

@@ -50,3 +50,38 @@ def test_a_module_path_the_model_lacks_fails_in_one_line_naming_it(digits_datase
                              distill={"method": "fitnets", "fitnets": {"student_layer": "layer9"}})
     with pytest.raises(KdistillError, match="the student has no module 'layer9'.*layer1, layer2"):
         kdistill.run(settings, log=lambda message: None)
+
+
+
+def effnet_teacher_settings(data: str, out: str, cache: str, method: str, paths: dict) -> dict:
+    settings = tiny_settings(data, out, cache, baseline=False, student={"epochs": 1, "lr_step": 0},
+                             distill={"method": method, method: paths})
+    settings["teacher"] |= {"arch": "kdistill.zoo:efficientnet_lite0", "mode": "head", "epochs": 1}
+    return settings
+
+
+@pytest.mark.parametrize("method, paths, expected", [
+    ("fitnets", {"teacher_layer": "auto"}, ["_blocks.4"]),
+    ("at", {"teacher_layers": ["auto"] * 4}, ["_blocks.2", "_blocks.4", "_avg_pooling", "_avg_pooling"]),
+])
+def test_auto_finds_the_teachers_module_with_the_students_map_size(digits_dataset, tmp_path, shared_cache,
+                                                                   method, paths, expected):
+    """EfficientNet-Lite0 names its modules _blocks.N: auto picks, per student layer, the block with
+    its map size (at 16 px: 4x4 for ResNet18's layer1, 2x2 for layer2, 1x1 for layer3 and layer4),
+    and the run trains; config.yaml keeps auto."""
+    lines = []
+    settings = effnet_teacher_settings(digits_dataset, str(tmp_path / "run"), shared_cache, method, paths)
+    metrics = kdistill.run(settings, log=lines.append)
+    resolved = [line.split(" is the teacher's ")[1].split()[0] for line in lines
+                if line.startswith(f"distill.{method}.teacher_layer")]
+    assert resolved == expected
+    assert metrics["models"]["student"]["epochs"] == 1
+    with open(os.path.join(tmp_path, "run", "config.yaml")) as f:
+        assert "auto" in f.read()
+
+
+def test_a_teacher_path_that_is_not_auto_is_kept_and_checked(digits_dataset, tmp_path, shared_cache):
+    settings = effnet_teacher_settings(digits_dataset, str(tmp_path / "run"), shared_cache, "at",
+                                       {"teacher_layers": ["auto", "layer9", "auto", "auto"]})
+    with pytest.raises(KdistillError, match=r"the teacher has no module 'layer9' .*_blocks.*\(or auto,"):
+        kdistill.run(settings, log=lambda message: None)
