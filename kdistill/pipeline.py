@@ -237,31 +237,29 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
     dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled)
     data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
-    # Under torchrun the first process holds the folder for all (see folder_in_use).
-    with folder_in_use(cfg.out, hold=os.environ.get("RANK", "0") == "0"):
-        _check_out_folder(cfg, data_identity)
-        ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
-        try:
+    _check_out_folder(cfg, data_identity)
+    ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
+    try:
+        for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
+            if part.batch_size % ranks.world_size:
+                raise KdistillError(f"setting {name}.batch_size ({part.batch_size}) is the global batch: it must "
+                                    f"divide evenly among the {ranks.world_size} processes")
+        with folder_in_use(cfg.out, hold=ranks.main):  # rank 0 holds it for all processes
             return _experiment(cfg, dataset, data_identity, ranks, device, log, shared_checkpoints)
-        except RuntimeError as e:
-            if ranks.joined and lost_process(e):
-                raise KdistillError(
-                    f"process {ranks.rank} of {ranks.world_size}: another process stopped, or did not answer within "
-                    f"ddp_timeout_s={cfg.ddp_timeout_s} s ({first_line(e)}); this one stopped too. Finished epochs "
-                    f"are saved in {cfg.out}: run the same command again to resume") from None
-            raise
-        finally:
-            leave_ranks(ranks)
+    except RuntimeError as e:
+        if ranks.joined and lost_process(e):
+            raise KdistillError(
+                f"process {ranks.rank} of {ranks.world_size}: another process stopped, or did not answer within "
+                f"ddp_timeout_s={cfg.ddp_timeout_s} s ({first_line(e)}); this one stopped too. Finished epochs are "
+                f"saved in {cfg.out}: run the same command again to resume") from None
+        raise
+    finally:
+        leave_ranks(ranks)
 
 
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
                 log, shared_checkpoints: dict[str, str] | None) -> dict:
-    for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
-        if part.batch_size % ranks.world_size:
-            raise KdistillError(f"setting {name}.batch_size ({part.batch_size}) is the global batch: it must divide "
-                                f"evenly among the {ranks.world_size} processes")
     if ranks.main:
-        os.makedirs(cfg.out, exist_ok=True)
         save_config(cfg, os.path.join(cfg.out, "config.yaml"))
         atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
         log = log or make_logger(cfg.out)

@@ -261,6 +261,7 @@ CASES = {
     "distill.fitnets.student_layer": ("layer 2", "layer3", "layer3"),
     "distill.fitnets.teacher_layer": ("layer 2", "layer3", "layer3"),
     "distill.fitnets.hint_weight": ("-1", "10", 10.0),
+    "distill.fitnets.kd": ("maybe", "true", True),
     "distill.at.student_layers": ('["layer 1", "layer2", "layer3", "layer4"]',
                                   '["layer1", "layer2", "layer3", "layer4.1"]',
                                   ["layer1", "layer2", "layer3", "layer4.1"]),
