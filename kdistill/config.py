@@ -148,12 +148,14 @@ class Config:
         return self.cache_dir or os.environ.get("KDISTILL_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "kdistill")
 
+    def distilling_method(self) -> str:
+        """The method whose loss trains the student: distill.method, or for born_again its base."""
+        return self.distill.born_again.base if self.distill.method == "born_again" else self.distill.method
+
     def distiller(self) -> Distiller:
         """The distillation method with its settings; for born_again, the method that distills each
         generation (its base), with that method's settings."""
-        method = self.distill.method
-        if method == "born_again":
-            method = self.distill.born_again.base
+        method = self.distilling_method()
         return build_distiller(method, self.distill.temperature, self.distill.alpha,
                                self.student.label_smoothing, getattr(self.distill, method, None))
 

@@ -133,7 +133,7 @@ def resolve_auto_layers(cfg, log):
     """cfg with every `auto` teacher path of its method replaced by the matching teacher module,
     each logged with both shapes. The saved config keeps `auto`: the choice repeats for the same
     architectures and image size."""
-    method = cfg.distill.born_again.base if cfg.distill.method == "born_again" else cfg.distill.method
+    method = cfg.distilling_method()
     section = getattr(cfg.distill, method, None)
     pairs = [(student, teacher) for student, teacher in LAYER_SETTINGS if hasattr(section, teacher)]
     if not any(AUTO in _as_list(getattr(section, teacher)) for _, teacher in pairs):
