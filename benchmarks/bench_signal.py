@@ -4,8 +4,9 @@ Five student epochs, each through kdistill's own pipeline.train_student (student
 fit's pass over the training batches, interleaved and rotated over --repeats (median reported):
 
   plain        rrc_flip drawn fresh, cross-entropy only (no teacher): the reference
-  views        rrc_flip replayed from K stored views, KD on their stored teacher logits (FKD)
-  online       rrc_flip drawn fresh, the teacher run on every batch
+  views        rrc_flip replayed from K stored views, the preset's distillation (KD plus FitNets' hint)
+               on their stored teacher logits and features (FKD)
+  online       rrc_flip drawn fresh, the teacher run on every batch for its logits and features
   plain_mix    rrc_flip + mixup/cutmix (mix both), no teacher
   online_mix   rrc_flip + mixup/cutmix, the teacher on every mixed batch (mixed images can't be stored)
 
@@ -35,6 +36,7 @@ from kdistill.batcher import ImageBatcher
 from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy
+from kdistill.features import resolve_auto_layers
 from kdistill.models import standardized_model
 from kdistill.compute import Compute, resolve_precision
 from kdistill.pipeline import train_student
@@ -86,6 +88,7 @@ def main() -> None:
         base = build_config(preset="recommended", overrides={
             "data": str(subset), "image_size": args.size, "cache_dir": str(work / "cache"), "device": "cpu",
             "teacher": {"arch": args.teacher, "weights": "none"}, "student": {"epochs": 1, "warmup_epochs": 0}})
+        base = resolve_auto_layers(base, print)
         compute = Compute(torch.device("cpu"), resolve_precision(base.precision, torch.device("cpu")))
         data = prepare(base.data, args.size, base.cache_dir, log=print)
         torch.manual_seed(0)

@@ -77,10 +77,11 @@ class _DistillSettings:
     teacher_signal: str = setting(
         "auto", "cached: teacher logits (and the features a method reads) computed once per image (exact "
                 "without augmentation); views: those of `views` stored augmented views per image; online: "
-                "teacher runs on every batch; auto: cached, views for flip, online for crop_flip, rrc_flip, any "
-                "mix, and teacher features above max_signal_memory_gb",
+                "teacher runs on every batch; auto: cached, views for flip, and for crop_flip or rrc_flip "
+                "when views >= student.epochs (else online), online for any mix and teacher features above "
+                "max_signal_memory_gb",
         choices=("auto", "cached", "views", "online"))
-    views: int = setting(8, "stored augmented views per image when teacher_signal is views")
+    views: int = setting(8, "stored augmented views per image when teacher_signal is views (or auto picks them)")
     max_signal_memory_gb: float = setting(4.0, "most memory (GB) the stored teacher features of a method reading "
                                                "them may take (cached or views); above it auto runs the teacher "
                                                "online and cached or views is refused")
@@ -177,15 +178,17 @@ class Config:
         """The teacher signal before any memory limit (see teacher.distillation_batches)."""
         if self.distill.teacher_signal != "auto":
             return self.distill.teacher_signal
-        # The exact choice, for logits and the teacher features a method reads alike: flip has just
-        # two views per image, so both are stored; random crops are too many to store, so the
-        # teacher runs online on each one. For rrc_flip, FKD stores views, but with one set per
-        # epoch; K < epochs repeats views, and a teacher that sees fewer views than the student
-        # teaches worse (Beyer et al. 2022, "patient and consistent").
+        # For logits and the teacher features a method reads alike: flip has just two views per
+        # image, so both are stored (exact). Random crops are stored as FKD does when there are at
+        # least as many views per image as student epochs; with fewer, views repeat, and a teacher
+        # that sees fewer views than the student teaches worse (Beyer et al. 2022, "patient and
+        # consistent"), so it runs online on each fresh crop.
         # Mixed images pair images anew in every batch: only an online teacher sees them.
         if self.mix != "none":
             return "online"
-        return {"none": "cached", "flip": "views"}.get(self.augment, "online")
+        if self.augment in ("none", "flip"):
+            return {"none": "cached", "flip": "views"}[self.augment]
+        return "views" if self.distill.views >= self.student.epochs else "online"
 
 
 # Settings that change where or how fast a run goes, never its numbers.

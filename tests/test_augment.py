@@ -187,7 +187,12 @@ def test_mixing_needs_an_online_teacher():
         assert "\n" not in message and message.startswith("setting distill.teacher_signal") and "mix" in message
     assert build_config(sets=["mix=cutmix"]).signal_mode() == "online"
     assert build_config(sets=["augment=flip", "mix=both"]).signal_mode() == "online"
-    assert build_config(sets=["augment=rrc_flip"]).signal_mode() == "online"
+    assert build_config(sets=["augment=rrc_flip"]).signal_mode() == "online"  # 8 views, 40 epochs: views repeat
+    # As many stored views as epochs: each epoch can have its own view, so auto stores them (FKD).
+    assert build_config(sets=["augment=rrc_flip", "distill.views=40"]).signal_mode() == "views"
+    assert build_config(sets=["augment=crop_flip", "distill.views=10", "student.epochs=10"]).signal_mode() == "views"
+    assert build_config(sets=["augment=crop_flip", "distill.views=9", "student.epochs=10"]).signal_mode() == "online"
+    assert build_config(sets=["augment=rrc_flip", "distill.views=40", "mix=mixup"]).signal_mode() == "online"
     assert build_config(sets=["augment=rrc_flip", "distill.teacher_signal=views"]).signal_mode() == "views"
     for bad in ("rrc_scale=0.5", "rrc_scale=0.6,0.4", "rrc_scale=[0, 1]", "rrc_ratio=2,1", "rrc_ratio=a,b"):
         with pytest.raises(KdistillError, match=f"setting {bad.partition('=')[0]} "):

@@ -9,8 +9,10 @@ from kdistill import cli
 from kdistill.config import (Config, NON_RESULT_KEYS, build_config, load_preset, preset_names, result_differences,
                              save_config)
 from kdistill.errors import KdistillError
+from kdistill.features import output_shapes, resolve_auto_layers
 from kdistill.models import build_model, trainable_part
 from kdistill.settings import leaves, read_yaml
+from kdistill.teacher_signal import feature_megabytes
 
 SETTING_NAMES = [name for name, _, _ in leaves(Config())]
 
@@ -86,6 +88,19 @@ def test_preset_keys_are_all_settings(preset):
 
     assert names(load_preset(preset)) <= set(SETTING_NAMES)
     build_config(preset)  # every value valid
+
+
+def test_the_recommended_preset_stores_kd_and_the_hint_for_each_view():
+    """Its teacher's logits and hint features are stored for as many views as student epochs; with
+    the default ResNet34 teacher at 64 px, its layer2 for 7,800 images x 30 views (3.7 GB) fits the
+    default memory limit (above it, auto runs the teacher online: tests/test_feature_cache.py)."""
+    cfg = resolve_auto_layers(build_config("recommended", overrides={"image_size": 64}), lambda message: None)
+    hint_settings = (cfg.distill.method, cfg.distill.fitnets.kd, cfg.distill.fitnets.teacher_layer)
+    assert hint_settings == ("fitnets", True, "layer2")
+    assert cfg.signal_mode() == "views" and cfg.distill.views == cfg.student.epochs
+    hint = dict(output_shapes(cfg.teacher.arch, 64))["layer2"]
+    assert hint == (128, 8, 8)
+    assert 3.5 < feature_megabytes({"layer2": hint}, 7800 * cfg.distill.views) / 1024 < cfg.distill.max_signal_memory_gb
 
 
 def test_layers_override_in_order(tmp_path):

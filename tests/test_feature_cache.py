@@ -115,6 +115,30 @@ def test_under_auto_features_above_the_limit_make_the_teacher_run_online(digits_
         assert "teacher signal online (the teacher ran on every training batch)" in f.read()
 
 
+def test_auto_stores_random_crops_with_a_view_per_epoch_and_features_that_fit(digits_dataset, tmp_path, monkeypatch):
+    """The recommended preset's case: rrc_flip with distill.views >= student.epochs stores the views,
+    logits and features alike, and the teacher never runs while the student trains; where the
+    features would not fit, the same settings run the teacher online, saying why."""
+    seen = record_student_training(monkeypatch)
+    tiny = {"teacher": TINY["teacher"], "student": {**TINY["student"], "epochs": 2}}
+
+    def run(name, limit):
+        messages = []
+        settings = tiny_settings(digits_dataset, str(tmp_path / name), str(tmp_path / "cache"), baseline=False,
+                                 augment="rrc_flip", **tiny, distill={
+                                     "method": "fitnets", "views": 2, "max_signal_memory_gb": limit,
+                                     "fitnets": {"kd": True, "teacher_layer": "auto"}})
+        seen["teacher_forwards"] = 0
+        return kdistill.run(settings, log=messages.append), messages
+    metrics, messages = run("stored", 4.0)
+    assert metrics["teacher_signal"] == "views" and seen["teacher_forwards"] == 0
+    assert len(glob.glob(str(tmp_path / "cache" / "*" / "signal" / "teacher-features-*.pt"))) == 1
+    metrics, messages = run("online", 1e-4)
+    assert metrics["teacher_signal"] == "online" and seen["teacher_forwards"] == 1 + 2 * 5  # probe, each batch
+    assert ("teacher signal: online, the teacher runs on every training batch (its features would not fit in "
+            "distill.max_signal_memory_gb=0.0001)") in messages
+
+
 def test_auto_stores_features_where_exact():
     assert build_config(sets=["distill.method=at"]).signal_mode() == "cached"
     assert build_config(sets=["distill.method=at", "augment=flip"]).signal_mode() == "views"
