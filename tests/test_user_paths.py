@@ -170,3 +170,23 @@ def test_decoding_with_two_worker_processes_gives_the_same_cache_as_one(tmp_path
         assert (one.labels is None and two.labels is None) or torch.equal(one.labels, two.labels)
     assert len(parallel.splits["train"].files) == 90
     assert not np.array_equal(parallel.splits["train"].images[0].numpy(), parallel.splits["train"].images[1].numpy())
+
+
+def test_the_recommended_preset_runs_from_the_command_line(digits_dataset, tmp_path, capsys):
+    """The preset as a user runs it, with tiny models and two epochs so that it takes seconds: the
+    hint's teacher module is resolved from the map sizes, and as many views as epochs are stored."""
+    sets = {"cache_dir": tmp_path / "cache", "image_size": 16, "device": "cpu", "precision": "fp32",
+            "deploy_check": "false", "teacher.arch": "tiny_nets:tiny_teacher", "teacher.weights": "none",
+            "teacher.epochs": 1, "teacher.warmup_epochs": 0, "student.arch": "tiny_nets:tiny_student",
+            "student.epochs": 2, "student.warmup_epochs": 0, "distill.views": 2}
+    out = tmp_path / "run"
+    code = main(["run", "--data", digits_dataset, "--out", str(out), "--preset", "recommended", "--no-baseline",
+                 *[arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "distill.fitnets.teacher_layer: auto is the teacher's layer2" in printed
+    with open(out / "metrics.json") as f:
+        assert json.load(f)["teacher_signal"] == "views"
+    with open(out / "config.yaml") as f:
+        saved = yaml.safe_load(f)["distill"]
+    assert (saved["method"], saved["fitnets"]["kd"], saved["fitnets"]["teacher_layer"]) == ("fitnets", True, "auto")
