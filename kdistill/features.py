@@ -114,8 +114,6 @@ def matching_teacher_module(student_path: str, student_shapes, teacher_shapes, s
     student's own names (layer2 for layer2, avgpool for avgpool); EfficientNet-Lite0 at 64 px gets
     _blocks.4 for ResNet18's layer2 and _avg_pooling for its avgpool."""
     student, teacher_maps = _last_outputs(student_shapes), _last_outputs(teacher_shapes)
-    if student_path not in student:
-        raise KdistillError(f"setting {setting} is {AUTO}, but the student has no module {student_path!r}")
     shape = student[student_path]
     if len(shape) != 3:
         raise KdistillError(f"setting {setting} is {AUTO}, which matches map sizes, but the student's "
@@ -145,6 +143,10 @@ def resolve_auto_layers(cfg, log):
         resolved = []
         for student_path, teacher_path in zip(_as_list(getattr(section, student_name)),
                                               _as_list(getattr(section, teacher_name))):
+            if teacher_path == AUTO and student_path not in dict(student_shapes):
+                top = ", ".join(path for path, _ in student_shapes if "." not in path)
+                raise KdistillError(f"setting distill.{method}.{student_name}: the student {cfg.student.arch} has no "
+                                    f"module {student_path!r}; its top-level modules are: {top}")
             if teacher_path == AUTO:
                 setting = f"distill.{method}.{teacher_name}"
                 teacher_path = matching_teacher_module(student_path, student_shapes, teacher_shapes, setting)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill.config import TrainConfig
+from kdistill.config import TrainConfig, build_config
 from kdistill.distillers import AT, DISTILLERS, PEFD, FitNets, Outputs
 from kdistill.distillers.at import attention_map
 from kdistill.errors import KdistillError
-from kdistill.features import OnlineTeacher, matching_teacher_module
+from kdistill.features import OnlineTeacher, matching_teacher_module, resolve_auto_layers
 from kdistill.batches import Batches
 from kdistill.train import fit
 
@@ -320,3 +320,14 @@ def test_auto_takes_the_shallowest_last_teacher_module_with_the_student_maps_siz
         matching_teacher_module("fc", student, teacher, "distill.at.teacher_layers")
     with pytest.raises(KdistillError, match="no module of the teacher gives a 8x8 map like the student's layer2"):
         matching_teacher_module("layer2", student, teacher[:2], "s")
+
+
+def test_auto_with_a_student_module_that_does_not_exist_names_the_students_setting():
+    """The recommended preset with another student: its hint layer (ResNet's layer2) is the setting
+    to change, and the error lists the modules there are."""
+    cfg = build_config(sets=["distill.method=fitnets", "distill.fitnets.teacher_layer=auto", "image_size=32",
+                             "student.arch=mobilenet_v3_small"])
+    with pytest.raises(KdistillError) as error:
+        resolve_auto_layers(cfg, lambda message: None)
+    assert str(error.value) == ("setting distill.fitnets.student_layer: the student mobilenet_v3_small has no module "
+                                "'layer2'; its top-level modules are: features, avgpool, classifier")
