@@ -173,8 +173,10 @@ def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(digits_
             train.iterate = iterate
         return real_fit(name, model, trainable, train, *args, **kwargs)
     monkeypatch.setattr(pipeline, "fit", recording_fit)
+    # Fewer stored views than student epochs: auto runs the teacher online.
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
-                             baseline=False, teacher={"mode": "head", "epochs": 1}, student={"epochs": 1})
+                             baseline=False, teacher={"mode": "head", "epochs": 1}, student={"epochs": 2},
+                             distill={"views": 1})
     metrics = kdistill.run(settings, log=lambda m: None)
     assert metrics["teacher_signal"] == "online" and len(served) == 2
     # Nothing was precomputed: with augmentation, cached teacher outputs would not match the view.

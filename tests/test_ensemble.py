@@ -106,7 +106,8 @@ def test_the_student_learns_from_the_weighted_average_of_two_saved_teachers(digi
     out = str(tmp_path / "run")
     settings = tiny_settings(digits_dataset, out, str(tmp_path / "cache"), baseline=False, augment=augment, **TINY,
                              ensemble=[{"mode": "full", "epochs": 2, "lr": 0.01}],
-                             distill={"ensemble_weights": [1.0, 3.0], "temperature": 2.0})
+                             distill={"ensemble_weights": [1.0, 3.0], "temperature": 2.0,
+                                      "teacher_signal": "auto" if signal == "cached" else signal})
     messages = []
     metrics = kdistill.run(settings, log=messages.append)
     assert metrics["teacher_signal"] == signal
@@ -129,7 +130,7 @@ def test_the_student_learns_from_the_weighted_average_of_two_saved_teachers(digi
     assert os.path.exists(os.path.join(out, "checkpoints", "teacher-2", "best.pt"))
     assert f"teacher signal {signal} ({SIGNALS[signal]})" in report
     if signal == "online":
-        assert any("teacher signal: online, the teachers run on every training batch (augment=crop_flip" in m
+        assert any("teacher signal: online, the teachers run on every training batch (distill.teacher_signal" in m
                    for m in messages)
         return
     # A rerun in the same folder trains no teacher again: each one's finished checkpoints are loaded.

@@ -211,7 +211,8 @@ def test_bad_grid_specs_stop_before_anything_runs(digits_dataset, tmp_path, caps
     ({"augment": "flip"}, ["distill.method=kd,fitnets"], 1, 1),
     ({}, ["distill.method=kd,fitnets"], 1, 1),
     ({"augment": "rrc_flip", "distill": {"teacher_signal": "views"}}, ["distill.views=2,4"], 1, 2),
-    ({"augment": "rrc_flip"}, ["distill.views=2,4"], 1, 1),  # auto: an online teacher, no stored views
+    ({"augment": "rrc_flip"}, ["distill.views=2,4"], 1, 2),  # auto: at least a view per epoch, stored
+    ({"augment": "rrc_flip", "mix": "mixup"}, ["distill.views=2,4"], 1, 1),  # auto: an online teacher, no views
     ({"augment": "flip"}, ["distill.views=2,4"], 1, 1),  # flip stores its two views whatever the count
 ])
 def test_points_share_teachers_and_baselines_exactly_when_they_train_alike(digits_dataset, tmp_path, extra, grid,

@@ -95,7 +95,7 @@ def test_a_folder_of_unlabelled_images_is_a_transfer_set(digits_dataset, tmp_pat
     seen = record_batches(monkeypatch)
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
                              baseline=False, teacher={"epochs": 1}, student={"epochs": 1, "lr_step": 0},
-                             distill={"unlabeled": str(folder)})
+                             distill={"unlabeled": str(folder), "teacher_signal": "online"})
     metrics = kdistill.run(settings, log=quiet)
     assert metrics["teacher_signal"] == "online"
     assert metrics["transfer_set"] == {"source": str(folder), "images": 10}
