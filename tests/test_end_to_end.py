@@ -177,8 +177,11 @@ def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(digits_
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
                              baseline=False, teacher={"mode": "head", "epochs": 1}, student={"epochs": 2},
                              distill={"views": 1})
-    metrics = kdistill.run(settings, log=lambda m: None)
+    messages = []
+    metrics = kdistill.run(settings, log=messages.append)
     assert metrics["teacher_signal"] == "online" and len(served) == 2
+    assert ("teacher signal: online, the teacher runs on every training batch (augment=crop_flip with "
+            "distill.views=1 stored views per image, fewer than student.epochs=2)") in messages
     # Nothing was precomputed: with augmentation, cached teacher outputs would not match the view.
     assert glob.glob(str(tmp_path / "cache" / "*" / "signal" / "*")) == []
     # The logits the student learned from are the saved teacher's on exactly the augmented batch it saw.
