@@ -92,7 +92,7 @@ def test_preset_keys_are_all_settings(preset):
 
 def test_the_recommended_preset_stores_kd_and_the_hint_for_each_view():
     """Its teacher's logits and hint features are stored for as many views as student epochs; with
-    the default ResNet34 teacher at 64 px, its layer2 for 7,800 images x 30 views (3.7 GB) fits the
+    the default ResNet34 teacher at 64 px, its layer2 for 7,800 images x 30 views (3.6 GiB) fits the
     default memory limit (above it, auto runs the teacher online: tests/test_feature_cache.py)."""
     cfg = resolve_auto_layers(build_config("recommended", overrides={"image_size": 64}), lambda message: None)
     hint_settings = (cfg.distill.method, cfg.distill.fitnets.kd, cfg.distill.fitnets.teacher_layer)
