@@ -220,8 +220,26 @@ def first_line(error: BaseException) -> str:
 
 
 def lost_process(error: BaseException) -> bool:
-    """Whether error is a collective that failed: another process stopped, or stopped answering."""
-    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+    """Whether error is a collective that failed: another process stopped, or stopped answering.
+    Most of gloo's messages name its source files; some do not ("Application timeout caused pair
+    closure", from DDP's first broadcast), so a RuntimeError raised inside torch.distributed or
+    DDP counts too."""
+    if isinstance(error, dist.DistError):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    return "/gloo/" in str(error) or _raised_in(error, (os.path.dirname(dist.__file__),
+                                                         os.path.abspath(torch.nn.parallel.distributed.__file__)))
+
+
+def _raised_in(error: BaseException, places: tuple[str, ...]) -> bool:
+    """Whether the innermost Python frame of error's traceback is in a file or folder of places."""
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return os.path.abspath(frame.tb_frame.f_code.co_filename).startswith(places)
 
 
 class ReducedBatchNorm(nn.modules.batchnorm._BatchNorm):

@@ -283,3 +283,20 @@ def test_torchrun_environment_is_checked_before_joining(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert main(["run", "--data", "d", "--out", "o", "--nproc", "3"]) == 2
     assert "--nproc is 3 but torchrun started 2 processes on this machine" in capsys.readouterr().err
+
+
+def test_a_timeout_raised_inside_torch_distributed_counts_as_a_lost_process():
+    """gloo's timeout in DDP's first broadcast says only "Application timeout caused pair closure":
+    it must still become the one-line error of a lost process, not a traceback."""
+    message = "Application timeout caused pair closure"
+    namespace = {}
+    exec(compile(f"def broadcast():\n    raise RuntimeError({message!r})\n",
+                 os.path.join(os.path.dirname(torch.distributed.__file__), "utils.py"), "exec"), namespace)
+    with pytest.raises(RuntimeError) as inside:
+        namespace["broadcast"]()
+    assert compute.lost_process(inside.value)
+    with pytest.raises(RuntimeError) as outside:
+        raise RuntimeError(message)
+    assert not compute.lost_process(outside.value)  # kdistill's own errors stay what they are
+    assert compute.lost_process(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed"))
+    assert not compute.lost_process(ValueError("/gloo/"))
