@@ -177,7 +177,7 @@ def _online_reason(cfg: Config) -> str:
         return f"mix={cfg.mix}: mixed images are paired anew in every batch"
     if cfg.distill.teacher_signal == "online":
         return "distill.teacher_signal=online"
-    if cfg.augment not in ("none", "flip") and cfg.distill.views < cfg.student.epochs:
+    if cfg.signal_mode() == "online":  # under auto, past mix: random crops with fewer views than epochs
         return (f"augment={cfg.augment} with distill.views={cfg.distill.views} stored views per image, fewer than "
                 f"student.epochs={cfg.student.epochs}")
     return f"its features would not fit in distill.max_signal_memory_gb={cfg.distill.max_signal_memory_gb}"
