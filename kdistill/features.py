@@ -138,20 +138,21 @@ def resolve_auto_layers(cfg, log):
         return cfg
     student_shapes = output_shapes(cfg.student.arch, cfg.image_size)
     teacher_shapes = output_shapes(cfg.teacher.arch, cfg.image_size)
+    student_modules = dict(student_shapes)
     changes = {}
     for student_name, teacher_name in pairs:
         resolved = []
         for student_path, teacher_path in zip(_as_list(getattr(section, student_name)),
                                               _as_list(getattr(section, teacher_name))):
-            if teacher_path == AUTO and student_path not in dict(student_shapes):
-                top = ", ".join(path for path, _ in student_shapes if "." not in path)
-                raise KdistillError(f"setting distill.{method}.{student_name}: the student {cfg.student.arch} has no "
-                                    f"module {student_path!r}; its top-level modules are: {top}")
             if teacher_path == AUTO:
+                if student_path not in student_modules:
+                    top = ", ".join(path for path in student_modules if "." not in path)
+                    raise KdistillError(f"setting distill.{method}.{student_name}: the student {cfg.student.arch} "
+                                        f"has no module {student_path!r}; its top-level modules are: {top}")
                 setting = f"distill.{method}.{teacher_name}"
                 teacher_path = matching_teacher_module(student_path, student_shapes, teacher_shapes, setting)
                 log(f"{setting}: {AUTO} is the teacher's {teacher_path} {dict(teacher_shapes)[teacher_path]}, "
-                    f"for the student's {student_path} {dict(student_shapes)[student_path]}")
+                    f"for the student's {student_path} {student_modules[student_path]}")
             resolved.append(teacher_path)
         changes[teacher_name] = resolved if isinstance(getattr(section, teacher_name), list) else resolved[0]
     return dataclasses.replace(cfg, distill=dataclasses.replace(
