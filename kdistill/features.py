@@ -69,10 +69,11 @@ class OnlineTeacher:
 
 def build_objective(objective: Distiller, model: nn.Module, student_taps: FeatureTaps, batches,
                     device: torch.device) -> None:
-    """Sizes the method's trainable parts (adapters, memory banks) from one forward pass of two
-    training images, in eval mode and without gradients, so no weight or statistic moves."""
-    student_shapes: dict[str, torch.Size] = {}
-    teacher_shapes: dict[str, torch.Size] = {}
+    """Builds the method's trainable parts (adapters, memory banks) from the features of one
+    forward pass of two training images, in eval mode and without gradients, so no weight or
+    statistic moves."""
+    student_probe: dict[str, torch.Tensor] = {}
+    teacher_probe: dict[str, torch.Tensor] = {}
     if objective.student_features() or objective.teacher_features():
         # Unshuffled, with a generator of its own: the training's random streams are left alone.
         probe = next(iter(batches.iterate(2, device, view_generator=torch.Generator().manual_seed(0))))
@@ -81,9 +82,9 @@ def build_objective(objective: Distiller, model: nn.Module, student_taps: Featur
         with torch.no_grad():
             model(probe.x)
         model.train(was_training)
-        student_shapes = {path: value.shape for path, value in student_taps.take().items()}
-        teacher_shapes = {path: value.shape for path, value in probe.teacher.features.items()}
-    objective.build(student_shapes, teacher_shapes, len(batches))
+        student_probe = student_taps.take()
+        teacher_probe = probe.teacher.features
+    objective.build(student_probe, teacher_probe, len(batches))
     objective.to(device)
 
 

@@ -33,9 +33,14 @@ def hand_pool(channel, size):
              for j in range(size[1])] for i in range(size[0])]
 
 
+def probe_of(shapes, fill=1.0):
+    """The features build() reads, here filled with one value, for each module path's shape."""
+    return {path: torch.full(shape, fill) for path, shape in shapes.items()}
+
+
 def built(method, student_shapes, teacher_shapes, **settings):
     objective = method(settings=method.Settings(**settings))
-    objective.build(student_shapes, teacher_shapes, 10)
+    objective.build(probe_of(student_shapes), probe_of(teacher_shapes), 10)
     return objective
 
 
@@ -101,7 +106,7 @@ def test_fitnets_with_kd_adds_kds_term_on_the_logits_and_keeps_the_hint():
     shapes = ({"layer2": torch.Size([2, 2, 2, 2])}, {"layer2": torch.Size([2, 3, 2, 2])})
     plain, with_kd = built(FitNets, *shapes), FitNets(temperature=3.0, alpha=0.8,
                                                       settings=FitNets.Settings(kd=True))
-    with_kd.build(*shapes, 10)
+    with_kd.build(*map(probe_of, shapes), 10)
     with_kd.load_state_dict(plain.state_dict())  # the same regressor, so the same hint
     student = Outputs(torch.tensor(LOGITS), {"layer2": hint_map})
     teacher = Outputs(torch.tensor(teacher_logits), {"layer2": guide})
@@ -208,6 +213,21 @@ def test_build_sizes_the_adapters_from_the_shapes():
     assert len(pefd.ensemble) == 5 and all(linear.weight.shape == (6, 4) for linear in pefd.ensemble)
     with pytest.raises(KdistillError, match="distill.fitnets.teacher_layer"):
         built(FitNets, {"layer2": torch.Size([2, 4, 8, 8])}, {"layer2": torch.Size([2, 6])})
+
+
+def test_fitnets_regressor_ends_in_relu_only_for_a_non_negative_guided_layer():
+    shapes = {"layer2": torch.Size([2, 4, 4, 4])}, {"layer2": torch.Size([2, 6, 4, 4])}
+    relu_guide = built(FitNets, *shapes)  # a ResNet stage: a ReLU output, never negative
+    signed = FitNets()
+    signed_guide = probe_of(shapes[1])
+    signed_guide["layer2"][1, 2, 3, 0] = -0.5  # one negative value: a linear bottleneck's output
+    signed.build(probe_of(shapes[0]), signed_guide, 10)
+    assert isinstance(relu_guide.regressor[-1], torch.nn.ReLU)
+    assert not any(isinstance(layer, torch.nn.ReLU) for layer in signed.regressor)
+    hint_map = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert signed.regressor(hint_map).min() < 0 and relu_guide.regressor(hint_map).min() >= 0
+    # The same parameters either way, so a checkpoint loads into both.
+    assert relu_guide.state_dict().keys() == signed.state_dict().keys()
 
 
 @pytest.mark.parametrize("method, settings, student_shapes, teacher_shapes", MISMATCHED)

@@ -152,7 +152,7 @@ def test_sp_matches_hand_computed_gram_matrices_for_maps_of_different_shapes():
 
 def crd_built(num_samples=3, dim=2, **settings):
     crd = CRD(settings=CRD.Settings(feat_dim=dim, **settings))
-    crd.build({"avgpool": torch.Size((2, dim, 1, 1))}, {"avgpool": torch.Size((2, dim, 1, 1))}, num_samples)
+    crd.build({"avgpool": torch.ones((2, dim, 1, 1))}, {"avgpool": torch.ones((2, dim, 1, 1))}, num_samples)
     return crd
 
 
@@ -226,7 +226,7 @@ def test_crd_draws_negatives_among_the_other_samples_with_the_global_generator()
 
 def test_crd_build_sizes_heads_and_banks_and_the_state_dict_keeps_them():
     crd = CRD()
-    crd.build({"avgpool": torch.Size((2, 16, 1, 1))}, {"avgpool": torch.Size((2, 24, 1, 1))}, 40)
+    crd.build({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 40)
     assert crd.embed_student.in_features == 16 and crd.embed_teacher.in_features == 24
     assert crd.embed_student.out_features == crd.embed_teacher.out_features == 128
     assert crd.student_memory.shape == crd.teacher_memory.shape == (40, 128)
@@ -235,16 +235,16 @@ def test_crd_build_sizes_heads_and_banks_and_the_state_dict_keeps_them():
     state = crd.state_dict()
     assert {"student_memory", "teacher_memory", "normalizers", "embed_student.weight"} <= state.keys()
     again = CRD()
-    again.build({"avgpool": torch.Size((2, 16, 1, 1))}, {"avgpool": torch.Size((2, 24, 1, 1))}, 40)
+    again.build({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 40)
     assert not torch.equal(again.student_memory, crd.student_memory)
     again.load_state_dict(state)
     assert torch.equal(again.student_memory, crd.student_memory) and torch.equal(again.teacher_memory,
                                                                                  crd.teacher_memory)
     conv = CRD(settings=CRD.Settings(student_layer="layer3", teacher_layer="layer3"))
-    conv.build({"layer3": torch.Size((2, 4, 3, 3))}, {"layer3": torch.Size((2, 8, 2, 2))}, 10)
+    conv.build({"layer3": torch.ones((2, 4, 3, 3))}, {"layer3": torch.ones((2, 8, 2, 2))}, 10)
     assert (conv.embed_student.in_features, conv.embed_teacher.in_features) == (36, 32)  # flattened maps
     with pytest.raises(KdistillError, match="crd needs at least 2"):
-        CRD().build({"avgpool": torch.Size((2, 16, 1, 1))}, {"avgpool": torch.Size((2, 24, 1, 1))}, 1)
+        CRD().build({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 1)
 
 
 # ---------------------------------------------------------------- every method
@@ -254,7 +254,7 @@ def prepared(method, student_shape, teacher_shape, num_samples=20):
     torch.manual_seed(0)
     distiller = method()
     student_layer, teacher_layer = distiller.student_features()[0], distiller.teacher_features()[0]
-    distiller.build({student_layer: torch.Size(student_shape)}, {teacher_layer: torch.Size(teacher_shape)},
+    distiller.build({student_layer: torch.ones(student_shape)}, {teacher_layer: torch.ones(teacher_shape)},
                     num_samples)
     return distiller, student_layer, teacher_layer
 
@@ -384,7 +384,7 @@ def test_crd_fit_trains_its_heads_checkpoints_its_banks_and_resumes_with_the_sam
     tiny_fit(tmp_path / "straight", straight)
     torch.manual_seed(0)
     untrained = CRD()
-    untrained.build({"avgpool": torch.Size((2, 4, 1, 1))}, {"avgpool": torch.Size((2, 6, 1, 1))}, 30)
+    untrained.build({"avgpool": torch.ones((2, 4, 1, 1))}, {"avgpool": torch.ones((2, 6, 1, 1))}, 30)
     assert untrained.negative_count == 29  # 16384 capped at 30 - 1
     assert not torch.equal(straight.embed_student.weight, untrained.embed_student.weight)
     assert not torch.equal(straight.embed_teacher.weight, untrained.embed_teacher.weight)

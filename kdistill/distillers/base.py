@@ -36,7 +36,7 @@ class Distiller(nn.Module):
       needs_input               the batch's model input, as forward(..., inputs=x) (for a method
                                 that runs a model of its own on it, e.g. DML's peer)
     Trainable parts (regressors, projectors, memory banks) are created in build(), called once
-    before training with the shapes of one dummy forward; they train and are checkpointed with
+    before training with the features of a two-image probe; they train and are checkpointed with
     the student, and are not part of the exported student.
 
     Hyperparameters of a method live in its `Settings` dataclass (fields declared with
@@ -68,10 +68,10 @@ class Distiller(nn.Module):
     def teacher_features(self) -> tuple[str, ...]:
         return ()
 
-    def build(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size],
+    def build(self, student_probe: dict[str, torch.Tensor], teacher_probe: dict[str, torch.Tensor],
               num_samples: int) -> None:
-        """Create trainable parts from the feature shapes (batch dimension included) of one dummy
-        forward and the number of training samples."""
+        """Create trainable parts from the features (module path -> tensor, batch dimension first)
+        of a forward pass on two training images and the number of training samples."""
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against the labels, with label smoothing where set, over the labelled

@@ -65,12 +65,12 @@ class CRD(LayerPairDistiller):
                   ("momentum", 0 <= settings.momentum < 1, "must be in [0, 1)")]
         return found + [(name, f"{rule}, got {getattr(settings, name)}") for name, ok, rule in checks if not ok]
 
-    def build(self, student_shapes, teacher_shapes, num_samples):
+    def build(self, student_probe, teacher_probe, num_samples):
         if num_samples < 2:
             raise KdistillError(f"distill.method crd needs at least 2 training images, got {num_samples}")
         dim = self.settings.feat_dim
-        self.embed_student = nn.Linear(math.prod(student_shapes[self.settings.student_layer][1:]), dim)
-        self.embed_teacher = nn.Linear(math.prod(teacher_shapes[self.settings.teacher_layer][1:]), dim)
+        self.embed_student = nn.Linear(math.prod(student_probe[self.settings.student_layer].shape[1:]), dim)
+        self.embed_teacher = nn.Linear(math.prod(teacher_probe[self.settings.teacher_layer].shape[1:]), dim)
         self.negative_count = min(self.settings.nce_k, num_samples - 1)
         # RepDistiller's start: uniform entries whose rows have an expected norm of 1.
         bound = 1.0 / math.sqrt(dim / 3)

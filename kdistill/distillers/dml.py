@@ -57,7 +57,7 @@ class DML(Distiller):
             return []
         return [("peer", f"must be student, a torchvision classification model name or module:callable, got {peer!r}")]
 
-    def build(self, student_shapes, teacher_shapes, num_samples) -> None:
+    def build(self, student_probe, teacher_probe, num_samples) -> None:
         self.peer = self.make_model(self.settings.peer)
 
     def forward(self, student: Outputs, labels: torch.Tensor, teacher: Outputs | None = None,

@@ -7,7 +7,10 @@ FitNet does (the paper's first stage trains only up to the hint layer; its secon
     loss = CE(z_s, y) + hint,   hint = hint_weight * mean((regressor(f_s) - f_t)^2)
 
 The regressor is mdistiller's ConvReg (convolution, BatchNorm, ReLU: the guided layer of a ResNet is
-a ReLU output), with a 1x1 convolution from the student's to the teacher's channels. Where the
+a ReLU output), with a 1x1 convolution from the student's to the teacher's channels. The ReLU is
+left out where the guided layer's output is signed (a negative value in the probe batch), as the
+linear bottleneck of an EfficientNet block is: a ReLU there would floor the hint at the mean square
+of the teacher's negative values, which on EfficientNet-Lite0's _blocks.4 is most of the loss. Where the
 two maps differ in height or width, the larger is average-pooled to the smaller first (pooling
 commutes with the 1x1 convolution; mdistiller uses a strided convolution for a 2x size instead).
 No KD term by default, as in mdistiller (distill.temperature and distill.alpha are then unused).
@@ -30,9 +33,9 @@ from .base import LayerPairDistiller
 from .kd import kd_term
 
 
-def conv_map_channels(shapes: dict, path: str, setting_name: str) -> int:
+def conv_map_channels(probe: dict, path: str, setting_name: str) -> int:
     """The channels of the (B, C, H, W) map at path; a one-line error naming the setting otherwise."""
-    shape = shapes[path]
+    shape = probe[path].shape
     if len(shape) != 4:
         raise KdistillError(f"setting {setting_name}: module {path!r} gives features of shape "
                             f"{tuple(shape)}, not a (batch, channels, height, width) map")
@@ -57,13 +60,15 @@ class FitNets(LayerPairDistiller):
             found.append(("hint_weight", f"must be >= 0, got {settings.hint_weight}"))
         return found
 
-    def build(self, student_shapes, teacher_shapes, num_samples):
-        student_channels = conv_map_channels(student_shapes, self.settings.student_layer,
+    def build(self, student_probe, teacher_probe, num_samples):
+        student_channels = conv_map_channels(student_probe, self.settings.student_layer,
                                              "distill.fitnets.student_layer")
-        teacher_channels = conv_map_channels(teacher_shapes, self.settings.teacher_layer,
+        teacher_channels = conv_map_channels(teacher_probe, self.settings.teacher_layer,
                                              "distill.fitnets.teacher_layer")
-        self.regressor = nn.Sequential(nn.Conv2d(student_channels, teacher_channels, kernel_size=1),
-                                       nn.BatchNorm2d(teacher_channels), nn.ReLU())
+        layers = [nn.Conv2d(student_channels, teacher_channels, kernel_size=1), nn.BatchNorm2d(teacher_channels)]
+        if teacher_probe[self.settings.teacher_layer].min() >= 0:
+            layers.append(nn.ReLU())
+        self.regressor = nn.Sequential(*layers)
 
     def forward(self, student, labels, teacher=None, index=None):
         hint_map, guide = pool_to_common_size(student.features[self.settings.student_layer],

@@ -47,9 +47,9 @@ class PEFD(LayerPairDistiller):
             found.append(("weight", f"must be >= 0, got {settings.weight}"))
         return found
 
-    def build(self, student_shapes, teacher_shapes, num_samples):
-        student_dim = student_shapes[self.settings.student_layer][1]
-        teacher_dim = teacher_shapes[self.settings.teacher_layer][1]
+    def build(self, student_probe, teacher_probe, num_samples):
+        student_dim = student_probe[self.settings.student_layer].shape[1]
+        teacher_dim = teacher_probe[self.settings.teacher_layer].shape[1]
         self.ensemble = nn.ModuleList(nn.Linear(student_dim, teacher_dim)
                                       for _ in range(self.settings.projectors))
 
