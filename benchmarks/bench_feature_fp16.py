@@ -68,8 +68,8 @@ def main() -> None:
           f"{float32_bytes / 2**20:.1f} MB in float32, {float32_bytes / 2**21:.1f} MB in float16")
     torch.manual_seed(1)
     for name, method in methods.items():
-        method.build({path: value.shape for path, value in student_outputs.features.items()},
-                     {path: value[:, 0].shape for path, value in stored[torch.float32].items()}, args.images)
+        method.build(student_outputs.features, {path: value[:, 0] for path, value in stored[torch.float32].items()},
+                     args.images)
         terms = {}
         for dtype, features in stored.items():
             teacher_outputs = Outputs(torch.zeros(len(x), classes),

@@ -171,8 +171,7 @@ def test_float16_features_change_the_feature_methods_loss_terms_by_less_than_a_t
                                                                                                          "avgpool"))]
     methods[1].settings.student_layers = methods[1].settings.teacher_layers = ["layer1", "layer2"]
     for method in methods:
-        shapes = {path: value[:, 0].shape for path, value in stored[torch.float32].items()}
-        method.build({path: value.shape for path, value in student_features.items()}, shapes, 32)
+        method.build(student_features, {path: value[:, 0] for path, value in stored[torch.float32].items()}, 32)
         terms = {}
         for dtype, features in stored.items():
             teacher_outputs = Outputs(torch.zeros(32, 10), {path: value[:, 0].float() for path, value in
