@@ -37,8 +37,12 @@ def write_config(settings: dict, path: str) -> str:
 
 def start_and_signal_after_first_student_epoch(command: list[str], out: str, signal_number: int,
                                                **popen) -> subprocess.Popen:
-    """Starts the command and sends it the signal once the student's first checkpoint is on disk."""
-    process = subprocess.Popen(command, env=ENVIRONMENT, **popen)
+    """Starts the command and sends it the signal once the student's first checkpoint is on disk.
+
+    SIGINT is reset to its default in the run: a suite started in the background (`nohup ... &`)
+    inherits it ignored, and the run would then finish instead of stopping."""
+    process = subprocess.Popen(command, env=ENVIRONMENT,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
     checkpoint = os.path.join(out, "checkpoints", "student", "last.pt")
     deadline = time.time() + 300
     while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
@@ -121,8 +125,7 @@ def test_no_baseline_trains_and_reports_no_baseline(digits_dataset, tmp_path, ca
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(digits_dataset, tmp_path):
-    # Epochs enough that Ctrl-C after the first student epoch lands before the run's end, even on a
-    # loaded machine (with 6, a CI run under load once finished first).
+    # Epochs enough that Ctrl-C after the first student epoch lands before the run's end on a loaded machine.
     settings = tiny_settings(digits_dataset, "", str(tmp_path / "cache"), teacher={"epochs": 1},
                              student={"epochs": 20}, baseline=False)
     out = str(tmp_path / "run")
