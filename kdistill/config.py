@@ -61,6 +61,14 @@ class TeacherConfig(TrainConfig):
     weights: str = redefault(TrainConfig, "weights", "imagenet")
     mode: str = setting("head", "head: backbone frozen, only the new head trains; full: fine-tune all",
                         choices=("head", "full"))
+    input_size: int = setting(0, "side in pixels of the images the teacher sees: every batch (the student's exact "
+                                 "view) is resized to it, bilinearly, inside the teacher; 0: image_size. A "
+                                 "pretrained teacher often does better on a larger view of small images")
+
+
+def input_side(part: TrainConfig, image_size: int) -> int:
+    """The side of the images a model sees: a teacher's input_size where set, else image_size."""
+    return getattr(part, "input_size", 0) or image_size
 
 
 @dataclass
@@ -212,7 +220,8 @@ def missing_setting_keeps_results(name: str, cfg: "Config") -> bool:
         return _unused_method_section(rest.split(".")[0], cfg.distill.method)
     return ((name == "ensemble" and not cfg.ensemble)
             or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
-            or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features()))
+            or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features())
+            or (name == "teacher.input_size" and not cfg.teacher.input_size))
 
 
 def preset_names() -> list[str]:
@@ -252,7 +261,7 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
-def _check_arch(key: str, arch: str, image_size: int) -> None:
+def _check_arch(key: str, arch: str, image_size: int, size_key: str = "image_size") -> None:
     import torchvision
 
     from .models import MIN_IMAGE_SIZE
@@ -270,7 +279,7 @@ def _check_arch(key: str, arch: str, image_size: int) -> None:
             f"setting {key}: unknown architecture {arch!r} (a torchvision classification model "
             f"name such as resnet18, or module:callable)")
     elif image_size < MIN_IMAGE_SIZE.get(arch, 0):
-        raise KdistillError(f"setting image_size must be >= {MIN_IMAGE_SIZE[arch]} for {key} {arch}, "
+        raise KdistillError(f"setting {size_key} must be >= {MIN_IMAGE_SIZE[arch]} for {key} {arch}, "
                             f"got {image_size}")
 
 
@@ -298,7 +307,11 @@ def validate(cfg: Config) -> None:
     parts = [("teacher", cfg.teacher), *((f"ensemble[{i}]", member) for i, member in enumerate(members)),
              ("student", cfg.student)]
     for name, part in parts:
-        _check_arch(f"{name}.arch", part.arch, cfg.image_size)
+        size_key = f"{name}.input_size" if getattr(part, "input_size", 0) else "image_size"
+        _check_arch(f"{name}.arch", part.arch, input_side(part, cfg.image_size), size_key)
+        if isinstance(part, TeacherConfig):
+            require(part.input_size == 0 or part.input_size >= 8, f"{name}.input_size",
+                    f"must be 0 (image_size) or >= 8, got {part.input_size}")
         require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
         require(part.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {part.batch_size}")
         require(part.lr > 0, f"{name}.lr", f"must be > 0, got {part.lr}")

@@ -280,7 +280,7 @@ def run_teacher(run_dir: str, cfg: Config, classes: list[str], trust_arch: bool,
             f"row (pass --trust-arch if you trust the run)")
         return None
     model, _ = build_model(arch, len(classes), cfg.teacher.dropout)
-    teacher = Standardized(model, [0.0] * 3, [1.0] * 3)  # the statistics are in the weights
+    teacher = Standardized(model, [0.0] * 3, [1.0] * 3, cfg.teacher.input_size)  # the statistics are in the weights
     try:
         teacher.load_state_dict(load_torch(path, what="teacher weights"))
     except RuntimeError as e:

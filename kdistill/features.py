@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .config import input_side
 from .distillers.base import Distiller, Outputs
 from .errors import KdistillError
 from .models import Standardized, build_model
@@ -138,7 +139,7 @@ def resolve_auto_layers(cfg, log):
     if not any(AUTO in _as_list(getattr(section, teacher)) for _, teacher in pairs):
         return cfg
     student_shapes = output_shapes(cfg.student.arch, cfg.image_size)
-    teacher_shapes = output_shapes(cfg.teacher.arch, cfg.image_size)
+    teacher_shapes = output_shapes(cfg.teacher.arch, input_side(cfg.teacher, cfg.image_size))
     student_modules = dict(student_shapes)
     changes = {}
     for student_name, teacher_name in pairs:

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .fileio import atomic_write_text  # noqa: E402
-from .report import LABELS  # noqa: E402
+from .report import LABELS, seen_size  # noqa: E402
 from .significance import verdict  # noqa: E402
 
 CALIBRATION_BINS = 15
@@ -161,7 +161,7 @@ def _thumbnail_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _comparison(metrics: dict, ece: dict[str, float]) -> str:
+def _comparison(metrics: dict, ece: dict[str, float], image_size: int) -> str:
     summary = metrics.get("summary")
     header = ["Model", "Architecture", "Best val acc (epoch)", "Final val acc"]
     if summary:
@@ -170,7 +170,8 @@ def _comparison(metrics: dict, ece: dict[str, float]) -> str:
     rows = []
     for kind, m in metrics["models"].items():
         row = [LABELS.get(kind, kind) + (f" (seed {m['seed']})" if summary and kind != "teacher" else ""),
-               m["arch"], f"{m['best_val_acc']:.2%} ({m['best_epoch']})", f"{m['final_val_acc']:.2%}"]
+               m["arch"] + seen_size(m, image_size), f"{m['best_val_acc']:.2%} ({m['best_epoch']})",
+               f"{m['final_val_acc']:.2%}"]
         if summary:
             over_seeds = summary.get(kind)
             row += ["trained once", ""] if over_seeds is None else [
@@ -245,7 +246,7 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
         f"({html.escape(metrics['precision'])}); distillation {html.escape(config['distill']['method'])}, "
         f"T = {config['distill']['temperature']}, α = {config['distill']['alpha']}. Val-image numbers below "
         f"are each model's best epoch by val accuracy{', first seed' if metrics.get('summary') else ''}.</p>",
-        "<h2>Comparison</h2>", _comparison(metrics, ece),
+        "<h2>Comparison</h2>", _comparison(metrics, ece, config["image_size"]),
         "<div class='figures'>" + "".join(_img(png, name, width=600) for png, name in zip(curves, ("loss", "accuracy")))
         + "</div>",
         "<h2>Confusion matrices (val)</h2>", _img(_confusion_png(labels, predicted, classes), "confusion matrices"),

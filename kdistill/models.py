@@ -139,15 +139,24 @@ class Standardized(nn.Module):
     Each model owns its input statistics: a pretrained backbone expects the ones it was trained
     with, a model trained from scratch the training set's. The statistics are buffers, so they
     are part of the state dict, of its hash (the teacher-signal cache keys) and of the export.
+
+    input_size > 0: images are first resized (bilinearly) to that side, so a teacher can see the
+    student's exact view larger. The size is then a buffer too, so it keys the teacher signal; at 0
+    the state dict is what it always was.
     """
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], input_size: int = 0):
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.input_size = input_size
+        self.register_buffer("resized_to", torch.tensor(input_size) if input_size else None)
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        if self.input_size and images01.shape[-2:] != (self.input_size, self.input_size):
+            images01 = nn.functional.interpolate(images01, size=(self.input_size, self.input_size), mode="bilinear",
+                                                 antialias=self.input_size < images01.shape[-1])
         return self.model((images01 - self.mean) / self.std)
 
 
@@ -168,11 +177,12 @@ def input_statistics(normalize: str, weights: str, model: nn.Module, dataset_mea
 
 
 def standardized_model(arch: str, num_classes: int, dropout: float, weights: str, normalize: str,
-                       dataset_mean: list[float], dataset_std: list[float]) -> tuple[Standardized, str, str]:
-    """build_model with its input standardization in front: (model, head path, statistics name)."""
+                       dataset_mean: list[float], dataset_std: list[float],
+                       input_size: int = 0) -> tuple[Standardized, str, str]:
+    """build_model with its input standardization (and resize) in front: (model, head path, statistics name)."""
     model, head = build_model(arch, num_classes, dropout, weights)
     name, mean, std = input_statistics(normalize, weights, model, dataset_mean, dataset_std)
-    return Standardized(model, mean, std), f"model.{head}", name
+    return Standardized(model, mean, std, input_size), f"model.{head}", name
 
 
 def trainable_part(model: nn.Module, head: str, head_only: bool) -> nn.Module:

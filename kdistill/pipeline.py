@@ -18,7 +18,7 @@ from torch import nn
 from .batcher import ImageBatcher
 from .batches import Batches
 from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process, resolve_precision
-from .config import Config, missing_setting_keeps_results, result_differences, save_config
+from .config import Config, input_side, missing_setting_keeps_results, result_differences, save_config
 from .settings import read_yaml
 from .deploy import deployment_check
 from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
@@ -88,7 +88,8 @@ def best_and_final(history: list[dict]) -> dict:
 
 def summarize(arch: str, seed: int, normalize: str, model: nn.Module, history: list[dict], weights_file: str,
               image_size: int, device: torch.device) -> dict:
-    return {"arch": arch, "seed": seed, "input_standardization": normalize, **best_and_final(history),
+    return {"arch": arch, "seed": seed, "input_standardization": normalize,
+            "input_size": getattr(model, "input_size", 0) or image_size, **best_and_final(history),
             "epochs": len(history), "train_seconds": sum(row["seconds"] for row in history),
             **profile(model, weights_file, image_size, device)}
 
@@ -269,7 +270,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     compute = Compute(device, resolve_precision(cfg.precision, device))
     for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
         if ":" in part.arch:  # a third-party model that would crash in training: say so now
-            check_train_output(part.arch, cfg.image_size, f"{name}.arch")
+            check_train_output(part.arch, input_side(part, cfg.image_size), f"{name}.arch")
         if part.weights == "imagenet":  # offline? say so now, not after preparing the data
             ranks.main_first(functools.partial(imagenet_state_dict, part.arch))  # downloaded once per node
     cfg = resolve_auto_layers(cfg, log)  # after the checks of the architectures, before any signal

@@ -81,6 +81,12 @@ def _paired(test: dict, images: str) -> str:
             f"{verdict(test)}")
 
 
+def seen_size(model: dict, image_size: int) -> str:
+    """' (128 px)' for a model that sees its views resized from image_size, else ''."""
+    size = model.get("input_size", image_size)  # absent from metrics written before teacher.input_size
+    return f" ({size} px)" if size != image_size else ""
+
+
 def seeds_section(metrics: dict) -> list[str]:
     """The per-seed table and, in words, whether the gain is larger than the noise."""
     summary, rows, val_images = metrics["summary"], metrics["seeds"], metrics["images"]["val"]
@@ -171,9 +177,9 @@ def markdown(metrics: dict, config: dict) -> str:
     for name, m in models.items():
         label = LABELS.get(name, name) + (f" (seed {m['seed']})" if seeds and name != "teacher" else "")
         lines.append(
-            f"| {label} | {m['arch']} | {m['best_val_acc']:.2%} | {m['best_epoch']} | "
-            f"{m['final_val_acc']:.2%} | {m['epochs']} | {m['size_mb']:.1f} | {m['params'] / 1e6:.2f} | "
-            f"{m['gflops']:.2f} | {m['latency_ms']:.1f} | {m['train_seconds']:.0f} |")
+            f"| {label} | {m['arch']}{seen_size(m, config['image_size'])} | {m['best_val_acc']:.2%} | "
+            f"{m['best_epoch']} | {m['final_val_acc']:.2%} | {m['epochs']} | {m['size_mb']:.1f} | "
+            f"{m['params'] / 1e6:.2f} | {m['gflops']:.2f} | {m['latency_ms']:.1f} | {m['train_seconds']:.0f} |")
     if "mcnemar" in metrics:  # a single run with a baseline
         gain = models["student"]["best_val_acc"] - models["baseline"]["best_val_acc"]
         lines += ["", f"Distillation changed the student's best val accuracy by {gain * 100:+.1f} points "

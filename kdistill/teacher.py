@@ -82,10 +82,11 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
     teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
-                                                  data.mean, data.std)
+                                                  data.mean, data.std, t.input_size)
     trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
+    resized = f", sees each view resized to {t.input_size} px" if t.input_size else ""
     log(f"{name}: {t.arch}, weights {t.weights}, {trained_part}, input standardized with {normalize} "
-        f"statistics, {t.epochs} epochs")
+        f"statistics{resized}, {t.epochs} epochs")
     teacher = compute.place(teacher)
     head_only = t.mode == "head"
     trainable = trainable_part(teacher, head, head_only)

@@ -103,6 +103,13 @@ def test_the_recommended_preset_stores_kd_and_the_hint_for_each_view():
     assert 3.5 < feature_megabytes({"layer2": hint}, 7800 * cfg.distill.views) / 1024 < cfg.distill.max_signal_memory_gb
 
 
+def test_auto_layers_match_the_teacher_at_the_size_it_sees():
+    """A teacher that sees 64 px views at 128 px has the student's 8x8 layer2 map one stage deeper."""
+    cfg = build_config("recommended", overrides={"image_size": 64}, sets=["teacher.input_size=128"])
+    assert resolve_auto_layers(cfg, lambda message: None).distill.fitnets.teacher_layer == "layer3"
+    assert dict(output_shapes(cfg.teacher.arch, 128))["layer3"] == (256, 8, 8)
+
+
 def test_layers_override_in_order(tmp_path):
     file = tmp_path / "my.yaml"
     file.write_text("image_size: 96\nstudent:\n  epochs: 7\n")
@@ -238,6 +245,7 @@ CASES = {
     "teacher.ema": ("1", "0.999", 0.999),
     "teacher.normalize": ("standard", "dataset", "dataset"),
     "teacher.mode": ("frozen", "full", "full"),
+    "teacher.input_size": ("4", "128", 128),
     "student.arch": ("resnet999", "mobilenet_v3_small", "mobilenet_v3_small"),
     "student.weights": ("imagenet1k", "imagenet", "imagenet"),
     "student.dropout": ("-0.1", "0.5", 0.5),

@@ -194,3 +194,25 @@ def test_with_random_crops_the_teacher_runs_online_on_the_augmented_view(digits_
     for x, teacher_logits in served:
         with torch.no_grad():
             torch.testing.assert_close(teacher_logits, teacher(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_teacher_with_an_input_size_sees_every_view_larger_and_is_measured_and_reloaded_so(digits_dataset,
+                                                                                             tmp_path):
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="crop_flip",
+                             baseline=False, deploy_check=True, teacher={"epochs": 1, "input_size": 32},
+                             student={"epochs": 1, "lr_step": 0}, distill={"views": 1})
+    messages = []
+    metrics = kdistill.run(settings, log=messages.append)
+    teacher, student = metrics["models"]["teacher"], metrics["models"]["student"]
+    assert (teacher["input_size"], student["input_size"]) == (32, 16)
+    assert any("sees each view resized to 32 px" in message for message in messages)
+    # Its FLOPs are the network's at 32 px, though the run measures it on 16 px views like the student's.
+    from kdistill.evaluate import gflops
+    from kdistill.models import build_model
+
+    network = build_model("resnet18", 3)[0]
+    assert teacher["gflops"] == pytest.approx(gflops(network, 32, torch.device("cpu")))
+    assert teacher["gflops"] > 2 * gflops(network, 16, torch.device("cpu"))
+    # The deployment table reloads models/teacher.pt with its resize: the same val accuracy.
+    assert metrics["deployment"]["teacher_torch_fp32"]["val_acc"] == pytest.approx(teacher["best_val_acc"])
+    assert "| resnet18 (32 px) |" in open(tmp_path / "run" / "report.md").read()

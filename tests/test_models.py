@@ -7,7 +7,8 @@ from torch import nn
 from kdistill.config import TrainConfig
 from kdistill.distillers import CrossEntropy
 from kdistill.errors import KdistillError
-from kdistill.models import build_model, head_path, trainable_part
+from kdistill.fileio import tensors_sha256
+from kdistill.models import Standardized, build_model, head_path, trainable_part
 from kdistill.batches import Batches
 from kdistill.train import fit
 
@@ -93,3 +94,22 @@ def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(no_network, t
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("kdistill: error:") and "offline" in error and error.count("\n") == 1
     assert not cache.exists()  # the data were not even scanned
+
+
+def test_a_model_with_an_input_size_sees_the_view_resized_and_its_state_says_so():
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return x.mean((2, 3))
+
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    resized, plain = (Standardized(Recorder(), [0.5] * 3, [0.25] * 3, input_size) for input_size in (32, 0))
+    resized(images), plain(images)
+    expected = (nn.functional.interpolate(images, size=(32, 32), mode="bilinear") - 0.5) / 0.25
+    assert torch.allclose(seen[0], expected) and torch.allclose(seen[1], (images - 0.5) / 0.25)
+    assert set(plain.state_dict()) == {"mean", "std"}  # as before input_size: earlier checkpoints load
+    # The size is in the state dict, so in the hash that keys the stored teacher signal.
+    assert int(resized.state_dict()["resized_to"]) == 32
+    assert tensors_sha256(resized.state_dict()) != tensors_sha256(plain.state_dict())
