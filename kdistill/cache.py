@@ -3,6 +3,7 @@
 An entry is CACHE/<key>/ (the decoded .npy splits, meta.json, and signal/ with the teacher-signal
 caches) plus CACHE/<key>.lock, which makes concurrent runs build it once. A cache may be shared
 between users: reusing a complete entry needs read access only; building one needs write access.
+Beside the entries, CACHE/file-hashes/ indexes the data's file hashes (data_key.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from filelock import FileLock, Timeout
 
+from .data_key import INDEX_FOLDER
 from .errors import KdistillError
 from .fileio import new_file_mode, remove_stale_temporaries
 from .images import IGNORED_NAMES
@@ -116,7 +118,7 @@ def scan_cache(cache_dir: str) -> tuple[list[str], list[str]]:
         kind_ok = os.path.isfile(path) if is_lock else os.path.isdir(path)
         if KEY.fullmatch(stem) and kind_ok and not os.path.islink(path):
             keys.add(stem)
-        elif name.lower() not in LITTER:
+        elif name.lower() not in LITTER and not (name == INDEX_FOLDER and os.path.isdir(path)):
             foreign.append(name)
     return sorted(keys), foreign
 
@@ -178,6 +180,10 @@ def clear_cache(cache_dir: str, keys: list[str]) -> list[str]:
         removed += 1
         reclaimed += size
         lines.append(f"removed {key} ({size / 1e6:.1f} MB)")
+    index = os.path.join(cache_dir, INDEX_FOLDER)
+    if not keys and os.path.isdir(index):  # clearing everything: the next run hashes the files again
+        lines.append(f"removed the index of file hashes ({_size(index) / 1e6:.1f} MB)")
+        shutil.rmtree(index, ignore_errors=True)
     lines.append(f"reclaimed {reclaimed / 1e6:.1f} MB from {removed} entr{'y' if removed == 1 else 'ies'} "
                  f"in {cache_dir}")
     return lines

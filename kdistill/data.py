@@ -1,8 +1,8 @@
 """Data: scan the image folder, decode once into a uint8 cache, serve epochs as tensor slices.
 
 Layout: DATA/train/<class>/*, DATA/val/<class>/* (optional), DATA/test/** (optional, unlabelled).
-The cache lives in cache_dir/<key>/ where the key hashes every file's path, size and mtime plus
-the image size, so changed data can never be served from an old cache.
+The cache lives in cache_dir/<key>/ where the key hashes every file's path and content plus the
+image size (data_key.py), so changed data can never be served from an old cache.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .cache import entry_lock, mark_used, unwritable_entry
+from .data_key import cache_key, fingerprint
 from .errors import KdistillError
 from .fileio import atomic_write_text, file_sha256, temporary_name
 from .images import DEFAULT_MAX_PIXELS, IGNORED_NAMES, decode_task, entry_problem
@@ -35,6 +36,7 @@ class SplitFiles:
     files: list[str]
     labels: list[int] | None  # None for the unlabelled test split
     stats: list[tuple[int, int]] = field(default_factory=list)  # (size, mtime_ns) per file
+    digests: list[str] = field(default_factory=list)  # sha256 of each file's bytes
 
 
 @dataclass
@@ -131,9 +133,11 @@ def _stratified_split(train: SplitFiles, fraction: float, seed: int) -> tuple[Sp
     return pick(~is_val), pick(is_val)
 
 
-def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0, unlabeled: str = "") -> DatasetFiles:
+def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0, unlabeled: str = "",
+                 cache_dir: str = "") -> DatasetFiles:
     """unlabeled: a folder of unlabelled images for the transfer set, scanned as the split
-    "unlabeled" ("test" or empty: none beyond DATA/test)."""
+    "unlabeled" ("test" or empty: none beyond DATA/test). cache_dir: where the index of file
+    hashes lives ("" for none)."""
     if not os.path.isdir(data_dir):
         raise KdistillError(f"data folder {data_dir} does not exist")
     train_dir, val_dir, test_dir = (os.path.join(data_dir, s) for s in SPLITS)
@@ -169,27 +173,12 @@ def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0, unlabe
             raise KdistillError(f"setting distill.unlabeled: {unlabeled} has no images")
         rejected += bad
         splits["unlabeled"] = SplitFiles(os.path.abspath(unlabeled), transfer_files, None)
-    for split in splits.values():
-        for name in split.files:
-            path = os.path.join(split.root, name)
-            try:
-                st = os.stat(path)
-            except OSError as e:  # removed or changed while scanning
-                raise KdistillError(f"cannot read {path} ({e.strerror or e}); is the data folder "
-                                    f"changing while kdistill runs?") from None
-            split.stats.append((st.st_size, st.st_mtime_ns))
+    started = time.perf_counter()
+    hashed = fingerprint(splits.values(), cache_dir)
+    if hashed:
+        notices.append(f"prepare: hashed {hashed} new or changed files in {time.perf_counter() - started:.1f} s "
+                       f"(the data is keyed by content)")
     return DatasetFiles(classes, splits, rejected, notices)
-
-
-def cache_key(dataset: DatasetFiles, image_size: int, max_pixels: int) -> str:
-    described = {
-        "version": CACHE_VERSION, "image_size": image_size, "max_pixels": max_pixels,
-        "classes": dataset.classes,
-        "splits": {name: [split.files, split.labels, split.stats] for name, split in dataset.splits.items()},
-        "rejected": dataset.rejected,
-    }
-    blob = json.dumps(described, sort_keys=True, ensure_ascii=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
 
 
 @dataclass
@@ -357,7 +346,7 @@ def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: flo
     """Decode the dataset once into the cache (or reuse it) and map it as tensors.
 
     scanned: scan_dataset's result for these arguments, when the caller has it already."""
-    dataset = scanned or scan_dataset(data_dir, val_fraction, seed)
+    dataset = scanned or scan_dataset(data_dir, val_fraction, seed, cache_dir=cache_dir)
     for notice in dataset.notices:
         log(notice)
     key = cache_key(dataset, image_size, max_pixels)

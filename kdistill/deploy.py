@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data import PreparedData, cache_key, prepare, scan_dataset
+from .data import PreparedData, prepare, scan_dataset
+from .data_key import same_data
 from .errors import KdistillError
 from .export import export_onnx, is_trusted_arch, load_bundle, load_onnx_student
 from .fileio import atomic_write, atomic_write_text, load_torch
@@ -258,10 +259,10 @@ def run_data(run_dir: str, cfg: Config, log) -> PreparedData:
     if not os.path.isdir(cfg.data):
         raise KdistillError(f"the run's data folder {cfg.data} (its config.yaml) does not exist: measuring the "
                             f"exported student needs its val images and calibrating int8 its training images")
-    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled)
-    if cache_key(dataset, cfg.image_size, cfg.max_image_pixels) != key:
+    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled, cfg.resolved_cache_dir())
+    if not same_data(key, dataset, cfg.image_size, cfg.max_image_pixels):
         raise KdistillError(f"the data at {cfg.data} changed since the run in {run_dir} (files added, removed "
-                            f"or modified): its val accuracy would not be the run's")
+                            f"or their content changed): its val accuracy would not be the run's")
     return prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction,
                    seed=cfg.seed, workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad,
                    log=log, scanned=dataset)

@@ -21,7 +21,8 @@ from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_
 from .config import Config, input_side, missing_setting_keeps_results, result_differences, save_config
 from .settings import read_yaml
 from .deploy import deployment_check
-from .data import DatasetFiles, PreparedData, cache_key, prepare, scan_dataset, to_unit_range
+from .data import DatasetFiles, PreparedData, prepare, scan_dataset, to_unit_range
+from .data_key import cache_key, same_data
 from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
@@ -184,7 +185,7 @@ def _copy_setting(source: dict, target: dict, name: str) -> None:
     target[key] = source[key]
 
 
-def _check_out_folder(cfg: Config, data_identity: dict) -> None:
+def _check_out_folder(cfg: Config, dataset: DatasetFiles, data_identity: dict) -> None:
     """An --out holding a different experiment, or the same one on other data, is refused rather
     than mixed or overwritten."""
     config_path = os.path.join(cfg.out, "config.yaml")
@@ -212,7 +213,7 @@ def _check_out_folder(cfg: Config, data_identity: dict) -> None:
             previous = json.load(f)
     except (OSError, ValueError) as e:
         raise KdistillError(f"{data_path} is unreadable ({e}); use another --out") from None
-    if previous.get("key") == data_identity["key"]:
+    if same_data(previous.get("key"), dataset, cfg.image_size, cfg.max_image_pixels):
         return
     if previous.get("classes") != data_identity["classes"]:
         what = (f"{len(previous.get('classes') or [])} classes then, {len(data_identity['classes'])} now"
@@ -220,7 +221,7 @@ def _check_out_folder(cfg: Config, data_identity: dict) -> None:
     elif previous.get("images") != data_identity["images"]:
         what = f"images per split {previous.get('images')} then, {data_identity['images']} now"
     else:
-        what = "the same file counts, but files were added, removed, renamed or modified"
+        what = "the same file counts, but files were added, removed, renamed or their content changed"
     raise KdistillError(f"{cfg.out} holds a run on other data at {cfg.data} ({what}); use another --out")
 
 
@@ -236,9 +237,9 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
-    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled)
+    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled, cfg.resolved_cache_dir())
     data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
-    _check_out_folder(cfg, data_identity)
+    _check_out_folder(cfg, dataset, data_identity)
     ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
     try:
         for name, part in (*cfg.teachers().items(), ("student", cfg.student)):

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, build_config, result_differences
-from .data import cache_key, scan_dataset
+from .data import scan_dataset
+from .data_key import cache_key, dated_key
 from .errors import KdistillError, printable
 from .fileio import atomic_write_text, folder_in_use
 from .settings import convert, leaves, parse_set, read_yaml
@@ -46,7 +47,7 @@ class Point:
     position: tuple[int, ...]  # index of its value on each grid axis
     values: dict[str, Any]  # grid key -> this point's value
     cfg: Config
-    data_key: str  # the data it trains on (as its data.json says)
+    data_keys: tuple[str, str]  # the data it trains on, as its data.json says: by content, or by date (before)
     shared: dict[str, str]  # teacher (and baseline, if trained) -> its shared checkpoint folder
     described: dict[str, dict]  # the same kinds -> the settings and data that name that folder
 
@@ -141,13 +142,15 @@ class _DataKeys:
     folder is keyed by the data too, so changed images never meet an old teacher."""
 
     def __init__(self):
-        self.keys: dict[tuple, str] = {}
+        self.keys: dict[tuple, tuple[str, str]] = {}
 
-    def __call__(self, cfg: Config, unlabeled: str = "") -> str:
+    def __call__(self, cfg: Config, unlabeled: str = "") -> tuple[str, str]:
+        """(the key by content, the key by file dates that kdistill gave the same data before)"""
         args = (cfg.data, cfg.val_fraction, cfg.seed, unlabeled, cfg.image_size, cfg.max_image_pixels)
         if args not in self.keys:
-            dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, unlabeled)
-            self.keys[args] = cache_key(dataset, cfg.image_size, cfg.max_image_pixels)
+            dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, unlabeled, cfg.resolved_cache_dir())
+            self.keys[args] = tuple(key(dataset, cfg.image_size, cfg.max_image_pixels)
+                                    for key in (cache_key, dated_key))
         return self.keys[args]
 
 
@@ -155,9 +158,17 @@ def _described(settings: dict, data_key: str) -> dict:
     return {"settings": settings, "data": data_key}
 
 
-def _shared_folder(out: str, kind: str, described: dict) -> str:
-    digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(out, "shared", f"{kind}-{digest}")
+def _shared_folder(out: str, kind: str, settings: dict, data_keys: tuple[str, str]) -> tuple[str, dict]:
+    """The folder of the kind's model trained with these settings on this data, and what names it.
+    A sweep started before kdistill keyed data by content named it by the data's dated key: its
+    folder is taken over rather than trained again."""
+    named = []
+    for data_key in data_keys:
+        described = _described(settings, data_key)
+        digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
+        named.append((os.path.join(out, "shared", f"{kind}-{digest}"), described))
+    (folder, _), (earlier, _) = named
+    return named[1] if os.path.isdir(earlier) and not os.path.isdir(folder) else named[0]
 
 
 def _check_point_folder(point: Point) -> None:
@@ -194,10 +205,10 @@ def plan(out: str, grid: list[str], preset: str | None = None, config_files: tup
         if not cfg.data:
             raise KdistillError("setting data is required (--data DATA)")
         cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))  # as the run saves it
-        described = {"teacher": _described(teacher_settings(cfg), data_keys(cfg))}
-        if cfg.baseline:
-            described["baseline"] = _described(baseline_settings(cfg), data_keys(cfg))
-        shared = {kind: _shared_folder(out, kind, settings) for kind, settings in described.items()}
+        settings = {"teacher": teacher_settings(cfg), **({"baseline": baseline_settings(cfg)} if cfg.baseline else {})}
+        found = {kind: _shared_folder(out, kind, settings[kind], data_keys(cfg)) for kind in settings}
+        shared = {kind: folder for kind, (folder, _) in found.items()}
+        described = {kind: named_by for kind, (_, named_by) in found.items()}
         values = {key: values[i] for (key, _, values), i in zip(axes, combination)}
         points.append(Point(name, folder, combination, values, cfg, data_keys(cfg, cfg.distill.unlabeled), shared,
                             described))
@@ -218,7 +229,7 @@ def _finished(point: Point) -> dict | None:
             data_key = json.load(f).get("key")
     except (OSError, ValueError):
         return None  # run again: the run says what is wrong
-    if data_key != point.data_key or point.cfg.baseline != ("baseline" in metrics.get("models", {})):
+    if data_key not in point.data_keys or point.cfg.baseline != ("baseline" in metrics.get("models", {})):
         return None
     return metrics
 

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import write_digits_dataset
-from kdistill.data import prepare, to_unit_range
+from kdistill.data import prepare, scan_dataset, to_unit_range
+from kdistill.data_key import INDEX_FOLDER, cache_key, dated_key
 from kdistill.images import load_image
 
 
@@ -95,14 +97,46 @@ def test_cache_is_reused_and_rebuilt_when_the_data_changes(photos, tmp_path):
     assert torch.equal(first.splits["train"].images, second.splits["train"].images)
     # Another image size is another cache.
     assert prepare(photos, 24, cache, workers=1, log=messages.append).key != first.key
-    # Touching a file (new mtime) invalidates the key.
+    # Touching a file (new mtime) keeps the key: the data is keyed by content. Only that file is read again.
     victim = os.path.join(photos, "train", "china", sorted(os.listdir(os.path.join(photos, "train", "china")))[0])
     stat = os.stat(victim)
+    original = open(victim, "rb").read()
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    messages.clear()
     try:
+        assert prepare(photos, 32, cache, workers=1, log=messages.append).key == first.key
+        assert any("hashed 1 new or changed files" in m for m in messages)
+        assert any("reusing the data cache" in m for m in messages)
+        # New content (another photo's) is a new key.
+        other = os.path.join(photos, "train", "china", sorted(os.listdir(os.path.join(photos, "train", "china")))[1])
+        shutil.copyfile(other, victim)
         assert prepare(photos, 32, cache, workers=1, log=messages.append).key != first.key
     finally:
+        with open(victim, "wb") as f:
+            f.write(original)
         os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_the_data_key_is_the_files_content_whatever_their_dates_and_folder(photos, tmp_path):
+    cache = str(tmp_path / "cache")
+    original = scan_dataset(photos, cache_dir=cache)
+    assert any("hashed 12 new or changed files" in notice for notice in original.notices)
+    assert not any("hashed" in notice for notice in scan_dataset(photos, cache_dir=cache).notices)  # the index
+    # A copy elsewhere with new dates, as a restore or a provisioning without times gives.
+    copy = shutil.copytree(photos, tmp_path / "copy", copy_function=shutil.copyfile)
+    copied = scan_dataset(str(copy), cache_dir=cache)
+    assert copied.splits["train"].stats != original.splits["train"].stats
+    assert cache_key(copied, 32, 10**8) == cache_key(original, 32, 10**8)
+    assert dated_key(copied, 32, 10**8) != dated_key(original, 32, 10**8)
+    # Without an index every file is read, and the key is the same.
+    assert cache_key(scan_dataset(str(copy)), 32, 10**8) == cache_key(original, 32, 10**8)
+    # A damaged index is read past: the files are hashed again.
+    for name in os.listdir(os.path.join(cache, INDEX_FOLDER)):
+        with open(os.path.join(cache, INDEX_FOLDER, name), "w") as f:
+            f.write("{not json")
+    again = scan_dataset(photos, cache_dir=cache)
+    assert any("hashed 12 new or changed files" in notice for notice in again.notices)
+    assert cache_key(again, 32, 10**8) == cache_key(original, 32, 10**8)
 
 
 def test_a_damaged_cache_is_rebuilt_with_a_message(photos, tmp_path):

@@ -22,6 +22,7 @@ from conftest import ROOT, tiny_settings
 from kdistill.cli import main
 from kdistill.config import build_config
 from kdistill.data import prepare
+from kdistill.data_key import INDEX_FOLDER
 from kdistill.errors import KdistillError
 from kdistill.fileio import atomic_write, atomic_write_text, remove_stale_temporaries, save_torch
 from kdistill.pipeline import run
@@ -219,12 +220,12 @@ def test_cache_list_shows_each_entry_and_clear_removes_one_or_all(tmp_path, caps
 
     code, out, _ = cache_command(capsys, "--clear", cats.key, "--cache-dir", cache)
     assert code == 0 and f"removed {cats.key}" in out
-    assert sorted(os.listdir(cache)) == [birds.key, birds.key + ".lock"]
+    assert sorted(os.listdir(cache)) == [birds.key, birds.key + ".lock", INDEX_FOLDER]  # the index stays
     code, out, err = cache_command(capsys, "--clear", "0123456789abcdef01234567", "--cache-dir", cache)
     assert code == 2 and "no cache entry '0123456789abcdef01234567'" in err and "kdistill cache --list" in err
     code, out, _ = cache_command(capsys, "--clear", "--cache-dir", cache)
     assert code == 0 and f"removed {birds.key}" in out and f"reclaimed {birds_size / 1e6:.1f} MB" in out
-    assert os.listdir(cache) == []
+    assert "removed the index of file hashes" in out and os.listdir(cache) == []
     code, out, _ = cache_command(capsys, "--cache-dir", cache)
     assert code == 0 and out.splitlines()[-1] == f"total: 0 entries, 0.0 MB in {cache}"
 

@@ -17,7 +17,9 @@ from kdistill.cli import main
 from kdistill.errors import KdistillError
 from kdistill.fileio import load_torch
 from kdistill.settings import read_yaml
-from kdistill.sweep import parse_grid, plan, point_name
+from kdistill.data import scan_dataset
+from kdistill.data_key import dated_key
+from kdistill.sweep import _finished, _shared_folder, parse_grid, plan, point_name, teacher_settings
 
 # A network that trains in well under a second per epoch on a busy CPU: the sweep's logic is
 # under test here, not the models (those are tested in test_end_to_end).
@@ -230,6 +232,33 @@ def test_points_share_teachers_and_baselines_exactly_when_they_train_alike(digit
     assert len({point.shared["teacher"] for point in points}) == teachers
     assert len({point.shared["baseline"] for point in points}) == baselines
     assert not (tmp_path / "sweep").exists()  # planning writes nothing
+
+
+def test_a_sweep_begun_before_data_was_keyed_by_content_keeps_its_shared_teacher_and_finished_points(
+        digits_dataset, tiny_nets, tmp_path):
+    settings = {**base_settings(digits_dataset, str(tmp_path / "cache")), "data": digits_dataset}
+    out = str(tmp_path / "sweep")
+    _, points = plan(out, GRID[1::2], overrides=settings)
+    cfg = points[0].cfg
+    dated = dated_key(scan_dataset(digits_dataset), cfg.image_size, cfg.max_image_pixels)
+    assert points[0].data_keys[1] == dated != points[0].data_keys[0]
+    earlier, named_by = _shared_folder(out, "teacher", teacher_settings(cfg), (dated, dated))
+    assert earlier != points[0].shared["teacher"]
+    os.makedirs(earlier)  # the teacher an earlier kdistill's sweep trained
+    _, points = plan(out, GRID[1::2], overrides=settings)
+    assert {point.shared["teacher"] for point in points} == {earlier}
+    assert points[0].described["teacher"] == named_by and named_by["data"] == dated
+    # A point it finished, its data.json keyed by date, is read back rather than run again.
+    folder = points[0].folder
+    os.makedirs(folder)
+    for name, content in (("metrics.json", {"models": {"student": {}, "baseline": {}}}), ("data.json", {"key": dated})):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f)
+    open(os.path.join(folder, "report.md"), "w").close()
+    assert _finished(points[0]) == {"models": {"student": {}, "baseline": {}}}
+    with open(os.path.join(folder, "data.json"), "w") as f:
+        json.dump({"key": "0" * 24}, f)
+    assert _finished(points[0]) is None
 
 
 def test_grid_values_and_point_names():

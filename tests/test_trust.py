@@ -16,7 +16,8 @@ from conftest import tiny_settings
 from kdistill import pipeline
 from kdistill.cli import main
 from kdistill.config import TrainConfig
-from kdistill.data import prepare
+from kdistill.data import prepare, scan_dataset
+from kdistill.data_key import cache_key, dated_key
 from kdistill.distillers import CrossEntropy
 from kdistill.errors import KdistillError
 from kdistill.export import ONNX_TOLERANCE, export_onnx, load_bundle, save_bundle
@@ -180,7 +181,7 @@ def test_an_edited_signal_cache_is_recomputed(digits_dataset, tmp_path):
     assert torch.equal(load_torch(path)["tensors"]["train"], original)
 
 
-@pytest.mark.parametrize("change", ["new class", "removed image"])
+@pytest.mark.parametrize("change", ["new class", "removed image", "changed image"])
 def test_a_run_folder_refuses_other_data_at_the_same_path(digits_dataset, tmp_path, change):
     data = shutil.copytree(digits_dataset, tmp_path / "data")
     settings = tiny_settings(str(data), str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
@@ -191,12 +192,41 @@ def test_a_run_folder_refuses_other_data_at_the_same_path(digits_dataset, tmp_pa
         for split in ("train", "val"):
             shutil.copytree(data / split / classes[0], data / split / "zzz")
         expected = "3 classes then, 4 now"
+    elif change == "changed image":
+        images = sorted(os.listdir(data / "train" / classes[0]))
+        shutil.copyfile(data / "train" / classes[0] / images[1], data / "train" / classes[0] / images[0])
+        expected = "their content changed"
     else:
         os.remove(data / "train" / classes[0] / sorted(os.listdir(data / "train" / classes[0]))[0])
         expected = "images per split"
     with pytest.raises(KdistillError, match="holds a run on other data") as error:
         kdistill.run(settings, log=quiet)
     assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_run_folder_resumes_on_its_files_copied_again_with_new_dates(digits_dataset, tmp_path):
+    """As after a restore from backup, or data provisioned again: same files, new mtimes. Run folders
+    recorded by an earlier kdistill (data.json keyed by file dates) resume too."""
+    data = shutil.copytree(digits_dataset, tmp_path / "data")
+    settings = tiny_settings(str(data), str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
+                             teacher={"epochs": 1}, student={"epochs": 1})
+    accuracy = lambda metrics: metrics["models"]["student"]["best_val_acc"]  # noqa: E731
+    first = kdistill.run(settings, log=quiet)
+    checkpoints = sorted(glob.glob(str(tmp_path / "run" / "checkpoints" / "**" / "*.pt"), recursive=True))
+    times = {path: os.stat(path).st_mtime_ns for path in checkpoints}
+    shutil.rmtree(data)
+    shutil.copytree(digits_dataset, data, copy_function=shutil.copyfile)  # the files' dates are now
+    assert accuracy(kdistill.run(settings, log=quiet)) == accuracy(first)
+    data_json = tmp_path / "run" / "data.json"
+    max_pixels = kdistill.Config().max_image_pixels
+    dataset = scan_dataset(str(data))
+    assert json.loads(data_json.read_text())["key"] == cache_key(dataset, 16, max_pixels)
+    recorded = json.loads(data_json.read_text())
+    recorded["key"] = dated_key(dataset, 16, max_pixels)  # as an earlier kdistill wrote it for these files
+    data_json.write_text(json.dumps(recorded))
+    assert accuracy(kdistill.run(settings, log=quiet)) == accuracy(first)
+    assert {path: os.stat(path).st_mtime_ns for path in checkpoints} == times  # nothing trained again
+    assert json.loads(data_json.read_text())["key"] == cache_key(dataset, 16, max_pixels)
 
 
 # ---------------------------------------------------------------- 5. ONNX equality enforced
