@@ -1,3 +1,4 @@
+import os
 import urllib.error
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from torch import nn
 
 from kdistill.config import TrainConfig
+from kdistill.data_key import INDEX_FOLDER
 from kdistill.distillers import CrossEntropy
 from kdistill.errors import KdistillError
 from kdistill.fileio import tensors_sha256
@@ -93,7 +95,8 @@ def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(no_network, t
                  "--set", f"cache_dir={cache}"])
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("kdistill: error:") and "offline" in error and error.count("\n") == 1
-    assert not cache.exists()  # the data were not even scanned
+    # The files were scanned (and hashed, for the data key) but not decoded: no cache entry.
+    assert os.listdir(cache) == [INDEX_FOLDER]
 
 
 def test_a_model_with_an_input_size_sees_the_view_resized_and_its_state_says_so():
