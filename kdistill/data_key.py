@@ -45,7 +45,7 @@ def _digest(path: str) -> str:
         return f"unreadable ({e.strerror or e})"
 
 
-def fingerprint(splits: Iterable[SplitFiles], cache_dir: str = "", workers: int = 0) -> int:
+def fingerprint(splits: Iterable[SplitFiles], cache_dir: str = "") -> int:
     """Fill each split's stats (size, mtime_ns) and digests (sha256 of the bytes); return how many
     files were read. cache_dir: where the index lives ("" for none: every file is read)."""
     by_root: dict[str, dict[str, tuple[int, int]]] = {}
@@ -66,20 +66,21 @@ def fingerprint(splits: Iterable[SplitFiles], cache_dir: str = "", workers: int 
         index_path = _index_path(cache_dir, root) if cache_dir else ""
         known = _read_index(index_path) if index_path else {}
         found = {name: known[name][2] for name, stat in stats.items()
-                 if isinstance(known.get(name), list) and known[name][:2] == list(stat)}
+                 if isinstance(known.get(name), list) and len(known[name]) == 3 and known[name][:2] == list(stat)}
         unknown = [name for name in stats if name not in found]
         digests[root] = found
         if not unknown:
             continue
         # hashlib and file reads release the GIL: threads overlap them.
-        with ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, 8))) as pool:
+        with ThreadPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
             found.update(zip(unknown, pool.map(_digest, (os.path.join(root, n) for n in unknown))))
         hashed += len(unknown)
         if index_path:
             with contextlib.suppress(OSError):  # a read-only cache: hash again next time
                 os.makedirs(os.path.dirname(index_path), exist_ok=True)
-                atomic_write_text(index_path, json.dumps({name: [*stats[name], digest]
-                                                          for name, digest in found.items()}))
+                # An unreadable file is not indexed: made readable (a chmod keeps its mtime), it is hashed.
+                atomic_write_text(index_path, json.dumps({name: [*stats[name], digest] for name, digest
+                                                          in found.items() if not digest.startswith("unreadable")}))
     for split in splits:
         split.digests = [digests[split.root][name] for name in split.files]
     return hashed

@@ -9,6 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from conftest import write_digits_dataset
 from kdistill.data import prepare, scan_dataset, to_unit_range
+from kdistill import data_key
 from kdistill.data_key import INDEX_FOLDER, cache_key, dated_key
 from kdistill.images import load_image
 
@@ -137,6 +138,24 @@ def test_the_data_key_is_the_files_content_whatever_their_dates_and_folder(photo
     again = scan_dataset(photos, cache_dir=cache)
     assert any("hashed 12 new or changed files" in notice for notice in again.notices)
     assert cache_key(again, 32, 10**8) == cache_key(original, 32, 10**8)
+
+
+def test_a_file_that_could_not_be_read_is_hashed_again_once_it_can(photos, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    victim = os.path.join(photos, "train", "china", sorted(os.listdir(os.path.join(photos, "train", "china")))[0])
+    readable_hash = data_key.file_sha256
+
+    def refuse(path, **kwargs):
+        if path == victim:
+            raise PermissionError(13, "Permission denied", path)
+        return readable_hash(path, **kwargs)
+    monkeypatch.setattr(data_key, "file_sha256", refuse)
+    locked = scan_dataset(photos, cache_dir=cache)
+    assert "unreadable (Permission denied)" in locked.splits["train"].digests
+    monkeypatch.setattr(data_key, "file_sha256", readable_hash)  # a chmod: same size and mtime
+    readable = scan_dataset(photos, cache_dir=cache)
+    assert any("hashed 1 new or changed files" in notice for notice in readable.notices)
+    assert cache_key(readable, 32, 10**8) != cache_key(locked, 32, 10**8)
 
 
 def test_a_damaged_cache_is_rebuilt_with_a_message(photos, tmp_path):
