@@ -53,6 +53,10 @@ class TrainConfig:
         "auto", "input standardization: imagenet statistics, the training set's, or auto (imagenet for "
                 "pretrained weights, the training set's for a model trained from scratch)",
         choices=("auto", "imagenet", "dataset"))
+    input_size: int = setting(0, "side in pixels of the images the model sees: every batch (the student's and the "
+                                 "teacher's one exact view) is resized to it, bilinearly, inside the model, in "
+                                 "training and deployed; 0: image_size. A ResNet or a pretrained model often does "
+                                 "better on a larger view of small images, at the cost of its compute")
 
 
 @dataclass
@@ -61,14 +65,11 @@ class TeacherConfig(TrainConfig):
     weights: str = redefault(TrainConfig, "weights", "imagenet")
     mode: str = setting("head", "head: backbone frozen, only the new head trains; full: fine-tune all",
                         choices=("head", "full"))
-    input_size: int = setting(0, "side in pixels of the images the teacher sees: every batch (the student's exact "
-                                 "view) is resized to it, bilinearly, inside the teacher; 0: image_size. A "
-                                 "pretrained teacher often does better on a larger view of small images")
 
 
 def input_side(part: TrainConfig, image_size: int) -> int:
-    """The side of the images a model sees: a teacher's input_size where set, else image_size."""
-    return getattr(part, "input_size", 0) or image_size
+    """The side of the images a model sees: its input_size where set, else image_size."""
+    return part.input_size or image_size
 
 
 @dataclass
@@ -221,7 +222,8 @@ def missing_setting_keeps_results(name: str, cfg: "Config") -> bool:
     return ((name == "ensemble" and not cfg.ensemble)
             or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
             or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features())
-            or (name == "teacher.input_size" and not cfg.teacher.input_size))
+            or (name == "teacher.input_size" and not cfg.teacher.input_size)
+            or (name == "student.input_size" and not cfg.student.input_size))
 
 
 def preset_names() -> list[str]:
@@ -307,11 +309,10 @@ def validate(cfg: Config) -> None:
     parts = [("teacher", cfg.teacher), *((f"ensemble[{i}]", member) for i, member in enumerate(members)),
              ("student", cfg.student)]
     for name, part in parts:
-        size_key = f"{name}.input_size" if getattr(part, "input_size", 0) else "image_size"
+        require(part.input_size == 0 or part.input_size >= 8, f"{name}.input_size",
+                f"must be 0 (image_size) or >= 8, got {part.input_size}")
+        size_key = f"{name}.input_size" if part.input_size else "image_size"
         _check_arch(f"{name}.arch", part.arch, input_side(part, cfg.image_size), size_key)
-        if isinstance(part, TeacherConfig):
-            require(part.input_size == 0 or part.input_size >= 8, f"{name}.input_size",
-                    f"must be 0 (image_size) or >= 8, got {part.input_size}")
         require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
         require(part.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {part.batch_size}")
         require(part.lr > 0, f"{name}.lr", f"must be > 0, got {part.lr}")

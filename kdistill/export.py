@@ -1,8 +1,8 @@
 """Export: the distilled student as a self-describing bundle and as ONNX, ready to deploy.
 
-- OUT/student.pt: architecture, head, classes, image size, input statistics and weights; loads
-  with weights_only=True and builds only trusted architectures (see load_bundle); it is what
-  `kdistill predict` uses.
+- OUT/student.pt: architecture, head, classes, image size, input statistics, the side it resizes
+  its input to (student.input_size) and weights; loads with weights_only=True and builds only
+  trusted architectures (see load_bundle); it is what `kdistill predict` uses.
 - OUT/student.onnx: takes float32 images scaled to [0, 1], shape (N, 3, S, S), and returns logits;
   the student's standardization is built in, so a deployment only resizes, crops and scales.
   It is written only if ONNX Runtime reproduces PyTorch's logits within ONNX_TOLERANCE. Its
@@ -36,7 +36,8 @@ def save_bundle(path: str, model: Standardized, arch: str, dropout: float, class
                 image_size: int, normalize: str) -> dict:
     """Write the bundle; return its description (everything but the weights), as load_bundle does."""
     description = {"arch": arch, "dropout": dropout, "classes": classes, "image_size": image_size,
-                   "normalize": normalize, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
+                   "normalize": normalize, "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+                   "input_size": model.input_size}
     save_torch({**description, "state_dict": model.state_dict()}, path, what="student bundle")
     return description
 
@@ -57,7 +58,8 @@ def load_bundle(path: str, trust_arch: bool = False) -> tuple[Standardized, dict
                             f"only torchvision and kdistill.zoo architectures load by default. If you trust "
                             f"who made this file, pass --trust-arch")
     model, _ = build_model(arch, len(bundle["classes"]), bundle["dropout"])
-    model = Standardized(model, bundle["mean"], bundle["std"])
+    # input_size: the side the model resizes its input to (student.input_size); absent before it existed.
+    model = Standardized(model, bundle["mean"], bundle["std"], bundle.get("input_size", 0))
     try:
         model.load_state_dict(bundle["state_dict"])
     except RuntimeError as e:

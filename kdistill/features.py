@@ -138,7 +138,7 @@ def resolve_auto_layers(cfg, log):
     pairs = [(student, teacher) for student, teacher in LAYER_SETTINGS if hasattr(section, teacher)]
     if not any(AUTO in _as_list(getattr(section, teacher)) for _, teacher in pairs):
         return cfg
-    student_shapes = output_shapes(cfg.student.arch, cfg.image_size)
+    student_shapes = output_shapes(cfg.student.arch, input_side(cfg.student, cfg.image_size))
     teacher_shapes = output_shapes(cfg.teacher.arch, input_side(cfg.teacher, cfg.image_size))
     student_modules = dict(student_shapes)
     changes = {}

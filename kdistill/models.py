@@ -140,9 +140,9 @@ class Standardized(nn.Module):
     with, a model trained from scratch the training set's. The statistics are buffers, so they
     are part of the state dict, of its hash (the teacher-signal cache keys) and of the export.
 
-    input_size > 0: images are first resized (bilinearly) to that side, so a teacher can see the
-    student's exact view larger. The size is then a buffer too, so it keys the teacher signal; at 0
-    the state dict is what it always was.
+    input_size > 0: images are first resized (bilinearly) to that side, so a model can see the one
+    exact view of a batch larger (teacher.input_size, student.input_size). The size is then a buffer
+    too, so it keys the teacher signal; at 0 the state dict is what it always was.
     """
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], input_size: int = 0):

@@ -63,15 +63,16 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     # in the same order (same seeds, see train.fit): the teacher is the only difference between them.
     torch.manual_seed(seed + 1)
     student, _, normalize = standardized_model(s.arch, len(data.classes), s.dropout, s.weights, s.normalize,
-                                               data.mean, data.std)
+                                               data.mean, data.std, s.input_size)
+    resized = f", sees each view resized to {s.input_size} px" if s.input_size else ""
     log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, input standardized with "
-        f"{normalize} statistics, {s.epochs} epochs, "
+        f"{normalize} statistics{resized}, {s.epochs} epochs, "
         f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
     student = compute.place(student)
     # A method that trains a model of its own beside the student (DML's peer) builds it like the student, from scratch.
     objective.make_model = lambda arch: compute.place(standardized_model(
         s.arch if arch == "student" else arch, len(data.classes), s.dropout, "none", s.normalize, data.mean,
-        data.std)[0])
+        data.std, s.input_size)[0])
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
     history = fit(name, student, student, train, val, objective, s,

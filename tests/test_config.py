@@ -110,6 +110,15 @@ def test_auto_layers_match_the_teacher_at_the_size_it_sees():
     assert dict(output_shapes(cfg.teacher.arch, 128))["layer3"] == (256, 8, 8)
 
 
+def test_auto_layers_match_the_student_at_the_size_it_sees():
+    """A student that sees 64 px views at 128 px has a 16x16 layer2: the teacher's module of that size."""
+    cfg = build_config("recommended", overrides={"image_size": 64},
+                       sets=["teacher.input_size=128", "student.input_size=128"])
+    assert resolve_auto_layers(cfg, lambda message: None).distill.fitnets.teacher_layer == "layer2"
+    assert dict(output_shapes(cfg.student.arch, 128))["layer2"] == (128, 16, 16)
+    assert dict(output_shapes(cfg.teacher.arch, 128))["layer2"] == (128, 16, 16)
+
+
 def test_layers_override_in_order(tmp_path):
     file = tmp_path / "my.yaml"
     file.write_text("image_size: 96\nstudent:\n  epochs: 7\n")
@@ -263,6 +272,7 @@ CASES = {
     "student.label_smoothing": ("-0.1", "0", 0.0),
     "student.ema": ("-0.5", "0.99", 0.99),
     "student.normalize": ("no", "imagenet", "imagenet"),
+    "student.input_size": ("7", "96", 96),
     "distill.method": ("hinton", "dkd", "dkd"),
     "distill.temperature": ("0", "2", 2.0),
     "distill.alpha": ("1.5", "0.9", 0.9),

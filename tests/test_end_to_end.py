@@ -216,3 +216,31 @@ def test_a_teacher_with_an_input_size_sees_every_view_larger_and_is_measured_and
     # The deployment table reloads models/teacher.pt with its resize: the same val accuracy.
     assert metrics["deployment"]["teacher_torch_fp32"]["val_acc"] == pytest.approx(teacher["best_val_acc"])
     assert "| resnet18 (32 px) |" in open(tmp_path / "run" / "report.md").read()
+
+
+def test_a_student_with_an_input_size_trains_deploys_and_predicts_at_that_size(digits_dataset, tmp_path):
+    """student.input_size: the student and the baseline see every 16 px view at 32 px, in training,
+    in student.pt, in ONNX (the resize is in the graph) and in its int8 copy."""
+    out = str(tmp_path / "run")
+    settings = tiny_settings(digits_dataset, out, str(tmp_path / "cache"), deploy_check=True,
+                             student={"epochs": 1, "lr_step": 0, "input_size": 32}, teacher={"epochs": 1})
+    messages = []
+    metrics = kdistill.run(settings, log=messages.append)
+    student, baseline, teacher = (metrics["models"][name] for name in ("student", "baseline", "teacher"))
+    assert (student["input_size"], baseline["input_size"], teacher["input_size"]) == (32, 32, 16)
+    assert sum("sees each view resized to 32 px" in message for message in messages) == 2  # student, baseline
+    from kdistill.evaluate import gflops
+    from kdistill.models import build_model
+
+    assert student["gflops"] == pytest.approx(gflops(build_model("resnet18", 3)[0], 32, torch.device("cpu")))
+    bundled, description = load_bundle(os.path.join(out, "student.pt"))
+    assert description["input_size"] == 32 and bundled.input_size == 32
+    views = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        by_hand = bundled.model((torch.nn.functional.interpolate(views, size=(32, 32), mode="bilinear")
+                                 - bundled.mean) / bundled.std)
+        torch.testing.assert_close(bundled(views), by_hand)
+    deployment = metrics["deployment"]
+    assert deployment["student_torch_fp32"]["val_acc"] == pytest.approx(student["best_val_acc"])
+    assert deployment["student_onnx_fp32"]["val_acc"] == deployment["student_torch_fp32"]["val_acc"]
+    assert "| resnet18 (32 px) |" in open(os.path.join(out, "report.md")).read()

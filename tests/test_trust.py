@@ -339,7 +339,7 @@ def test_a_run_folder_without_the_settings_added_later_resumes_when_their_values
 
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     later = ["sync_bn", "ddp_timeout_s", "deploy_check", "ensemble", "distill.ensemble_weights",
-             "distill.max_signal_memory_gb", "teacher.input_size", "distill.dml.peer",
+             "distill.max_signal_memory_gb", "teacher.input_size", "student.input_size", "distill.dml.peer",
              "distill.born_again.generations"]
     pipeline._check_out_folder(saved_without(later, method="kd"), None, {})  # none of them changes a kd run
     # Stored teacher features replaced features computed online: a feature method's folder is refused,
