@@ -54,7 +54,7 @@ def main() -> None:
              "pkt": ("avgpool", "_avg_pooling"), "sp": ("layer3", "_blocks.10")}
     teacher_paths = sorted({t for _, t in pairs.values()})
     batches = Batches(x, labels, lambda batch: batch)
-    stored = {dtype: hooked_outputs(teacher, teacher_paths, [batches], 16, CPU, dtype=dtype)
+    stored = {dtype: hooked_outputs(teacher, teacher_paths, [batches], 16, CPU, dtype=dtype)[1]
               for dtype in (torch.float16, torch.float32)}
     taps = FeatureTaps(student, sorted({s for s, _ in pairs.values()}), "the student")
     with torch.no_grad():

@@ -163,13 +163,16 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, teachers:
                    EnsembleTeacher([member.model for member in members], cfg.teacher_weights(),
                                    cfg.distill.temperature))
         return batcher(served, augment=True, mix=True, teacher=teacher), signal
-    logits = [_stored_logits(member, cfg, data, batcher, served, transfer, views, compute, log, ranks)
-              for member in members]
+    # A method reading features gets them and its first teacher's logits from one pass of that teacher.
+    first_pass = _first_pass(members[0], paths, cfg, batcher, served, views, compute) if paths else None
+    logits = [_stored_logits(member, cfg, data, batcher, served, transfer, views, compute, log, ranks,
+                             first_pass if i == 0 else None) for i, member in enumerate(members)]
     extras = {"teacher_logits": logits[0] if len(logits) == 1 else
               combined_logits(logits, cfg.teacher_weights(), cfg.distill.temperature)}
     if paths:
         extras.update({TEACHER_FEATURES + path: value for path, value in _stored_features(
-            members[0], paths, cfg, data, batcher, served, transfer, views, compute, log, ranks).items()})
+            members[0], paths, cfg, data, batcher, served, transfer, views, compute, log, ranks,
+            first_pass).items()})
     return batcher(served, views=views, extras=extras), signal
 
 
@@ -217,23 +220,51 @@ def _signal_parts(cfg: Config, teacher: TrainedTeacher, data: PreparedData, tran
     return parts + ([f"transfer {transfer}"] if transfer else []) + [compute.key()]
 
 
+def _first_pass(teacher: TrainedTeacher, paths, cfg: Config, batcher: ImageBatcher, served: str,
+                views: torch.Tensor | None, compute: Compute):
+    """A function returning {"logits", "features"} of the teacher over every image, or each stored
+    view, at the module paths: one pass, made on the first call. Its features are in float16, or
+    in float32 where a value exceeds float16's range; without views, both drop the view axis."""
+    view_batches = ([batcher(served)] if views is None else
+                    [batcher(served, views=views[:, k:k + 1]) for k in range(views.shape[1])])
+    outputs: dict[str, object] = {}
+
+    def run() -> dict[str, object]:
+        if not outputs:
+            total = sum(len(batches) for batches in view_batches)
+            for dtype in (FEATURE_DTYPE, torch.float32):
+                with progress_bar(total, f"teacher logits and features ({len(view_batches)} views)") as bar:
+                    found = hooked_outputs(teacher.model, paths, view_batches, cfg.student.batch_size, *compute,
+                                           dtype, bar)
+                if found is not None:
+                    break
+            logits, features = found
+            outputs["logits"] = logits.squeeze(1) if views is None else logits
+            outputs["features"] = {path: value.squeeze(1) if views is None else value
+                                   for path, value in features.items()}
+        return outputs
+    return run
+
+
 def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, batcher: ImageBatcher, served: str,
                    transfer: str | None, views: torch.Tensor | None, compute: Compute, log,
-                   ranks: Ranks) -> torch.Tensor:
+                   ranks: Ranks, first_pass=None) -> torch.Tensor:
     """One teacher's logits for every training image (N, C), or for each stored view (N, K, C),
-    computed once per node, by its first process."""
+    computed once per node, by its first process (by first_pass, with the features, where given)."""
     batch_size, rows = cfg.student.batch_size, {"train": len(batcher.splits[served].files)}
     folder = os.path.join(data.folder, "signal")
     if views is None:  # no augmentation: one set of logits per training image
         key = signal_key("logits", *_signal_parts(cfg, teacher, data, transfer, None, compute))
+        compute_logits = (lambda: {"train": first_pass()["logits"]}) if first_pass else (
+            lambda: {"train": teacher.train_logits(batcher, batch_size, compute, transfer)})
         return ranks.main_first(lambda: cached_tensors(
-            os.path.join(folder, f"logits-{key}.pt"), rows,
-            lambda: {"train": teacher.train_logits(batcher, batch_size, compute, transfer)},
-            "teacher logits", log))["train"]
+            os.path.join(folder, f"logits-{key}.pt"), rows, compute_logits, "teacher logits", log))["train"]
     count = views.shape[1]
     key = signal_key("views", *_signal_parts(cfg, teacher, data, transfer, views, compute))
 
     def views_logits() -> dict[str, torch.Tensor]:
+        if first_pass:
+            return {"train": first_pass()["logits"]}
         with progress_bar(count * rows["train"], f"teacher logits for {count} views") as bar:
             return {"train": torch.stack([predict_logits(teacher.model, batcher(served, views=views[:, k:k + 1]),
                                                          batch_size, *compute, bar=bar) for k in range(count)], 1)}
@@ -243,24 +274,16 @@ def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, bat
 
 def _stored_features(teacher: TrainedTeacher, paths, cfg: Config, data: PreparedData, batcher: ImageBatcher,
                      served: str, transfer: str | None, views: torch.Tensor | None, compute: Compute,
-                     log, ranks: Ranks) -> dict[str, torch.Tensor]:
+                     log, ranks: Ranks, first_pass) -> dict[str, torch.Tensor]:
     """The teacher's outputs at the module paths for every training image (N, ...), or for each stored
     view (N, K, ...), in float16 (float32 where a value exceeds float16's range); computed once per
-    node, by its first process."""
-    view_batches = ([batcher(served)] if views is None else
-                    [batcher(served, views=views[:, k:k + 1]) for k in range(views.shape[1])])
-
-    def compute_features() -> dict[str, torch.Tensor]:
-        for dtype in (FEATURE_DTYPE, torch.float32):
-            features = hooked_outputs(teacher.model, paths, view_batches, cfg.student.batch_size, *compute, dtype)
-            if features is not None:
-                return {path: value.squeeze(1) if views is None else value for path, value in features.items()}
+    node, by its first process, in first_pass (which gave the logits, if they were not stored)."""
     key = signal_key("teacher-features", *paths, str(FEATURE_DTYPE),
                      *_signal_parts(cfg, teacher, data, transfer, views, compute))
     what = "teacher features" + ("" if views is None else f" for {views.shape[1]} views per image")
     return ranks.main_first(lambda: cached_tensors(
         os.path.join(data.folder, "signal", f"teacher-features-{key}.pt"),
-        {path: len(batcher.splits[served].files) for path in paths}, compute_features, what, log))
+        {path: len(batcher.splits[served].files) for path in paths}, lambda: first_pass()["features"], what, log))
 
 
 def without_teacher(batches: Batches, labelled: int) -> Batches:

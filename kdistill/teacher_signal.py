@@ -22,13 +22,14 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .cache import entry_lock
 from .compute import autocast
 from .errors import KdistillError
 from .features import FeatureTaps
 from .fileio import load_torch, save_torch, tensors_sha256
-from .progress import progress_bar
+from .progress import counted, progress_bar
 from .batches import Batches
 from .train import predict_logits
 
@@ -71,19 +72,21 @@ def feature_megabytes(shapes: dict[str, torch.Size], samples: int, dtype: torch.
 
 @torch.no_grad()
 def hooked_outputs(model: nn.Module, paths: Sequence[str], views: Sequence[Batches], batch_size: int,
-                   device: torch.device, precision: str = "fp32",
-                   dtype: torch.dtype = FEATURE_DTYPE) -> dict[str, torch.Tensor] | None:
-    """The output of each module at paths for every sample of each view's batches, (N, views,
-    *shape) in dtype; None if a value exceeds the range of a dtype narrower than float32."""
+                   device: torch.device, precision: str = "fp32", dtype: torch.dtype = FEATURE_DTYPE,
+                   bar: tqdm | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """One pass of the model over every sample of each view's batches: its logits (N, views, C) in
+    float32 and the output of each module at paths, (N, views, *shape) in dtype; None if a value
+    exceeds the range of a dtype narrower than float32."""
     taps = FeatureTaps(model, paths, "the teacher")
+    logits: list[torch.Tensor] = []
     stored: dict[str, torch.Tensor] = {}
     try:
         model.eval()
         for view, batches in enumerate(views):
-            start = 0
-            for x, *_ in batches.iterate(batch_size, device, precision=precision):
+            start, view_logits = 0, []
+            for x, *_ in counted(batches.iterate(batch_size, device, precision=precision), bar):
                 with autocast(device, precision):
-                    model(x)
+                    view_logits.append(model(x).float().cpu())
                 for path, value in taps.take().items():
                     narrower = torch.finfo(dtype).max < torch.finfo(value.dtype).max
                     if narrower and value.abs().max() > torch.finfo(dtype).max:
@@ -92,9 +95,10 @@ def hooked_outputs(model: nn.Module, paths: Sequence[str], views: Sequence[Batch
                         stored[path] = torch.empty((len(batches), len(views), *value.shape[1:]), dtype=dtype)
                     stored[path][start:start + len(value), view] = value.cpu()
                 start += len(x)
+            logits.append(torch.cat(view_logits))
     finally:
         taps.remove()
-    return stored
+    return torch.stack(logits, 1), stored
 
 
 def signal_key(*parts: str) -> str:

@@ -139,6 +139,34 @@ def test_auto_stores_random_crops_with_a_view_per_epoch_and_features_that_fit(di
             "distill.max_signal_memory_gb=0.0001)") in messages
 
 
+@pytest.mark.parametrize("augment, passes", [("none", [1]), ("flip", [2])])
+def test_logits_and_features_are_stored_from_one_pass_of_the_teacher(digits_dataset, tmp_path, monkeypatch,
+                                                                     augment, passes):
+    """A feature method's stored signal costs one teacher pass over the images (or each stored view),
+    not one for the logits and another for the features; a second run reuses both files."""
+    from kdistill import teacher as teacher_module
+
+    made = []
+    real_hooked_outputs = teacher_module.hooked_outputs
+
+    def counting(model, paths, view_batches, *args):
+        made.append(len(view_batches))
+        return real_hooked_outputs(model, paths, view_batches, *args)
+
+    def no_separate_logits_pass(*args, **kwargs):
+        raise AssertionError("the teacher's logits were computed in a pass of their own")
+    monkeypatch.setattr(teacher_module, "hooked_outputs", counting)
+    monkeypatch.setattr(teacher_module, "predict_logits", no_separate_logits_pass)
+    for run in ("first", "second"):
+        settings = tiny_settings(digits_dataset, str(tmp_path / run), str(tmp_path / "cache"), baseline=False,
+                                 augment=augment, **TINY, distill={"method": "fitnets", "fitnets": {"kd": True}})
+        assert kdistill.run(settings)["teacher_signal"] == ("views" if augment == "flip" else "cached")
+        assert made == passes  # the second run's teacher is the same weights: both files are reused
+    signal = glob.glob(str(tmp_path / "cache" / "*" / "signal" / "*.pt"))
+    kinds = sorted(os.path.basename(path).rsplit("-", 1)[0] for path in signal)
+    assert kinds == sorted(["teacher-features", "views" if augment == "flip" else "logits"])
+
+
 def test_auto_stores_features_where_exact():
     assert build_config(sets=["distill.method=at"]).signal_mode() == "cached"
     assert build_config(sets=["distill.method=at", "augment=flip"]).signal_mode() == "views"
@@ -159,7 +187,7 @@ def test_float16_features_change_the_feature_methods_loss_terms_by_less_than_a_t
     teacher, student = tiny_teacher().eval(), tiny_student().eval()
     batches = feature_batches()
     paths = ["layer1", "layer2", "avgpool"]
-    stored = {dtype: hooked_outputs(teacher, paths, [batches], 32, CPU, dtype=dtype) for dtype in
+    stored = {dtype: hooked_outputs(teacher, paths, [batches], 32, CPU, dtype=dtype)[1] for dtype in
               (torch.float16, torch.float32)}
     assert stored[torch.float16]["layer2"].dtype == torch.float16
     taps = FeatureTaps(student, paths, "the student")
@@ -188,4 +216,5 @@ def test_features_beyond_float16s_range_are_stored_in_float32():
     nn.init.constant_(loud.layer1.weight, 1000.0)
     flat = Batches(torch.ones(4, 3 * 16 * 16), torch.zeros(4, dtype=torch.int64), lambda x: x)
     assert hooked_outputs(loud, ["layer1"], [flat], 4, CPU, dtype=torch.float16) is None
-    assert hooked_outputs(loud, ["layer1"], [flat], 4, CPU, dtype=torch.float32)["layer1"].max() > 65504
+    logits, features = hooked_outputs(loud, ["layer1"], [flat], 4, CPU, dtype=torch.float32)
+    assert features["layer1"].max() > 65504 and logits.shape == (4, 1, 4) and logits.dtype == torch.float32
