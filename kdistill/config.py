@@ -53,10 +53,11 @@ class TrainConfig:
         "auto", "input standardization: imagenet statistics, the training set's, or auto (imagenet for "
                 "pretrained weights, the training set's for a model trained from scratch)",
         choices=("auto", "imagenet", "dataset"))
-    input_size: int = setting(0, "side in pixels of the images the model sees: every batch (the student's and the "
-                                 "teacher's one exact view) is resized to it, bilinearly, inside the model, in "
-                                 "training and deployed; 0: image_size. A ResNet or a pretrained model often does "
-                                 "better on a larger view of small images, at the cost of its compute")
+    input_size: int = setting(0, "smallest side in pixels of the images the model sees: where image_size is "
+                                 "smaller, every batch (the student's and the teacher's one exact view) is resized "
+                                 "up to it, bilinearly, inside the model, in training and deployed; 0: image_size. "
+                                 "A network made for ImageNet does better on a larger view of small images, at the "
+                                 "cost of its compute")
 
 
 @dataclass
@@ -68,8 +69,13 @@ class TeacherConfig(TrainConfig):
 
 
 def input_side(part: TrainConfig, image_size: int) -> int:
-    """The side of the images a model sees: its input_size where set, else image_size."""
-    return part.input_size or image_size
+    """The side of the images a model sees: its input_size where larger than image_size."""
+    return max(part.input_size, image_size)
+
+
+def upsampled_side(part: TrainConfig, image_size: int) -> int:
+    """The side a model resizes its views up to (models.Standardized's input_size); 0: none."""
+    return part.input_size if part.input_size > image_size else 0
 
 
 @dataclass
@@ -222,8 +228,8 @@ def missing_setting_keeps_results(name: str, cfg: "Config") -> bool:
     return ((name == "ensemble" and not cfg.ensemble)
             or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
             or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features())
-            or (name == "teacher.input_size" and not cfg.teacher.input_size)
-            or (name == "student.input_size" and not cfg.student.input_size))
+            or (name == "teacher.input_size" and not upsampled_side(cfg.teacher, cfg.image_size))
+            or (name == "student.input_size" and not upsampled_side(cfg.student, cfg.image_size)))
 
 
 def preset_names() -> list[str]:
@@ -311,7 +317,7 @@ def validate(cfg: Config) -> None:
     for name, part in parts:
         require(part.input_size == 0 or part.input_size >= 8, f"{name}.input_size",
                 f"must be 0 (image_size) or >= 8, got {part.input_size}")
-        size_key = f"{name}.input_size" if part.input_size else "image_size"
+        size_key = f"{name}.input_size" if upsampled_side(part, cfg.image_size) else "image_size"
         _check_arch(f"{name}.arch", part.arch, input_side(part, cfg.image_size), size_key)
         require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
         require(part.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {part.batch_size}")

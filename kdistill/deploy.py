@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .config import Config
+from .config import Config, upsampled_side
 from .data import PreparedData, prepare, scan_dataset
 from .data_key import same_data
 from .errors import KdistillError
@@ -281,7 +281,8 @@ def run_teacher(run_dir: str, cfg: Config, classes: list[str], trust_arch: bool,
             f"row (pass --trust-arch if you trust the run)")
         return None
     model, _ = build_model(arch, len(classes), cfg.teacher.dropout)
-    teacher = Standardized(model, [0.0] * 3, [1.0] * 3, cfg.teacher.input_size)  # the statistics are in the weights
+    # The statistics and the size it resizes to are in the weights.
+    teacher = Standardized(model, [0.0] * 3, [1.0] * 3, upsampled_side(cfg.teacher, cfg.image_size))
     try:
         teacher.load_state_dict(load_torch(path, what="teacher weights"))
     except RuntimeError as e:

@@ -18,7 +18,8 @@ from torch import nn
 from .batcher import ImageBatcher
 from .batches import Batches
 from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process, resolve_precision
-from .config import Config, input_side, missing_setting_keeps_results, result_differences, save_config
+from .config import (Config, input_side, missing_setting_keeps_results, result_differences, save_config,
+                     upsampled_side)
 from .settings import read_yaml
 from .deploy import deployment_check
 from .data import DatasetFiles, PreparedData, prepare, scan_dataset, to_unit_range
@@ -58,13 +59,13 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
                   objective: nn.Module, compute: Compute, log, checkpoint_dir: str | None = None,
                   ranks: Ranks = ONE_PROCESS) -> tuple[Standardized, str, list]:
     """(model, its input statistics, history); checkpoints in checkpoint_dir, else OUT/checkpoints/<name>."""
-    s = cfg.student
+    s, upsampled = cfg.student, upsampled_side(cfg.student, cfg.image_size)
     # The student and the baseline of a seed start from the same weights and see the same inputs
     # in the same order (same seeds, see train.fit): the teacher is the only difference between them.
     torch.manual_seed(seed + 1)
     student, _, normalize = standardized_model(s.arch, len(data.classes), s.dropout, s.weights, s.normalize,
-                                               data.mean, data.std, s.input_size)
-    resized = f", sees each view resized to {s.input_size} px" if s.input_size else ""
+                                               data.mean, data.std, upsampled)
+    resized = f", sees each view resized to {upsampled} px" if upsampled else ""
     log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, input standardized with "
         f"{normalize} statistics{resized}, {s.epochs} epochs, "
         f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
@@ -72,7 +73,7 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     # A method that trains a model of its own beside the student (DML's peer) builds it like the student, from scratch.
     objective.make_model = lambda arch: compute.place(standardized_model(
         s.arch if arch == "student" else arch, len(data.classes), s.dropout, "none", s.normalize, data.mean,
-        data.std, s.input_size)[0])
+        data.std, upsampled)[0])
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
     history = fit(name, student, student, train, val, objective, s,

@@ -13,7 +13,7 @@ import torch
 from .augment import stored_views
 from .batcher import ImageBatcher
 from .compute import ONE_PROCESS, Compute, Ranks
-from .config import Config
+from .config import Config, upsampled_side
 from .data import PreparedData
 from .distillers import CrossEntropy
 from .features import OnlineTeacher
@@ -82,9 +82,9 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     seed = cfg.seed if seed is None else seed
     torch.manual_seed(seed)
     teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
-                                                  data.mean, data.std, t.input_size)
+                                                  data.mean, data.std, upsampled_side(t, cfg.image_size))
     trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
-    resized = f", sees each view resized to {t.input_size} px" if t.input_size else ""
+    resized = f", sees each view resized to {teacher.input_size} px" if teacher.input_size else ""
     log(f"{name}: {t.arch}, weights {t.weights}, {trained_part}, input standardized with {normalize} "
         f"statistics{resized}, {t.epochs} epochs")
     teacher = compute.place(teacher)

@@ -7,7 +7,7 @@ import yaml
 
 from kdistill import cli
 from kdistill.config import (Config, NON_RESULT_KEYS, build_config, load_preset, preset_names, result_differences,
-                             save_config)
+                             input_side, save_config, upsampled_side)
 from kdistill.errors import KdistillError
 from kdistill.features import output_shapes, resolve_auto_layers
 from kdistill.models import build_model, trainable_part
@@ -108,6 +108,14 @@ def test_auto_layers_match_the_teacher_at_the_size_it_sees():
     cfg = build_config("recommended", overrides={"image_size": 64}, sets=["teacher.input_size=128"])
     assert resolve_auto_layers(cfg, lambda message: None).distill.fitnets.teacher_layer == "layer3"
     assert dict(output_shapes(cfg.teacher.arch, 128))["layer3"] == (256, 8, 8)
+
+
+def test_input_size_is_a_smallest_side_so_larger_images_are_left_as_they_are():
+    for image_size, side, upsampled in ((64, 128, 128), (128, 128, 0), (224, 128, 0)):
+        cfg = build_config("recommended", overrides={"image_size": image_size}, sets=["student.input_size=128"])
+        assert (input_side(cfg.student, image_size), upsampled_side(cfg.student, image_size)) == (
+            max(side, image_size), upsampled)
+    assert upsampled_side(Config().teacher, 64) == 0  # input_size 0: image_size
 
 
 def test_auto_layers_match_the_student_at_the_size_it_sees():

@@ -220,15 +220,19 @@ def test_a_teacher_with_an_input_size_sees_every_view_larger_and_is_measured_and
 
 def test_a_student_with_an_input_size_trains_deploys_and_predicts_at_that_size(digits_dataset, tmp_path):
     """student.input_size: the student and the baseline see every 16 px view at 32 px, in training,
-    in student.pt, in ONNX (the resize is in the graph) and in its int8 copy."""
+    in student.pt, in ONNX (the resize is in the graph) and in its int8 copy. An input_size no larger
+    than image_size (the teacher's here) changes nothing: the rule a preset can state for any data."""
     out = str(tmp_path / "run")
     settings = tiny_settings(digits_dataset, out, str(tmp_path / "cache"), deploy_check=True,
-                             student={"epochs": 1, "lr_step": 0, "input_size": 32}, teacher={"epochs": 1})
+                             student={"epochs": 1, "lr_step": 0, "input_size": 32},
+                             teacher={"epochs": 1, "input_size": 12})
     messages = []
     metrics = kdistill.run(settings, log=messages.append)
     student, baseline, teacher = (metrics["models"][name] for name in ("student", "baseline", "teacher"))
     assert (student["input_size"], baseline["input_size"], teacher["input_size"]) == (32, 32, 16)
     assert sum("sees each view resized to 32 px" in message for message in messages) == 2  # student, baseline
+    assert not any("resized to 12" in message for message in messages)
+    assert set(load_torch(os.path.join(out, "models", "teacher.pt"))) & {"mean", "resized_to"} == {"mean"}
     from kdistill.evaluate import gflops
     from kdistill.models import build_model
 
