@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .config import input_side
+from .config import input_side, upsampled_side
 from .distillers.base import Distiller, Outputs
 from .errors import KdistillError
 from .models import Standardized, build_model
@@ -132,15 +132,22 @@ def matching_teacher_module(student_path: str, student_shapes, teacher_shapes, s
 def resolve_auto_layers(cfg, log):
     """cfg with every `auto` teacher path of its method replaced by the matching teacher module,
     each logged with both shapes. The saved config keeps `auto`: the choice repeats for the same
-    architectures and image size."""
+    architectures and sizes.
+
+    The teacher's maps are those at the size it sees, the student's those at image_size: a student
+    that sees its views upsampled (student.input_size) has maps larger by that factor, pooled down
+    to the teacher's in training (at.pool_to_common_size), so the stored teacher features stay the
+    size the data has, not the upsampling's."""
     method = cfg.distilling_method()
     section = getattr(cfg.distill, method, None)
     pairs = [(student, teacher) for student, teacher in LAYER_SETTINGS if hasattr(section, teacher)]
     if not any(AUTO in _as_list(getattr(section, teacher)) for _, teacher in pairs):
         return cfg
-    student_shapes = output_shapes(cfg.student.arch, input_side(cfg.student, cfg.image_size))
+    student_shapes = output_shapes(cfg.student.arch, cfg.image_size)
     teacher_shapes = output_shapes(cfg.teacher.arch, input_side(cfg.teacher, cfg.image_size))
     student_modules = dict(student_shapes)
+    upsampled = upsampled_side(cfg.student, cfg.image_size)
+    pooled = f" at {cfg.image_size} px (its {upsampled} px map is pooled to it)" if upsampled else ""
     changes = {}
     for student_name, teacher_name in pairs:
         resolved = []
@@ -154,7 +161,7 @@ def resolve_auto_layers(cfg, log):
                 setting = f"distill.{method}.{teacher_name}"
                 teacher_path = matching_teacher_module(student_path, student_shapes, teacher_shapes, setting)
                 log(f"{setting}: {AUTO} is the teacher's {teacher_path} {dict(teacher_shapes)[teacher_path]}, "
-                    f"for the student's {student_path} {student_modules[student_path]}")
+                    f"for the student's {student_path} {student_modules[student_path]}{pooled}")
             resolved.append(teacher_path)
         changes[teacher_name] = resolved if isinstance(getattr(section, teacher_name), list) else resolved[0]
     return dataclasses.replace(cfg, distill=dataclasses.replace(

@@ -118,13 +118,14 @@ def test_input_size_is_a_smallest_side_so_larger_images_are_left_as_they_are():
     assert upsampled_side(Config().teacher, 64) == 0  # input_size 0: image_size
 
 
-def test_auto_layers_match_the_student_at_the_size_it_sees():
-    """A student that sees 64 px views at 128 px has a 16x16 layer2: the teacher's module of that size."""
-    cfg = build_config("recommended", overrides={"image_size": 64},
-                       sets=["teacher.input_size=128", "student.input_size=128"])
-    assert resolve_auto_layers(cfg, lambda message: None).distill.fitnets.teacher_layer == "layer2"
+def test_auto_layers_match_the_students_map_at_image_size_not_its_upsampling():
+    """A student that sees 64 px views at 128 px has a 16x16 layer2, pooled to the teacher's 8x8 in
+    training: the teacher's module stays the one for 64 px, and so does the size of its features."""
+    for student_size in (0, 128):
+        cfg = build_config("recommended", overrides={"image_size": 64},
+                           sets=["teacher.input_size=128", f"student.input_size={student_size}"])
+        assert resolve_auto_layers(cfg, lambda message: None).distill.fitnets.teacher_layer == "layer3"
     assert dict(output_shapes(cfg.student.arch, 128))["layer2"] == (128, 16, 16)
-    assert dict(output_shapes(cfg.teacher.arch, 128))["layer2"] == (128, 16, 16)
 
 
 def test_layers_override_in_order(tmp_path):

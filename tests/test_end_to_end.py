@@ -225,13 +225,17 @@ def test_a_student_with_an_input_size_trains_deploys_and_predicts_at_that_size(d
     out = str(tmp_path / "run")
     settings = tiny_settings(digits_dataset, out, str(tmp_path / "cache"), deploy_check=True,
                              student={"epochs": 1, "lr_step": 0, "input_size": 32},
-                             teacher={"epochs": 1, "input_size": 12})
+                             teacher={"epochs": 1, "input_size": 12},
+                             distill={"method": "fitnets", "fitnets": {"kd": True, "teacher_layer": "auto"}})
     messages = []
     metrics = kdistill.run(settings, log=messages.append)
     student, baseline, teacher = (metrics["models"][name] for name in ("student", "baseline", "teacher"))
     assert (student["input_size"], baseline["input_size"], teacher["input_size"]) == (32, 32, 16)
     assert sum("sees each view resized to 32 px" in message for message in messages) == 2  # student, baseline
     assert not any("resized to 12" in message for message in messages)
+    # The hint's teacher layer is matched at the data's 16 px; the student's 4x4 layer2 is pooled to it.
+    assert ("distill.fitnets.teacher_layer: auto is the teacher's layer2 (128, 2, 2), for the student's layer2 "
+            "(128, 2, 2) at 16 px (its 32 px map is pooled to it)") in messages
     assert set(load_torch(os.path.join(out, "models", "teacher.pt"))) & {"mean", "resized_to"} == {"mean"}
     from kdistill.evaluate import gflops
     from kdistill.models import build_model
