@@ -85,9 +85,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kdistill-bench-signal-", dir="/tmp"))
     try:
         subset = make_subset(args.data.resolve(), work / "data", args.limit, args.val_per_class)
+        # Both models at --size px (input_size 0): the ratios of the signals' costs, as first measured.
         base = build_config(preset="recommended", overrides={
             "data": str(subset), "image_size": args.size, "cache_dir": str(work / "cache"), "device": "cpu",
-            "teacher": {"arch": args.teacher, "weights": "none"}, "student": {"epochs": 1, "warmup_epochs": 0}})
+            "teacher": {"arch": args.teacher, "weights": "none", "input_size": 0},
+            "student": {"epochs": 1, "warmup_epochs": 0, "input_size": 0}})
         base = resolve_auto_layers(base, print)
         compute = Compute(torch.device("cpu"), resolve_precision(base.precision, torch.device("cpu")))
         data = prepare(base.data, args.size, base.cache_dir, log=print)

@@ -91,16 +91,23 @@ def test_preset_keys_are_all_settings(preset):
 
 
 def test_the_recommended_preset_stores_kd_and_the_hint_for_each_view():
-    """Its teacher's logits and hint features are stored for as many views as student epochs; with
-    the default ResNet34 teacher at 64 px, its layer2 for 7,800 images x 30 views (3.6 GiB) fits the
-    default memory limit (above it, auto runs the teacher online: tests/test_feature_cache.py)."""
-    cfg = resolve_auto_layers(build_config("recommended", overrides={"image_size": 64}), lambda message: None)
-    hint_settings = (cfg.distill.method, cfg.distill.fitnets.kd, cfg.distill.fitnets.teacher_layer)
-    assert hint_settings == ("fitnets", True, "layer2")
-    assert cfg.signal_mode() == "views" and cfg.distill.views == cfg.student.epochs
-    hint = dict(output_shapes(cfg.teacher.arch, 64))["layer2"]
-    assert hint == (128, 8, 8)
-    assert 3.5 < feature_megabytes({"layer2": hint}, 7800 * cfg.distill.views) / 1024 < cfg.distill.max_signal_memory_gb
+    """Its teacher's logits and hint features are stored for as many views as student epochs where
+    they fit. At 64 px both models see 128 px; the hint is matched at 64 px: EfficientNet-Lite0's
+    _blocks.10 for 7,800 images x 30 views (3.1 GiB) fits the default memory limit, the default
+    ResNet34's layer3 (7.3 GiB) does not, so auto runs that teacher online
+    (tests/test_feature_cache.py)."""
+    for teacher, layer, hint, fits in (("resnet34", "layer3", (256, 8, 8), False),
+                                       ("kdistill.zoo:efficientnet_lite0", "_blocks.10", (112, 8, 8), True)):
+        cfg = resolve_auto_layers(build_config("recommended", overrides={"image_size": 64},
+                                               sets=[f"teacher.arch={teacher}", "teacher.weights=none"]),
+                                  lambda message: None)
+        assert (input_side(cfg.teacher, 64), input_side(cfg.student, 64)) == (128, 128)
+        hint_settings = (cfg.distill.method, cfg.distill.fitnets.kd, cfg.distill.fitnets.teacher_layer)
+        assert hint_settings == ("fitnets", True, layer)
+        assert cfg.signal_mode() == "views" and cfg.distill.views == cfg.student.epochs
+        assert dict(output_shapes(cfg.teacher.arch, 128))[layer] == hint
+        gigabytes = feature_megabytes({layer: hint}, 7800 * cfg.distill.views) / 1024
+        assert (gigabytes < cfg.distill.max_signal_memory_gb) == fits
 
 
 def test_auto_layers_match_the_teacher_at_the_size_it_sees():

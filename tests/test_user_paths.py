@@ -182,7 +182,9 @@ def test_the_recommended_preset_runs_from_the_command_line(digits_dataset, tmp_p
     sets = {"cache_dir": tmp_path / "cache", "image_size": 16, "device": "cpu", "precision": "fp32",
             "deploy_check": "false", "teacher.arch": "tiny_nets:tiny_teacher", "teacher.weights": "none",
             "teacher.epochs": 1, "teacher.warmup_epochs": 0, "student.arch": "tiny_nets:tiny_student",
-            "student.epochs": 2, "student.warmup_epochs": 0, "distill.views": 2}
+            "student.epochs": 2, "student.warmup_epochs": 0, "distill.views": 2,
+            # The preset's 128 px floor would leave the tiny teacher no map of the student's size.
+            "teacher.input_size": 0, "student.input_size": 0}
     out = tmp_path / "run"
     code = main(["run", "--data", digits_dataset, "--out", str(out), "--preset", "recommended", "--no-baseline",
                  *[arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]])
