@@ -3,12 +3,13 @@ torchvision or module:callable model, without rewriting it.
 
 Paths name modules of the network itself (`layer3`, `layer4.1.conv2`, `avgpool`), inside the
 input standardization that kdistill wraps every model in. A teacher path may be `auto`: the
-teacher's module whose map has the height and width of the paired student module's (see
+teacher's module whose map is nearest in height and width to the paired student module's (see
 matching_teacher_module), so a method runs on any convolutional teacher without reading its code.
 """
 from __future__ import annotations
 
 import dataclasses
+from fractions import Fraction
 from typing import Sequence
 
 import torch
@@ -110,21 +111,29 @@ def output_shapes(arch: str, image_size: int) -> list[tuple[str, tuple[int, ...]
 
 
 def matching_teacher_module(student_path: str, student_shapes, teacher_shapes, setting: str) -> str:
-    """The teacher module for `auto`: of those whose output map has the height and width of the
-    student's module at student_path, the shallowest (fewest dots: a stage or block rather than a
-    layer inside it), and of those the last to run (the stage's output). A ResNet teacher gets the
-    student's own names (layer2 for layer2, avgpool for avgpool); EfficientNet-Lite0 at 64 px gets
-    _blocks.4 for ResNet18's layer2 and _avg_pooling for its avgpool."""
+    """The teacher module for `auto`: of those whose output map is nearest in height and width to
+    the student's module at student_path (the same size where one has it; nearness by ratio, and
+    of a larger and a smaller map equally near, the larger), the shallowest (fewest dots: a stage or
+    block rather than a layer inside it), and of those the last to run (the stage's output). A
+    ResNet teacher gets the student's own names (layer2 for layer2, avgpool for avgpool);
+    EfficientNet-Lite0 at 64 px gets _blocks.4 for ResNet18's layer2 and _avg_pooling for its
+    avgpool. Maps of different sizes are average-pooled to the smaller in training."""
     student, teacher_maps = _last_outputs(student_shapes), _last_outputs(teacher_shapes)
     shape = student[student_path]
     if len(shape) != 3:
         raise KdistillError(f"setting {setting} is {AUTO}, which matches map sizes, but the student's "
                             f"{student_path} gives features of shape {shape}, not (channels, height, width); "
                             f"name the teacher's module")
-    same_size = [path for path, teacher in teacher_maps.items() if len(teacher) == 3 and teacher[1:] == shape[1:]]
-    if not same_size:
-        raise KdistillError(f"setting {setting} is {AUTO}, but no module of the teacher gives a "
-                            f"{shape[1]}x{shape[2]} map like the student's {student_path}; name the teacher's module")
+    maps = {path: teacher for path, teacher in teacher_maps.items() if len(teacher) == 3}
+    if not maps:
+        raise KdistillError(f"setting {setting} is {AUTO}, but no module of the teacher gives a map "
+                            f"(channels, height, width) like the student's {student_path}; name the teacher's module")
+
+    def distance(teacher: tuple[int, ...]) -> tuple[Fraction, int]:
+        ratios = [Fraction(max(a, b), min(a, b)) for a, b in zip(teacher[1:], shape[1:])]
+        return ratios[0] * ratios[1], -teacher[1] * teacher[2]
+    nearest = min(distance(teacher) for teacher in maps.values())
+    same_size = [path for path, teacher in maps.items() if distance(teacher) == nearest]
     depth = min(path.count(".") for path in same_size)
     return [path for path in same_size if path.count(".") == depth][-1]
 
@@ -135,9 +144,9 @@ def resolve_auto_layers(cfg, log):
     architectures and sizes.
 
     The teacher's maps are those at the size it sees, the student's those at image_size: a student
-    that sees its views upsampled (student.input_size) has maps larger by that factor, pooled down
-    to the teacher's in training (at.pool_to_common_size), so the stored teacher features stay the
-    size the data has, not the upsampling's."""
+    that sees its views upsampled (student.input_size) has maps larger by that factor, and in
+    training the larger of two maps is pooled to the smaller (at.pool_to_common_size), so the stored
+    teacher features stay about the size the data has, not the upsampling's."""
     method = cfg.distilling_method()
     section = getattr(cfg.distill, method, None)
     pairs = [(student, teacher) for student, teacher in LAYER_SETTINGS if hasattr(section, teacher)]
@@ -147,7 +156,8 @@ def resolve_auto_layers(cfg, log):
     teacher_shapes = output_shapes(cfg.teacher.arch, input_side(cfg.teacher, cfg.image_size))
     student_modules = dict(student_shapes)
     upsampled = upsampled_side(cfg.student, cfg.image_size)
-    pooled = f" at {cfg.image_size} px (its {upsampled} px map is pooled to it)" if upsampled else ""
+    # The maps the student gives in training, where they are not those at image_size.
+    trained_maps = _last_outputs(output_shapes(cfg.student.arch, upsampled)) if upsampled else {}
     changes = {}
     for student_name, teacher_name in pairs:
         resolved = []
@@ -160,12 +170,28 @@ def resolve_auto_layers(cfg, log):
                                         f"has no module {student_path!r}; its top-level modules are: {top}")
                 setting = f"distill.{method}.{teacher_name}"
                 teacher_path = matching_teacher_module(student_path, student_shapes, teacher_shapes, setting)
-                log(f"{setting}: {AUTO} is the teacher's {teacher_path} {dict(teacher_shapes)[teacher_path]}, "
-                    f"for the student's {student_path} {student_modules[student_path]}{pooled}")
+                log(_choice(setting, teacher_path, dict(teacher_shapes)[teacher_path], student_path,
+                            student_modules[student_path], cfg.image_size, upsampled, trained_maps.get(student_path)))
             resolved.append(teacher_path)
         changes[teacher_name] = resolved if isinstance(getattr(section, teacher_name), list) else resolved[0]
     return dataclasses.replace(cfg, distill=dataclasses.replace(
         cfg.distill, **{method: dataclasses.replace(section, **changes)}))
+
+
+def _choice(setting: str, teacher_path: str, teacher_map, student_path: str, student_map, image_size: int,
+            upsampled: int, trained_map) -> str:
+    """The log line of an `auto` choice: both maps, the one the student gives in training where it
+    sees its views upsampled, and the pooling where the maps it meets in training differ in size."""
+    line = f"{setting}: {AUTO} is the teacher's {teacher_path} {teacher_map}, for the student's {student_path} "
+    if not upsampled:
+        line += f"{student_map}"
+    else:
+        line += f"{student_map} at {image_size} px; it sees {upsampled} px, where that map is {trained_map}"
+        student_map = trained_map
+    if tuple(teacher_map[1:]) != tuple(student_map[1:]):
+        common = "x".join(str(min(a, b)) for a, b in zip(teacher_map[1:], student_map[1:]))
+        line += f"; in training the larger is average-pooled to {common}"
+    return line
 
 
 def _last_outputs(shapes) -> dict[str, tuple[int, ...]]:

@@ -135,6 +135,27 @@ def test_auto_layers_match_the_students_map_at_image_size_not_its_upsampling():
     assert dict(output_shapes(cfg.student.arch, 128))["layer2"] == (128, 16, 16)
 
 
+def test_the_recommended_preset_finds_a_hint_layer_where_no_teacher_map_has_the_students_size():
+    """Both models see 128 px below it, so a student's layer2 at image_size has no teacher map of its
+    size between 64 and 128 px: auto takes the nearest, and at 112 px that is the teacher's 16x16
+    layer2, the map the student's layer2 gives at the 128 px it sees."""
+    for teacher in ("resnet34", "kdistill.zoo:efficientnet_lite0"):
+        for image_size in (48, 80, 112):  # no teacher map has the student's size (64 px: the test above)
+            cfg = build_config("recommended", overrides={"image_size": image_size},
+                               sets=[f"teacher.arch={teacher}", "teacher.weights=none"])
+            layer = resolve_auto_layers(cfg, lambda message: None).distill.fitnets.teacher_layer
+            teacher_map = dict(output_shapes(teacher, input_side(cfg.teacher, image_size)))[layer]
+            student_map = dict(output_shapes("resnet18", image_size))["layer2"]
+            assert 1 / 2 < teacher_map[1] / student_map[1] < 2, (teacher, image_size, layer)
+    logged = []
+    resolve_auto_layers(build_config("recommended", overrides={"image_size": 112}), logged.append)
+    assert logged == ["distill.fitnets.teacher_layer: auto is the teacher's layer2 (128, 16, 16), for the student's "
+                      "layer2 (128, 14, 14) at 112 px; it sees 128 px, where that map is (128, 16, 16)"]
+    resolve_auto_layers(build_config("recommended", overrides={"image_size": 64}), logged.append)
+    assert logged[1].endswith("at 64 px; it sees 128 px, where that map is (128, 16, 16); in training the larger "
+                              "is average-pooled to 8x8")
+
+
 def test_layers_override_in_order(tmp_path):
     file = tmp_path / "my.yaml"
     file.write_text("image_size: 96\nstudent:\n  epochs: 7\n")

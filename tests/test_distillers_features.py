@@ -338,8 +338,36 @@ def test_auto_takes_the_shallowest_last_teacher_module_with_the_student_maps_siz
     with pytest.raises(KdistillError, match=r"^setting distill.at.teacher_layers is auto, .* student's fc gives "
                                             r"features of shape \(10,\)"):
         matching_teacher_module("fc", student, teacher, "distill.at.teacher_layers")
-    with pytest.raises(KdistillError, match="no module of the teacher gives a 8x8 map like the student's layer2"):
-        matching_teacher_module("layer2", student, teacher[:2], "s")
+    with pytest.raises(KdistillError, match="no module of the teacher gives a map .* like the student's layer2"):
+        matching_teacher_module("layer2", student, [("head", (10,))], "s")
+
+
+def test_auto_takes_the_nearest_map_where_no_teacher_module_has_the_students_size():
+    """A 64 px student's 8x8 map against a teacher that sees 128 px, or a 112 px student's 14x14:
+    the nearest by ratio, and of two equally near (16x16 and 4x4 for 8x8) the larger."""
+    teacher = [("stem", (32, 32, 32)), ("layer1", (64, 16, 16)), ("layer2", (128, 8, 8)), ("layer3", (256, 4, 4))]
+    for side, nearest in ((14, "layer1"), (12, "layer1"), (10, "layer2"), (6, "layer2"), (5, "layer3"),
+                          (2, "layer3"), (64, "stem")):
+        assert matching_teacher_module("hint", [("hint", (8, side, side))], teacher, "s") == nearest, side
+    assert matching_teacher_module("hint", [("hint", (8, 8, 8))], teacher[:2] + teacher[3:], "s") == "layer1"
+
+
+@pytest.mark.parametrize("student_side, teacher_side", [(16, 14), (14, 16)])
+def test_fitnets_pools_maps_whose_sizes_are_not_multiples_of_each_other(student_side, teacher_side):
+    """What auto's nearest map gives (a 112 px student's 14x14 against a 16x16): the larger map is
+    average-pooled to the smaller with overlapping windows (16 to 14: the first cell is the mean of
+    the top-left 2x2), not refused."""
+    torch.manual_seed(0)
+    hint_map, guide = torch.randn(2, 4, student_side, student_side), torch.randn(2, 3, teacher_side, teacher_side)
+    objective = built(FitNets, {"layer2": hint_map.shape}, {"layer2": guide.shape}, hint_weight=10.0).eval()
+    terms = objective(Outputs(torch.tensor(LOGITS), {"layer2": hint_map}), torch.tensor(LABELS),
+                      Outputs(torch.zeros(2, 3), {"layer2": guide}))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(hint_map if student_side > teacher_side else guide, 14)
+    larger = hint_map if student_side > teacher_side else guide
+    assert torch.allclose(pooled[:, :, 0, 0], larger[:, :, :2, :2].mean((2, 3)))
+    regressed = objective.regressor(pooled if student_side > teacher_side else hint_map)
+    expected = 10.0 * torch.nn.functional.mse_loss(regressed, guide if student_side > teacher_side else pooled)
+    assert terms["hint"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_auto_with_a_student_module_that_does_not_exist_names_the_students_setting():

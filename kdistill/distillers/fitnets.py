@@ -48,7 +48,7 @@ class FitNets(LayerPairDistiller):
         student_layer: str = setting("layer2", "student module whose output is the hint (mdistiller: the "
                                                "second stage of a ResNet)")
         teacher_layer: str = setting("layer2", "teacher module whose output guides the hint (auto: the "
-                                               "shallowest one whose map has the hint's height and width)")
+                                               "shallowest one whose map is nearest in size to the hint's)")
         hint_weight: float = setting(100.0, "weight of the hint's mean squared error (mdistiller: 100)")
         kd: bool = setting(False, "also distill the logits: KD's alpha*T^2*KL + (1-alpha)*CE (distill.alpha and "
                                   "distill.temperature) in place of the plain CE")
