@@ -235,7 +235,8 @@ def test_a_student_with_an_input_size_trains_deploys_and_predicts_at_that_size(d
     assert not any("resized to 12" in message for message in messages)
     # The hint's teacher layer is matched at the data's 16 px; the student's 4x4 layer2 is pooled to it.
     assert ("distill.fitnets.teacher_layer: auto is the teacher's layer2 (128, 2, 2), for the student's layer2 "
-            "(128, 2, 2) at 16 px (its 32 px map is pooled to it)") in messages
+            "(128, 2, 2) at 16 px; it sees 32 px, where that map is (128, 4, 4); in training the larger is "
+            "average-pooled to 2x2") in messages
     assert set(load_torch(os.path.join(out, "models", "teacher.pt"))) & {"mean", "resized_to"} == {"mean"}
     from kdistill.evaluate import gflops
     from kdistill.models import build_model
