@@ -103,6 +103,13 @@ def _without_aux(arch: str, state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
 
 
+def weights_source(arch: str, weights: str) -> str:
+    """Where a model's starting weights come from, in words for the log."""
+    if weights != "none":
+        return f"with weights {weights}"
+    return "with the weights its callable returns" if ":" in arch else "from scratch"
+
+
 def build_model(arch: str, num_classes: int, dropout: float = 0.0,
                 weights: str = "none") -> tuple[nn.Module, str]:
     """The architecture with `weights` loaded into its backbone and a fresh head for num_classes.

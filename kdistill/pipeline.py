@@ -31,7 +31,7 @@ from .export import export_onnx, save_bundle
 from .features import resolve_auto_layers
 from .fileio import atomic_write_text, folder_in_use, remove_stale_temporaries, save_torch
 from .html_report import write_html_report
-from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model
+from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model, weights_source
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
@@ -66,7 +66,7 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     student, _, normalize = standardized_model(s.arch, len(data.classes), s.dropout, s.weights, s.normalize,
                                                data.mean, data.std, upsampled)
     resized = f", sees each view resized to {upsampled} px" if upsampled else ""
-    log(f"{name}: {s.arch} from {'scratch' if s.weights == 'none' else s.weights}, input standardized with "
+    log(f"{name}: {s.arch} {weights_source(s.arch, s.weights)}, input standardized with "
         f"{normalize} statistics{resized}, {s.epochs} epochs, "
         f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
     student = compute.place(student)

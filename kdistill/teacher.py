@@ -20,7 +20,7 @@ from .features import OnlineTeacher
 from .ensemble import EnsembleTeacher, combined_logits, ensemble_val_acc
 from .errors import KdistillError
 from .fileio import save_torch, tensors_sha256
-from .models import Standardized, standardized_model, trainable_part
+from .models import Standardized, standardized_model, trainable_part, weights_source
 from .progress import progress_bar
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
                              hooked_outputs, signal_key)
@@ -85,7 +85,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
                                                   data.mean, data.std, upsampled_side(t, cfg.image_size))
     trained_part = "frozen backbone, head only" if t.mode == "head" else "fully fine-tuned"
     resized = f", sees each view resized to {teacher.input_size} px" if teacher.input_size else ""
-    log(f"{name}: {t.arch}, weights {t.weights}, {trained_part}, input standardized with {normalize} "
+    log(f"{name}: {t.arch} {weights_source(t.arch, t.weights)}, {trained_part}, input standardized with {normalize} "
         f"statistics{resized}, {t.epochs} epochs")
     teacher = compute.place(teacher)
     head_only = t.mode == "head"

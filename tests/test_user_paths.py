@@ -191,6 +191,9 @@ def test_the_recommended_preset_runs_from_the_command_line(digits_dataset, tmp_p
     printed = capsys.readouterr().out
     assert code == 0
     assert "distill.fitnets.teacher_layer: auto is the teacher's layer2" in printed
+    # weights none on a module:callable keeps what the callable returns (the zoo's teachers are pretrained).
+    assert "teacher: tiny_nets:tiny_teacher with the weights its callable returns, fully fine-tuned" in printed
+    assert "student: tiny_nets:tiny_student with the weights its callable returns, input standardized" in printed
     with open(out / "metrics.json") as f:
         assert json.load(f)["teacher_signal"] == "views"
     with open(out / "config.yaml") as f:
