@@ -87,6 +87,12 @@ def seen_size(model: dict, image_size: int) -> str:
     return f" ({size} px)" if size != image_size else ""
 
 
+def _resized_text(models: dict, image_size: int) -> str:
+    """For the FLOPs note: the count of a model marked (N px) includes its resize, so it is at N px."""
+    return (" (a model marked with a size resizes the image to it first; its count is at that size)"
+            if any(seen_size(m, image_size) for m in models.values()) else "")
+
+
 def seeds_section(metrics: dict) -> list[str]:
     """The per-seed table and, in words, whether the gain is larger than the noise."""
     summary, rows, val_images = metrics["summary"], metrics["seeds"], metrics["images"]["val"]
@@ -195,8 +201,9 @@ def markdown(metrics: dict, config: dict) -> str:
     lines += [
         "", f"Distillation: method {d['method']}, T={d['temperature']}, alpha={d['alpha']}, teacher signal "
             f"{metrics['teacher_signal']} ({SIGNALS[metrics['teacher_signal'].split()[0]]})."
-            f"{_ensemble_text(metrics)}{_transfer_text(metrics)} GFLOPs count a multiply-add as two FLOPs, at "
-            f"{config['image_size']} px. Latency: median of 20 forward passes on {metrics['device']}.",
+            f"{_ensemble_text(metrics)}{_transfer_text(metrics)} GFLOPs count a multiply-add as two FLOPs, for "
+            f"one {config['image_size']} px image{_resized_text(models, config['image_size'])}. Latency: median of "
+            f"20 forward passes on {metrics['device']}.",
         "", "Wall time of each stage in the last invocation (s; a resumed run counts only what it redid): "
             + ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in metrics["stage_seconds"].items())
             + ". The teacher's train time above counts its epochs only; one-off feature extraction for a "

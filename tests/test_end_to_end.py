@@ -215,7 +215,10 @@ def test_a_teacher_with_an_input_size_sees_every_view_larger_and_is_measured_and
     assert teacher["gflops"] > 2 * gflops(network, 16, torch.device("cpu"))
     # The deployment table reloads models/teacher.pt with its resize: the same val accuracy.
     assert metrics["deployment"]["teacher_torch_fp32"]["val_acc"] == pytest.approx(teacher["best_val_acc"])
-    assert "| resnet18 (32 px) |" in open(tmp_path / "run" / "report.md").read()
+    report = open(tmp_path / "run" / "report.md").read()
+    assert "| resnet18 (32 px) |" in report
+    assert ("GFLOPs count a multiply-add as two FLOPs, for one 16 px image (a model marked with a size resizes "
+            "the image to it first; its count is at that size).") in report
 
 
 def test_a_student_with_an_input_size_trains_deploys_and_predicts_at_that_size(digits_dataset, tmp_path):
