@@ -162,6 +162,19 @@ def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> 
     save_torch(state, last_path)
 
 
+def _warn_if_the_average_stays_near_the_start(name: str, decay: float, steps_per_epoch: int, epochs: int,
+                                             log) -> None:
+    """A decay set for thousands of steps, on a small dataset: the average would end mostly the
+    weights after the first step, so its val column would say little. Say so, and what would do."""
+    steps = steps_per_epoch * epochs
+    first_share = decay ** (steps - 1)  # the average starts at the weights after the first step
+    if steps > 1 and first_share > 0.01:
+        log(f"{name}: with ema {decay:g}, the weights after the first step still make up {first_share:.0%} of "
+            f"the average after this run's {steps} steps ({steps_per_epoch} per epoch), so it will stay near "
+            f"them (the better of it and the trained weights is kept); an ema of at most "
+            f"{0.01 ** (1 / (steps - 1)):.3g} averages over the run")
+
+
 def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches,
         objective: Distiller, cfg: TrainConfig, checkpoint_dir: str, device: torch.device,
         seed: int, log=print, precision: str = "fp32", ranks: Ranks = ONE_PROCESS) -> list[dict]:
@@ -185,11 +198,13 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     build_objective(objective, model, student_taps, train, device)
     ranks.sync_batch_norm(objective, device)  # a method's own BatchNorm (FitNets' regressor)
     # The method's own trainable parts (regressors, projectors) train beside the model.
-    optimizer, scheduler = build_optimizer(nn.ModuleList([trainable, objective]), cfg,
-                                           math.ceil(len(train) / cfg.batch_size))
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    optimizer, scheduler = build_optimizer(nn.ModuleList([trainable, objective]), cfg, steps_per_epoch)
     # The average of the weights after every step; BatchNorm statistics averaged too (use_buffers).
     ema = (AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
            if cfg.ema else None)
+    if ema is not None:
+        _warn_if_the_average_stays_near_the_start(name, cfg.ema, steps_per_epoch, cfg.epochs, log)
     shuffle_generator = torch.Generator().manual_seed(seed)
     view_generator = torch.Generator().manual_seed(seed + VIEW_SEED_OFFSET)
     # Where and how the numbers were computed: a resume elsewhere would not repeat them.

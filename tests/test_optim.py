@@ -207,6 +207,19 @@ def test_ema_is_the_exponential_average_of_the_weights_after_every_step_batchnor
     assert all({"val_acc_ema", "val_loss_ema", "best_source"} <= set(row) for row in history)
 
 
+def test_an_average_too_slow_for_the_run_is_named_with_the_decay_that_would_fit(tmp_path):
+    """2 epochs of 3 steps: at 0.9 the weights after the first step are 0.9^5 = 59% of the final
+    average; 0.01^(1/5) = 0.398 is the decay at which they would be 1%. At 0.3 (0.24%) nothing is said."""
+    logged = []
+    run_fit(tmp_path / "slow", TrainConfig(epochs=2, batch_size=10, lr=0.05, ema=0.9), log=logged.append)
+    assert ("model: with ema 0.9, the weights after the first step still make up 59% of the average after this "
+            "run's 6 steps (3 per epoch), so it will stay near them (the better of it and the trained weights is "
+            "kept); an ema of at most 0.398 averages over the run") in logged
+    logged.clear()
+    run_fit(tmp_path / "fits", TrainConfig(epochs=2, batch_size=10, lr=0.05, ema=0.3), log=logged.append)
+    assert logged and not any("with ema" in message for message in logged)
+
+
 class Killed(Exception):
     pass
 
