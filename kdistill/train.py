@@ -165,7 +165,7 @@ def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> 
 def _warn_if_the_average_stays_near_the_start(name: str, decay: float, steps_per_epoch: int, epochs: int,
                                              log) -> None:
     """A decay set for thousands of steps, on a small dataset: the average would end mostly the
-    weights after the first step, so its val column would say little. Say so, and what would do."""
+    weights after the first step, so its val column would say little. Say so, and name a decay that fits."""
     steps = steps_per_epoch * epochs
     first_share = decay ** (steps - 1)  # the average starts at the weights after the first step
     if steps > 1 and first_share > 0.01:
