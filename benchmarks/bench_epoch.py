@@ -13,6 +13,8 @@ One run, same data, same machine, variants interleaved within each repeat (media
       then 10 head epochs on the cached features; the one-off extraction is in its time)
   (e) with augmentation (crop_flip), kdistill's two distillation modes: K=8 stored views whose
       teacher logits are computed once (FKD), and the teacher run online on every batch
+  (f) the plain student epoch of (a) under bfloat16 autocast with channels_last, what
+      `precision: auto` runs on CPUs with bf16 units (skipped on CPUs without them)
 
 kdistill runs through its own functions (pipeline.train_student with student.epochs=1,
 teacher.train_teacher with teacher.epochs=10). A student epoch is reported twice: its training
@@ -30,6 +32,7 @@ compute threads and cost a start-up per epoch). --workers changes it.
     python benchmarks/bench_epoch.py --sizes 64 112 --limit 64 --repeats 3   # ~12 min on 2 CPU cores
     python benchmarks/bench_epoch.py --sizes 32 --limit 20 --repeats 1      # smoke test
     python benchmarks/bench_epoch.py --sizes 64 --only kd_plain kd_distill naive_plain  # whole train split
+    python benchmarks/bench_epoch.py --sizes 112 --only kd_plain kd_plain_bf16 # bf16 against float32
     python benchmarks/bench_epoch.py --memory-run                           # peak RSS of `kdistill run` at 224 px
 """
 from __future__ import annotations
@@ -59,7 +62,7 @@ from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy, build_distiller
 from kdistill.models import standardized_model
 from kdistill.batcher import ImageBatcher
-from kdistill.compute import Compute
+from kdistill.compute import Compute, cpu_has_bf16
 from kdistill.pipeline import train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches, train_teacher
 from kdistill.batches import Batches
@@ -183,7 +186,8 @@ class TimedBatches(Batches):
         self.seconds = time.perf_counter() - started
 
 
-def kdistill_student_epoch(cfg, data, batcher, train_batches, objective, work: Path) -> tuple[float, float]:
+def kdistill_student_epoch(cfg, data, batcher, train_batches, objective, work: Path,
+                           compute: Compute = COMPUTE) -> tuple[float, float]:
     """One student epoch as pipeline.run trains it (train_student with student.epochs=1).
 
     Returns (training loop, whole call): the loop is fit's pass over the training batches; the
@@ -194,7 +198,7 @@ def kdistill_student_epoch(cfg, data, batcher, train_batches, objective, work: P
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     started = time.perf_counter()
     train_student("student", cfg.seed, dataclasses.replace(cfg, out=str(out)), data, train_batches,
-                  batcher("val"), objective, COMPUTE, quiet)
+                  batcher("val"), objective, compute, quiet)
     whole = time.perf_counter() - started
     shutil.rmtree(out)
     return train_batches.seconds, whole
@@ -226,10 +230,12 @@ def warm_up(size: int, num_classes: int, batch_sizes: set[int]) -> None:
 # --- the benchmark ---------------------------------------------------------------------------
 
 RUNS = ("kd_plain", "kd_distill", "kd_views", "kd_online", "naive_plain", "naive_distill", "kd_teacher",
-        "naive_teacher")
+        "naive_teacher", "kd_plain_bf16")
 VARIANTS = {  # key -> label; "_whole" rows are the same kdistill runs timed as a whole fit call
     "kd_plain": "kdistill plain epoch (uint8 cache, CE): train loop",
     "kd_plain_whole": "  same, whole call (+build, val pass, checkpoints)",
+    "kd_plain_bf16": "kdistill plain epoch, bf16 + channels_last: loop",
+    "kd_plain_bf16_whole": "  same, whole call (+build, val pass, checkpoints)",
     "kd_distill": "kdistill distill epoch (cached logits, KD): loop",
     "kd_distill_whole": "  same, whole call (+build, val pass, checkpoints)",
     "naive_plain": "naive plain epoch (DataLoader+PIL, CE)",
@@ -296,10 +302,15 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
         "naive_plain": lambda: naive_student_epoch(loader, num_classes),
         "naive_distill": lambda: naive_student_epoch(loader, num_classes, teacher,
                                                      cfg.distill.temperature, cfg.distill.alpha),
+        "kd_plain_bf16": lambda: kdistill_student_epoch(cfg, data, batcher, batcher("train", augment=True),
+                                                        CrossEntropy(), work, Compute(DEVICE, "bf16")),
         "kd_teacher": lambda: kdistill_teacher_stage(cfg, data, batcher, work),
         "naive_teacher": lambda: naive_teacher_stage(loader, num_classes),
     }
-    runs = {name: run for name, run in runs.items() if name in args.only}
+    if "kd_plain_bf16" in args.only and not cpu_has_bf16():
+        print("kd_plain_bf16 skipped: this CPU has no bf16 units (precision: auto trains in float32 here)")
+    runs = {name: run for name, run in runs.items()
+            if name in args.only and (name != "kd_plain_bf16" or cpu_has_bf16())}
     times = {name: [] for name in runs}
     order = list(runs)
     for repeat in range(args.repeats):
@@ -348,13 +359,15 @@ def report(results: list[dict], args) -> None:
             ("naive teacher stage / cached teacher stage", "kd_teacher", "naive_teacher", ">= 5", 1 / 5),
             ("crop_flip: stored views / kdistill plain (loops)", "kd_views", "kd_plain", "(info)", None),
             ("crop_flip: teacher online / stored views (loops)", "kd_online", "kd_views", "(info)", None),
+            ("bf16 speed-up: float32 plain / bf16 plain (loops)", "kd_plain_bf16", "kd_plain", ">= 1.5", 1 / 1.5),
+            ("  same, whole calls", "kd_plain_bf16_whole", "kd_plain_whole", ">= 1.5", 1 / 1.5),
         ]
         for label, a, b, target, bound in checks:
             if a not in med or b not in med:
                 continue
             value = med[a] / med[b]
             verdict = "" if bound is None else ("met" if value <= bound else "MISSED")
-            if a == "kd_teacher":  # shown as a speed-up
+            if target.startswith(">="):  # shown as a speed-up
                 value = 1 / value
             print(f"  {label:53s} {value:6.3f}  target {target:20s} {verdict}")
     print(f"\npeak resident memory: this process {peak_rss_mib(resource.RUSAGE_SELF):.0f} MiB; "

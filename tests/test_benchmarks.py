@@ -1,6 +1,7 @@
 """The benchmark scripts keep running against today's kdistill (they are not imported by anything
 else, so an interface change would break them unnoticed): each on the tiny digits data, one repeat."""
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,15 @@ def test_the_signal_benchmark_compares_stored_views_and_an_online_teacher_with_a
 def test_the_epoch_benchmark_compares_kdistill_with_the_naive_loop(digits_dataset):
     printed = run_benchmark("bench_epoch.py", "--data", digits_dataset, "--sizes", "16", "--limit", "8",
                             "--val-per-class", "2", "--repeats", "1", "--only", "kd_plain", "kd_distill",
-                            "naive_plain")
+                            "naive_plain", "kd_plain_bf16")
     assert "kdistill distill / kdistill plain (loops)" in printed
     assert "kdistill distill (loop) / naive plain" in printed
+    # The bf16 epoch beside the float32 one, where the CPU has the units (and said so where not).
+    from kdistill.compute import cpu_has_bf16
+
+    if cpu_has_bf16():
+        speed_up = re.search(r"bf16 speed-up: float32 plain / bf16 plain \(loops\)\s+([\d.]+)\s+target >= 1\.5",
+                             printed)
+        assert speed_up and float(speed_up.group(1)) > 0
+    else:
+        assert "kd_plain_bf16 skipped: this CPU has no bf16 units" in printed
