@@ -172,8 +172,9 @@ class Config:
         """The distillation method with its settings; for born_again, the method that distills each
         generation (its base), with that method's settings."""
         method = self.distilling_method()
-        return build_distiller(method, self.distill.temperature, self.distill.alpha,
-                               self.student.label_smoothing, getattr(self.distill, method, None))
+        return build_distiller(method, temperature=self.distill.temperature, alpha=self.distill.alpha,
+                               label_smoothing=self.student.label_smoothing,
+                               settings=getattr(self.distill, method, None))
 
     def teachers(self) -> dict[str, TeacherConfig]:
         """Every teacher by run name: teacher, then the ensemble's as teacher-2, teacher-3, ..."""

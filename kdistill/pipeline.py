@@ -125,7 +125,7 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
     several processes, all train; rank 0 alone saves the models and predicts the val images."""
     # Objectives are made anew for each seed: a method's trainable parts must not carry over.
     plain = (without_teacher(student_train, len(data.splits["train"].files)),
-             lambda: CrossEntropy(cfg.student.label_smoothing))
+             lambda: CrossEntropy(label_smoothing=cfg.student.label_smoothing))
     generations = cfg.distill.born_again.generations if cfg.distill.method == "born_again" else 0
     if generations:  # batches None: served by the generation trained just before
         kinds = {"baseline": plain, **{"student" if k == generations else f"generation{k}": (None, cfg.distiller)

@@ -108,11 +108,11 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
         history = fit(name, trainable, trainable,
                       Batches(features["train"], train.labels, lambda x: x),
                       Batches(features["val"], val.labels, lambda x: x),
-                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
+                      CrossEntropy(label_smoothing=t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
                       compute.precision, ranks)
     else:
         history = fit(name, teacher, trainable, batcher("train", augment=True), batcher("val"),
-                      CrossEntropy(t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
+                      CrossEntropy(label_smoothing=t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
                       compute.precision, ranks)
     return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed)
 

@@ -38,21 +38,21 @@ def test_alpha_zero_is_cross_entropy_and_alpha_one_is_scaled_kl():
     teacher = torch.randn(8, 5, generator=generator)
     labels = torch.randint(0, 5, (8,), generator=generator)
     ce = F.cross_entropy(student, labels)
-    assert KD(3.0, 0.0).logit_terms(student, labels, teacher)["loss"].item() == pytest.approx(ce.item(), rel=1e-6)
+    assert KD(temperature=3.0, alpha=0.0).logit_terms(student, labels, teacher)["loss"].item() == pytest.approx(ce.item(), rel=1e-6)
     assert CrossEntropy().logit_terms(student, labels)["loss"].item() == pytest.approx(ce.item(), rel=1e-6)
     for t in (1.0, 4.0):
         kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
-        loss = KD(t, 1.0).logit_terms(student, labels, teacher)["loss"]
+        loss = KD(temperature=t, alpha=1.0).logit_terms(student, labels, teacher)["loss"]
         assert loss.item() == pytest.approx(t * t * kl.item(), rel=1e-5)
 
 
 def test_kd_is_zero_when_student_equals_teacher_and_gradients_flow_to_student_only():
     logits = torch.randn(4, 3)
     student = logits.clone().requires_grad_(True)
-    terms = KD(4.0, 1.0).logit_terms(student, torch.zeros(4, dtype=torch.long), logits)
+    terms = KD(temperature=4.0, alpha=1.0).logit_terms(student, torch.zeros(4, dtype=torch.long), logits)
     assert terms["kd"].item() == pytest.approx(0.0, abs=1e-6)
     nudged = logits + 1.0 * torch.eye(4, 3)
-    KD(4.0, 0.5).logit_terms(student, torch.zeros(4, dtype=torch.long), nudged)["loss"].backward()
+    KD(temperature=4.0, alpha=0.5).logit_terms(student, torch.zeros(4, dtype=torch.long), nudged)["loss"].backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
 
 

@@ -170,7 +170,7 @@ def test_lskd_defaults_and_indifference_to_each_images_logit_scale_and_shift():
     assert terms["kd"].item() == pytest.approx(lskd_by_hand(STUDENT, TEACHER, 2.0), rel=1e-5)
     rescaled = teacher * torch.tensor([[3.0], [0.5], [7.0]]) + torch.tensor([[1.0], [-4.0], [2.0]])
     assert LSKD().logit_terms(rescaled, labels, teacher)["kd"].item() == pytest.approx(0.0, abs=1e-6)
-    assert KD(2.0, 1.0).logit_terms(rescaled, labels, teacher)["kd"].item() > 0.1  # plain KD is not
+    assert KD(temperature=2.0, alpha=1.0).logit_terms(rescaled, labels, teacher)["kd"].item() > 0.1  # plain KD is not
 
 
 def test_lskd_gradient_is_finite_for_a_row_of_equal_logits():

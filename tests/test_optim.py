@@ -173,9 +173,9 @@ def test_label_smoothing_changes_the_cross_entropy_terms_only():
     assert expected != pytest.approx(smoothed_cross_entropy(student, labels, 0.0), rel=1e-3)
     terms = CrossEntropy(label_smoothing=smoothing).logit_terms(torch.tensor(student), torch.tensor(labels))
     assert terms["ce"].item() == pytest.approx(expected, rel=1e-6) and terms["loss"] is terms["ce"]
-    smoothed = build_distiller("kd", 2.0, 0.25, label_smoothing=smoothing).logit_terms(
+    smoothed = build_distiller("kd", temperature=2.0, alpha=0.25, label_smoothing=smoothing).logit_terms(
         torch.tensor(student), torch.tensor(labels), teacher)
-    plain = KD(2.0, 0.25).logit_terms(torch.tensor(student), torch.tensor(labels), teacher)
+    plain = KD(temperature=2.0, alpha=0.25).logit_terms(torch.tensor(student), torch.tensor(labels), teacher)
     assert smoothed["ce"].item() == pytest.approx(expected, rel=1e-6)
     assert smoothed["kd"].item() == pytest.approx(plain["kd"].item(), rel=1e-7)
     assert smoothed["loss"].item() == pytest.approx(0.25 * plain["kd"].item() + 0.75 * expected, rel=1e-6)

@@ -33,14 +33,14 @@ def test_unlabelled_images_drop_out_of_the_labels_term_only():
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(4, 3, generator=generator), torch.randn(4, 3, generator=generator)
     labels = torch.tensor([2, -1, 0, -1])
-    terms = KD(2.0, 0.3).logit_terms(student, labels, teacher)
+    terms = KD(temperature=2.0, alpha=0.3).logit_terms(student, labels, teacher)
     # CE over the two labelled images only; KD over all four.
     torch.testing.assert_close(terms["ce"], torch.nn.functional.cross_entropy(student[[0, 2]], labels[[0, 2]]))
-    torch.testing.assert_close(terms["kd"], KD(2.0, 0.3).logit_terms(student, torch.zeros(4, dtype=torch.long),
+    torch.testing.assert_close(terms["kd"], KD(temperature=2.0, alpha=0.3).logit_terms(student, torch.zeros(4, dtype=torch.long),
                                                                        teacher)["kd"])
     # A batch of unlabelled images only: no labels' term at all, and the loss still has a gradient.
     student.requires_grad_(True)
-    only_unlabelled = KD(2.0, 0.3).logit_terms(student, torch.full((4,), -1), teacher)
+    only_unlabelled = KD(temperature=2.0, alpha=0.3).logit_terms(student, torch.full((4,), -1), teacher)
     assert only_unlabelled["ce"].item() == 0.0
     only_unlabelled["loss"].backward()
     assert student.grad.abs().sum() > 0

@@ -36,7 +36,7 @@ DISTILLERS: dict[str, type[Distiller]] = {
 }
 
 
-def build_distiller(method: str, temperature: float, alpha: float, label_smoothing: float = 0.0,
+def build_distiller(method: str, *, temperature: float, alpha: float, label_smoothing: float = 0.0,
                     settings=None) -> Distiller:
     """settings: the method's Settings (its defaults when None)."""
     return DISTILLERS[method](temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,

@@ -49,7 +49,9 @@ class Distiller(nn.Module):
     needs_input = False
     Settings: type = NoSettings
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0, settings=None):
+    def __init__(self, *, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0,
+                 settings=None):
+        # Keyword-only: a positional CrossEntropy(0.1) once set the temperature, not the smoothing.
         super().__init__()
         self.settings = settings if settings is not None else self.Settings()
         self.temperature = temperature
