@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.resources
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -208,6 +209,7 @@ class Config:
 
 
 # Settings that change where or how fast a run goes, never its numbers.
+MIN_TEMPERATURE = 0.01  # distill.temperature's floor (see check)
 NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
                    "ddp_timeout_s"}
 
@@ -345,7 +347,9 @@ def validate(cfg: Config) -> None:
             require(":" not in part.arch, f"{name}.weights",
                     "imagenet applies to torchvision architectures; a module:callable loads its own "
                     "weights (use none) or takes a local file")
-    require(cfg.distill.temperature > 0, "distill.temperature", f"must be > 0, got {cfg.distill.temperature}")
+    # Below this, logits / T overflow float32 (and bf16) to infinity: the loss would be NaN.
+    require(MIN_TEMPERATURE <= cfg.distill.temperature < math.inf, "distill.temperature",
+            f"must be a finite number >= {MIN_TEMPERATURE}, got {cfg.distill.temperature}")
     require(0 <= cfg.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {cfg.distill.alpha}")
     require(cfg.mix == "none" or cfg.distill.teacher_signal in ("auto", "online"), "distill.teacher_signal",
             f"cannot be {cfg.distill.teacher_signal} with mix={cfg.mix}: the teacher's logits on mixed images "

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import KdistillError
 from .fileio import atomic_write
 
 
@@ -49,7 +50,23 @@ def profile(model: nn.Module, weights_file: str, image_size: int, device: torch.
     }
 
 
-def write_predictions(path: str, files: list[str], logits: torch.Tensor, classes: list[str]) -> None:
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(cell: str) -> str:
+    """The cell as text a spreadsheet shows and never evaluates: a leading ' where it could start a
+    formula (OWASP's advice)."""
+    return "'" + cell if cell.startswith(FORMULA_STARTS) else cell
+
+
+def write_predictions(path: str, files: list[str], logits: torch.Tensor, classes: list[str],
+                      model: str = "the student") -> None:
+    """predictions.csv: file name, predicted class, its probability. Refuses non-finite logits: a
+    broken model would label every image its first class."""
+    if not torch.isfinite(logits).all():
+        raise KdistillError(f"{model} gives non-finite outputs (NaN or infinity): its weights are broken; {path} "
+                            f"was not written")
     probabilities = logits.softmax(dim=1)
     confidence, index = probabilities.max(dim=1)
 
@@ -59,5 +76,5 @@ def write_predictions(path: str, files: list[str], logits: torch.Tensor, classes
             writer = csv.writer(f)
             writer.writerow(["filename", "label", "confidence"])
             for name, i, p in zip(files, index.tolist(), confidence.tolist()):
-                writer.writerow([name, classes[i], f"{p:.4f}"])
+                writer.writerow([spreadsheet_safe(name), spreadsheet_safe(classes[i]), f"{p:.4f}"])
     atomic_write(path, write, "predictions")

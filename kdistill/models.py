@@ -167,6 +167,9 @@ class Standardized(nn.Module):
         return self.model((images01 - self.mean) / self.std)
 
 
+MIN_STD = 1 / 255  # one grey level, on the [0, 1] scale
+
+
 def input_statistics(normalize: str, weights: str, model: nn.Module, dataset_mean: list[float],
                      dataset_std: list[float]) -> tuple[str, list[float], list[float]]:
     """(name, mean, std) of the input standardization a model gets.
@@ -180,7 +183,9 @@ def input_statistics(normalize: str, weights: str, model: nn.Module, dataset_mea
         normalize = declared or ("imagenet" if weights != "none" else "dataset")
     if normalize == "imagenet":
         return "imagenet", *IMAGENET_STATS
-    return "dataset", list(dataset_mean), list(dataset_std)
+    # A channel of one constant value (std 0) would be divided by zero: floor its std at one
+    # grey level, which standardizes the constant to 0 and keeps any other value finite.
+    return "dataset", list(dataset_mean), [max(std, MIN_STD) for std in dataset_std]
 
 
 def standardized_model(arch: str, num_classes: int, dropout: float, weights: str, normalize: str,

@@ -175,6 +175,34 @@ def _warn_if_the_average_stays_near_the_start(name: str, decay: float, steps_per
             f"{0.01 ** (1 / (steps - 1)):.3g} averages over the run")
 
 
+def _stop(name: str, epoch: int, checkpoint_dir: str, what: str, batch: int = 0, teacher_batch: int = 0) -> None:
+    """Stop the run: nothing of this epoch is written, the last good checkpoint stays. Where the
+    teacher's outputs were not finite first, the teacher is named, not the model being trained."""
+    kept = f"The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}"
+    if teacher_batch:
+        raise KdistillError(f"{name}: the teacher's outputs are not finite (epoch {epoch}, batch {teacher_batch}); "
+                            f"stopped. The teacher is broken (its weights or its stored signal), not {name}; "
+                            f"check teacher.weights or retrain the teacher. {kept}")
+    raise KdistillError(f"{name}: {what} at epoch {epoch}{f', batch {batch}' if batch else ''}; stopped. {kept}; "
+                        f"try a lower lr")
+
+
+def _stop_unless_finite(name: str, epoch: int, checkpoint_dir: str, row: dict, parts: dict) -> None:
+    """An epoch whose val loss or parameters are not finite must not become a checkpoint, let alone
+    the best: the training loss is checked before each step, so a step that broke the weights at
+    the end of an epoch shows only here."""
+    for key in ("val_loss", "val_loss_ema"):
+        if key in row and not math.isfinite(row[key]):
+            _stop(name, epoch, checkpoint_dir, f"the {'weight average' if key.endswith('ema') else 'val'} loss is "
+                                                f"{row[key]}")
+    for what, module in parts.items():
+        if module is None:
+            continue
+        for tensor_name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                _stop(name, epoch, checkpoint_dir, f"the {what} hold non-finite values ({tensor_name})")
+
+
 def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches,
         objective: Distiller, cfg: TrainConfig, checkpoint_dir: str, device: torch.device,
         seed: int, log=print, precision: str = "fp32", ranks: Ranks = ONE_PROCESS) -> list[dict]:
@@ -252,6 +280,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             # The first batch whose loss was not finite, tracked on the device: checking it each
             # batch would make the CPU wait for the GPU at every step.
             first_bad_batch = torch.zeros((), dtype=torch.int64, device=device)
+            first_bad_teacher = torch.zeros((), dtype=torch.int64, device=device)  # its outputs, likewise
             seen = 0
             labelled = torch.zeros((), dtype=torch.int64, device=device)
             lr = optimizer.param_groups[0]["lr"]
@@ -270,6 +299,9 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                     terms = objective_forward(student, y, teacher, index)
                 loss = terms["loss"]
                 first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
+                if teacher is not None:
+                    first_bad_teacher = torch.where((first_bad_teacher == 0) & ~torch.isfinite(teacher.logits).all(),
+                                                    batch, first_bad_teacher)
                 if ranks.joined:
                     # DDP averages the processes' gradients: weighting each by its share of the global
                     # batch (unequal in a smaller last batch) gives the gradient of the global batch's mean.
@@ -291,12 +323,10 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             sums = {key: ranks.sum(value) for key, value in sums.items()}
             correct, labelled = ranks.sum(correct), ranks.sum(labelled)
             seen = int(ranks.sum(torch.tensor(seen, device=device)))
-            first_bad_batch = ranks.earliest(first_bad_batch)
+            first_bad_batch, first_bad_teacher = ranks.earliest(first_bad_batch), ranks.earliest(first_bad_teacher)
             if first_bad_batch.item():
-                raise KdistillError(
-                    f"{name}: the loss stopped being finite at epoch {epoch}, batch {first_bad_batch.item()}; "
-                    f"stopped. The last good checkpoint (epoch {epoch - 1}) is kept in {checkpoint_dir}; "
-                    f"try a lower lr")
+                _stop(name, epoch, checkpoint_dir, "the loss stopped being finite", first_bad_batch.item(),
+                      first_bad_teacher.item())
             ranks.share_buffers(trainable)
             ranks.share_buffers(ema)
             val_loss, val_acc = evaluate(model, val, cfg.batch_size, device, precision, ranks)
@@ -309,6 +339,8 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
                 row["best_source"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
                 offered = ema.module if row["best_source"] == "ema" else trainable
             row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
+            _stop_unless_finite(name, epoch, checkpoint_dir, row, {"weights": trainable, "method's parts": objective,
+                                                                   "weight average": ema})
             row["seconds"] = time.perf_counter() - started
             history.append(row)
             best_weights = None
