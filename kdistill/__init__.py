@@ -10,12 +10,13 @@ from .errors import KdistillError
 __version__ = "0.1.0"
 
 
-def run(config: Config | dict, log=None) -> dict:
-    """Run an experiment from a Config or a dict of settings; returns the content of metrics.json."""
+def run(config: Config | dict, log=None, force: bool = False) -> dict:
+    """Run an experiment from a Config or a dict of settings; returns the content of metrics.json.
+    force: write into an existing out folder that kdistill did not create."""
     from .config import config_from_dict
     from .pipeline import run as run_pipeline
 
-    return run_pipeline(config if isinstance(config, Config) else config_from_dict(config), log)
+    return run_pipeline(config if isinstance(config, Config) else config_from_dict(config), log, force=force)
 
 
 __all__ = ["Config", "KdistillError", "build_config", "run"]

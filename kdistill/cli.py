@@ -48,6 +48,12 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
                         help="don't train the comparison student without a teacher")
 
 
+def _add_force_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing, non-empty --out that kdistill did not create (its files with "
+                             "kdistill's names are replaced)")
+
+
 def _add_print_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved settings (a valid --config file) and exit without running")
@@ -85,6 +91,7 @@ def parser() -> argparse.ArgumentParser:
                      help="train with N processes on this machine, one per GPU (or on the CPU), through torchrun; "
                           "batch sizes stay global. Several machines: start torchrun yourself (README)")
     _add_setting_flags(run)
+    _add_force_flag(run)
     _add_print_config_flag(run)
 
     sweep = commands.add_parser(
@@ -100,10 +107,12 @@ def parser() -> argparse.ArgumentParser:
                        help="a setting and its values, e.g. --grid distill.temperature=1,2,4 (repeatable: the "
                             "grid is every combination; a list setting's values in brackets: [0.08,1],[0.35,1])")
     _add_setting_flags(sweep)
+    _add_force_flag(sweep)
 
     demo = commands.add_parser("demo", help="run the whole pipeline on the built-in digits dataset (no download)")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     _add_setting_flags(demo)
+    _add_force_flag(demo)
     _add_print_config_flag(demo)
 
     config = commands.add_parser("config", help="print the resolved settings, each described, without running",
@@ -231,14 +240,16 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import run_sweep
 
             run_sweep(args.out, args.grid, args.preset, tuple(args.config), _overrides(args, data=args.data),
-                      args.sets)
+                      args.sets, force=args.force)
             return 0
         printing = args.command == "config" or args.print_config
         if args.command == "demo":
             from .demo import write_digits
+            from .fileio import claim_folder
 
             data = os.path.join(args.out, "data")
             if not printing:
+                claim_folder(args.out, args.force)  # before the digits go in
                 data = write_digits(data)
             cfg = build_config(args.preset or "demo", tuple(args.config), _overrides(args, data=data, out=args.out),
                                args.sets)
@@ -254,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 return status
         from .pipeline import run
 
-        run(cfg)
+        run(cfg, force=args.force)
         return 0
     except KdistillError as e:
         print(printable(f"kdistill: error: {e}"), file=sys.stderr)

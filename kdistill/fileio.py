@@ -85,6 +85,33 @@ def folder_in_use(folder: str, hold: bool = True):
         lock.release()
 
 
+# Written in every run and sweep folder kdistill creates: it writes only into folders that hold it
+# (or, from earlier versions, its lock file), or are empty, so a user's folder is never overwritten.
+RUN_MARKER = ".kdistill-run"
+
+
+def claim_folder(folder: str, force: bool = False, flag: str = "--out") -> None:
+    """Make folder a kdistill folder: create it with its marker, or take an empty one, or one that
+    holds the marker. A non-empty folder that kdistill did not create is refused unless force."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise KdistillError(f"{flag} {folder} is a file, not a folder; choose a new folder")
+    try:
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    except OSError as e:
+        raise KdistillError(f"cannot read {flag} {folder} ({e.strerror or e})") from None
+    if RUN_MARKER in names:
+        return
+    if names and FOLDER_LOCK not in names and not force:
+        raise KdistillError(f"{flag} {folder} already holds files kdistill did not write (e.g. {sorted(names)[0]!r}): "
+                            f"it would overwrite them; choose a new or empty folder, or pass --force to write into "
+                            f"it anyway")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write_text(os.path.join(folder, RUN_MARKER), "A folder kdistill writes into (its run or sweep).\n")
+    except OSError as e:
+        raise KdistillError(f"cannot write in {flag} {folder} ({e.strerror or e}); use another {flag}") from None
+
+
 TEMPORARY_PREFIX = ".tmp-"
 # .tmp-<pid>-<random>-<name>, random from tempfile (atomic writes) or temporary_name (hex).
 _PID_TEMPORARY = re.compile(r"\.tmp-(\d+)-[a-z0-9_]+-.")
@@ -116,11 +143,24 @@ def _is_stale(name: str, modified: float, now: float) -> bool:
     return bool(_OLD_TEMPORARY.match(name)) and now - modified > OLD_TEMPORARY_AGE_SECONDS
 
 
-def remove_stale_temporaries(folder: str, log) -> None:
-    """Delete, anywhere under folder, the temporary files of writes that were interrupted: those of
-    a process that no longer runs, and pid-less ones (earlier versions) older than a day."""
+def _folders_to_clean(folder: str, subfolders: tuple[str, ...] | None):
+    """(parent, file names) of folder's files: all of them below it, or where subfolders is given,
+    those directly in folder and anywhere below those subfolders only."""
+    if subfolders is None:
+        yield from ((parent, names) for parent, _, names in os.walk(folder))
+        return
+    with contextlib.suppress(OSError):
+        yield folder, [entry.name for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False)]
+    for sub in subfolders:
+        yield from ((parent, names) for parent, _, names in os.walk(os.path.join(folder, sub)))
+
+
+def remove_stale_temporaries(folder: str, log, subfolders: tuple[str, ...] | None = None) -> None:
+    """Delete the temporary files of writes that were interrupted under folder (see
+    _folders_to_clean): those of a process that no longer runs, and pid-less ones (earlier
+    versions) older than a day."""
     count, reclaimed, now = 0, 0, time.time()
-    for parent, _, names in os.walk(folder):
+    for parent, names in _folders_to_clean(folder, subfolders):
         for name in names:
             if not name.startswith("."):
                 continue

@@ -29,7 +29,7 @@ from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
 from .features import resolve_auto_layers
-from .fileio import atomic_write_text, folder_in_use, remove_stale_temporaries, save_torch
+from .fileio import atomic_write_text, claim_folder, folder_in_use, remove_stale_temporaries, save_torch
 from .html_report import write_html_report
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model, weights_source
 from .report import write_report, write_val_predictions
@@ -227,17 +227,30 @@ def _check_out_folder(cfg: Config, dataset: DatasetFiles, data_identity: dict) -
     raise KdistillError(f"{cfg.out} holds a run on other data at {cfg.data} ({what}); use another --out")
 
 
-def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None) -> dict:
+# The subfolders a run writes (and cleans of its interrupted writes); a forced --out may hold others.
+RUN_SUBFOLDERS = ("checkpoints", "history", "models")
+
+
+def _check_out_outside_data(cfg: Config) -> None:
+    out, data = os.path.realpath(cfg.out), os.path.realpath(cfg.data)
+    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+        raise KdistillError(f"--out {cfg.out} is inside the data folder {cfg.data}: the run's images (plots) would "
+                            f"become data; choose a folder outside it")
+
+
+def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None, force: bool = False) -> dict:
     """Run the whole experiment described by cfg (already validated); return metrics.json's content.
 
     shared_checkpoints: kind (teacher, baseline) -> a folder holding that kind's checkpoint folders
     instead of OUT/checkpoints, shared by runs that train it alike (kdistill sweep).
+    force: write into an --out that kdistill did not create (fileio.claim_folder).
 
     Started by torchrun, every process runs this: all train (see train.fit), rank 0 alone writes
     the run folder and logs, and returns the metrics; the others return an empty dict."""
     if not cfg.data or not cfg.out:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+    _check_out_outside_data(cfg)
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
     dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled, cfg.resolved_cache_dir())
     data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
@@ -248,6 +261,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None)
             if part.batch_size % ranks.world_size:
                 raise KdistillError(f"setting {name}.batch_size ({part.batch_size}) is the global batch: it must "
                                     f"divide evenly among the {ranks.world_size} processes")
+        if ranks.main:
+            claim_folder(cfg.out, force)
         with folder_in_use(cfg.out, hold=ranks.main):  # rank 0 holds it for all processes
             return _experiment(cfg, dataset, data_identity, ranks, device, log, shared_checkpoints)
     except RuntimeError as e:
@@ -267,7 +282,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         save_config(cfg, os.path.join(cfg.out, "config.yaml"))
         atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
         log = log or make_logger(cfg.out)
-        remove_stale_temporaries(cfg.out, log)  # left by an interrupted run in this folder
+        remove_stale_temporaries(cfg.out, log, RUN_SUBFOLDERS)  # left by an interrupted run in this folder
     else:
         log = silent
     compute = Compute(device, resolve_precision(cfg.precision, device))

@@ -21,7 +21,7 @@ from .config import Config, build_config, result_differences
 from .data import scan_dataset
 from .data_key import cache_key, dated_key
 from .errors import KdistillError, printable
-from .fileio import atomic_write_text, folder_in_use
+from .fileio import atomic_write_text, claim_folder, folder_in_use
 from .settings import convert, leaves, parse_set, read_yaml
 
 # Settings a point may not vary, and why.
@@ -242,9 +242,10 @@ def _note(folder: str, message: str) -> None:
 
 
 def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files: tuple[str, ...] = (),
-              overrides: dict | None = None, sets: list[str] | None = None, log=None) -> dict:
+              overrides: dict | None = None, sets: list[str] | None = None, log=None, force: bool = False) -> dict:
     """Plan every point, run each (a finished one is read back, not rerun), then write sweep.md,
-    sweep.json and sweep.png in out; return sweep.json's content. A point whose run fails is
+    sweep.json and sweep.png in out (force: even if kdistill did not create out); return sweep.json's
+    content. A point whose run fails is
     recorded and the others go on; the error is raised at the end."""
     from .pipeline import make_logger, silent
 
@@ -252,6 +253,8 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
     out = os.path.abspath(out)
     # Under torchrun every process runs every point (see pipeline.run); rank 0 alone writes and logs.
     main = os.environ.get("RANK", "0") == "0"
+    if main:
+        claim_folder(out, force)
     with folder_in_use(out, hold=main):
         return _run_points(out, axes, points, main, (log or make_logger(out)) if main else silent)
 
