@@ -31,9 +31,52 @@ class Compute(NamedTuple):
         return self.device.type == "cuda" or self.precision == "bf16"
 
     def place(self, model: nn.Module) -> nn.Module:
-        """The model on this device, in the memory format its kernels are fastest with."""
+        """The model on this device, in the memory format its kernels are fastest with; on the CPU in
+        bf16, with the convolutions whose bf16 gradients are wrong computed in float32."""
         model.to(self.device)
+        if self.device.type == "cpu" and self.precision == "bf16":
+            float32_where_bf16_conv_fails(model)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
+def bf16_conv_fails(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether torch's CPU bf16 convolution would give a wrong weight gradient for input x.
+
+    With torch 2.14's CPU kernels (oneDNN, with or without AMX), a strided convolution over an
+    input one pixel wide (or high) leaves the gradient of the kernel taps that see only padding
+    uninitialized: it holds whatever that memory held before, up to 1e36 here. ResNets meet it at
+    small image sizes (ResNet18's layer4.0.conv1 at 16-31 px). The values then depend on which
+    buffers the process freed last, so the same run went NaN or not with the machine's load and
+    the background checkpoint writer's timing (benchmarks/RESULTS.md, "bf16 under load").
+    """
+    return any(size == 1 and stride > 1 and kernel > 1
+               for size, stride, kernel in zip(x.shape[-2:], conv.stride, conv.kernel_size))
+
+
+def float32_where_bf16_conv_fails(model: nn.Module) -> None:
+    """Run each Conv2d of model in float32 for the inputs where bf16 gives wrong gradients
+    (bf16_conv_fails), in bf16 as before elsewhere: the checks cost a comparison per convolution."""
+    entered: dict[int, list] = {}
+
+    def before(conv: nn.Conv2d, args: tuple):
+        x = args[0]
+        if not (torch.is_autocast_enabled("cpu") and bf16_conv_fails(conv, x)):
+            return None
+        exact = torch.autocast("cpu", enabled=False)
+        exact.__enter__()
+        entered.setdefault(id(conv), []).append(exact)
+        return (x.float(), *args[1:])
+
+    def after(conv: nn.Conv2d, args: tuple, output: torch.Tensor):
+        pending = entered.get(id(conv))
+        if pending:
+            pending.pop().__exit__(None, None, None)
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and not getattr(module, "_kdistill_float32_guard", False):
+            module.register_forward_pre_hook(before)
+            module.register_forward_hook(after)
+            module._kdistill_float32_guard = True
 
 
 def resolve_device(name: str, what: str = "setting device") -> torch.device:
