@@ -17,7 +17,8 @@ from torch import nn
 
 from .batcher import ImageBatcher
 from .batches import Batches
-from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process, resolve_precision
+from .compute import (ONE_PROCESS, Compute, Ranks, check_same_experiment, first_line, join_ranks, leave_ranks,
+                      lost_process, resolve_precision)
 from .config import (Config, input_side, missing_setting_keeps_results, result_differences, save_config,
                      upsampled_side)
 from .settings import read_yaml
@@ -257,6 +258,7 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None,
     _check_out_folder(cfg, dataset, data_identity)
     ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
     try:
+        check_same_experiment(ranks, cfg.to_dict(), data_identity)
         for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
             if part.batch_size % ranks.world_size:
                 raise KdistillError(f"setting {name}.batch_size ({part.batch_size}) is the global batch: it must "
