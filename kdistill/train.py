@@ -24,7 +24,7 @@ from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import BackgroundSaver, load_torch, save_torch
 from .progress import counted, with_progress
-from .compute import ONE_PROCESS, Ranks, autocast
+from .compute import ONE_PROCESS, Ranks, autocast, first_line
 
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
 RANK_SEED_STRIDE = 104729  # with several processes, each one's global random stream apart from the others'
@@ -144,6 +144,9 @@ def _check_same_computation(name: str, saved: dict, current: dict, checkpoint_di
     """bf16 autocast, cudnn's autotuned kernels and CPU kernels give different numbers, and so does
     another number of processes: a run resumes only where it started, so it ends as one that never
     stopped would."""
+    if not isinstance(saved, dict) or not {"device", "precision"} <= saved.keys():
+        raise KdistillError(f"{name}: the checkpoint in {checkpoint_dir} does not say where it was computed "
+                            f"(computed_on: {str(saved)[:80]}); remove it to start this model again, or use another --out")
     if saved != current:
         def where(run: dict) -> str:
             return f"{run['device']} in {run['precision']} by {run.get('processes', 1)} process(es)"
@@ -151,6 +154,25 @@ def _check_same_computation(name: str, saved: dict, current: dict, checkpoint_di
             f"{name}: the checkpoint in {checkpoint_dir} was trained on {where(saved)}, this run uses "
             f"{where(current)}; resuming would not repeat its numbers. Resume with device={saved['device']}, precision="
             f"{saved['precision']} and {saved.get('processes', 1)} process(es), or use another --out")
+
+
+def _resume(path: str, state: dict, parts: dict, generators: tuple, ranks: Ranks) -> tuple[list, int, float]:
+    """Put a checkpoint's state back into the training's parts (model, objective, optimizer,
+    scheduler, ema; None where unused) and random streams: (history, next epoch, best val acc).
+    A file that loads but does not hold such a state is refused in one line, not a traceback."""
+    try:
+        for key, part in parts.items():
+            if part is not None:
+                part.load_state_dict(state.get(key, {}) if key == "objective" else state[key])
+        own = state["rank_rngs"][ranks.rank] if ranks.joined else state  # the random streams of this process
+        generators[0].set_state(own["shuffle_rng"])
+        generators[1].set_state(own["view_rng"])
+        _restore_rng(own["rng"])
+        history, epoch, best_val_acc = list(state["history"]), int(state["epoch"]), float(state["best_val_acc"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise KdistillError(f"checkpoint {path} is not a checkpoint of this training ({first_line(e)[:160]}); remove it "
+                            f"to start this model again, or use another --out") from None
+    return history, epoch + 1, best_val_acc
 
 
 def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> None:
@@ -244,24 +266,14 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
 
     state = ranks.from_main(load_checkpoint(last_path, log) if ranks.main else None)
     if state is not None:
-        _check_same_computation(name, state.get("computed_on", {"device": "cpu", "precision": "fp32"}),
-                                computed_on, checkpoint_dir)
-        trainable.load_state_dict(state["model"])
-        objective.load_state_dict(state.get("objective", {}))
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        own = state["rank_rngs"][ranks.rank] if ranks.joined else state  # the random streams of this process
-        shuffle_generator.set_state(own["shuffle_rng"])
-        view_generator.set_state(own["view_rng"])
-        _restore_rng(own["rng"])
-        history = state["history"]
-        start_epoch = state["epoch"] + 1
-        best_val_acc = state["best_val_acc"]
+        if isinstance(state, dict):  # anything else is refused by _resume
+            _check_same_computation(name, state.get("computed_on", {"device": "cpu", "precision": "fp32"}),
+                                    computed_on, checkpoint_dir)
+        history, start_epoch, best_val_acc = _resume(
+            last_path, state, {"model": trainable, "objective": objective, "optimizer": optimizer,
+                               "scheduler": scheduler, "ema": ema}, (shuffle_generator, view_generator), ranks)
         if start_epoch <= cfg.epochs:
-            log(f"{name}: resuming after epoch {state['epoch']} of {cfg.epochs}")
+            log(f"{name}: resuming after epoch {start_epoch - 1} of {cfg.epochs}")
 
     elif ranks.joined:  # dropout masks and a method's draws of its own differ from process to process
         torch.manual_seed(seed + RANK_SEED_STRIDE * ranks.rank)

@@ -81,3 +81,28 @@ def test_a_temperature_that_overflows_the_logits_is_refused(digits_dataset, tmp_
     with pytest.raises(KdistillError, match="distill.temperature"):
         kdistill.run(settings, log=lambda m: None)
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("damage", ["not a dict", "no optimizer", "history of the wrong type", "odd computed_on"])
+def test_a_loadable_but_malformed_checkpoint_is_one_line(tmp_path, damage):
+    from kdistill.fileio import load_torch, save_torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = Batches(torch.randn(30, 3, 2, 2), torch.arange(30) % 3, lambda x: x)
+
+    def train(epochs):
+        return fit("student", model, model, batches, batches, CrossEntropy(), TrainConfig(epochs=epochs, batch_size=10),
+                   str(tmp_path), CPU, seed=0, log=lambda m: None)
+    train(1)
+    state = load_torch(str(tmp_path / "last.pt"))
+    if damage == "not a dict":
+        state = [1, 2, 3]
+    elif damage == "no optimizer":
+        del state["optimizer"]
+    elif damage == "history of the wrong type":
+        state["epoch"] = "one"
+    else:
+        state["computed_on"] = "cpu"
+    save_torch(state, str(tmp_path / "last.pt"))
+    with pytest.raises(KdistillError, match=r"last\.pt|checkpoint in"):
+        train(2)
