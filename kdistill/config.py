@@ -209,6 +209,10 @@ class Config:
 
 
 # Settings that change where or how fast a run goes, never its numbers.
+# Seeds offset by a few constants still fit torch's 64-bit generators. No recipe uses batches this
+# large; a value such as 1e12 would otherwise fail inside torch's allocator with a traceback.
+MAX_SEED = 2**32 - 1
+MAX_BATCH_SIZE = 65536
 MIN_TEMPERATURE = 0.01  # distill.temperature's floor (see check)
 NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
                    "ddp_timeout_s"}
@@ -304,8 +308,8 @@ def validate(cfg: Config) -> None:
         setattr(owner, f.name, convert(name, getattr(owner, f.name), f))
     require(cfg.image_size >= 8, "image_size", f"must be >= 8, got {cfg.image_size}")
     require(0 < cfg.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
-    require(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
-    require(all(seed >= 0 for seed in cfg.seeds), "seeds", f"must be >= 0, got {cfg.seeds}")
+    require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}], got {cfg.seed}")
+    require(all(0 <= seed <= MAX_SEED for seed in cfg.seeds), "seeds", f"must be in [0, {MAX_SEED}], got {cfg.seeds}")
     require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"must not repeat a seed, got {cfg.seeds}")
     require(len(cfg.seeds) != 1, "seeds", f"must list two or more seeds, got {cfg.seeds} (for one run set seed)")
     require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device",
@@ -323,7 +327,8 @@ def validate(cfg: Config) -> None:
         size_key = f"{name}.input_size" if upsampled_side(part, cfg.image_size) else "image_size"
         _check_arch(f"{name}.arch", part.arch, input_side(part, cfg.image_size), size_key)
         require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
-        require(part.batch_size >= 1, f"{name}.batch_size", f"must be >= 1, got {part.batch_size}")
+        require(1 <= part.batch_size <= MAX_BATCH_SIZE, f"{name}.batch_size",
+                f"must be in [1, {MAX_BATCH_SIZE}], got {part.batch_size}")
         require(part.lr > 0, f"{name}.lr", f"must be > 0, got {part.lr}")
         require(part.lr_step >= 0, f"{name}.lr_step", f"must be >= 0, got {part.lr_step}")
         require(0 < part.lr_gamma <= 1, f"{name}.lr_gamma", f"must be in (0, 1], got {part.lr_gamma}")

@@ -455,3 +455,11 @@ def test_cached_teacher_signal_with_augmentation_is_refused():
         build_config(sets=["distill.teacher_signal=views"])
     with pytest.raises(KdistillError, match="distill.views"):
         build_config(sets=["augment=crop_flip", "distill.views=0"])
+
+
+@pytest.mark.parametrize("setting", ["seed=99999999999999999999999", "seeds=0,99999999999999999999999",
+                                     "student.batch_size=1000000000000", "teacher.batch_size=100000000"])
+def test_a_huge_seed_or_batch_size_is_refused_in_one_line(setting, capsys):
+    assert cli.main(["config", "--set", setting]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and setting.split("=")[0] in error and "must be in [" in error
