@@ -45,7 +45,7 @@ def bf16_conv_fails(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     With torch 2.14's CPU kernels (oneDNN, with or without AMX), a strided convolution over an
     input one pixel wide (or high) leaves the gradient of the kernel taps that see only padding
     uninitialized: it holds whatever that memory held before, up to 1e36 here. ResNets meet it at
-    small image sizes (ResNet18's layer4.0.conv1 at 16-31 px). The values then depend on which
+    small image sizes (ResNet18's layer4.0.conv1 at 16 px and less). The values then depend on which
     buffers the process freed last, so the same run went NaN or not with the machine's load and
     the background checkpoint writer's timing (benchmarks/RESULTS.md, "bf16 under load").
     """
