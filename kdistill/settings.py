@@ -64,10 +64,50 @@ def leaves(target: Any, prefix: str = "") -> list[tuple[str, dataclasses.Field, 
     return found
 
 
+# A settings file is a few KB and a few levels deep. Past these bounds a file is refused in one line
+# rather than read: anchors and aliases let a 300-byte file expand to gigabytes (or to itself).
+MAX_SETTINGS_BYTES = 1 << 20
+MAX_SETTINGS_DEPTH = 32
+EXCERPT_CHARS = 80
+
+
+def excerpt(value: Any) -> str:
+    """value's repr, cut short: an error message names a value, it never quotes a whole file."""
+    text = repr(value)
+    return text if len(text) <= EXCERPT_CHARS else f"{text[:EXCERPT_CHARS - 3]}..."
+
+
+class _Refused(yaml.YAMLError):
+    """YAML that kdistill does not read: anchors and aliases, or nesting deeper than settings go."""
+
+
 class _SettingsLoader(yaml.SafeLoader):
     """The safe loader with YAML 1.2's booleans: only true and false. YAML 1.1 also reads an unquoted
     yes/no/on/off as a boolean, which would turn `augment: no` into False; here it stays the text no
-    (and a boolean setting still accepts yes/no/on/off, see _as_kind)."""
+    (and a boolean setting still accepts yes/no/on/off, see _as_kind).
+
+    It refuses anchors and aliases (a settings file has no use for them; expanded, they are unbounded
+    or recursive) and nesting past MAX_SETTINGS_DEPTH (the composer recurses once per level)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if event.anchor is not None:
+            sign = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise _Refused(f"it uses the YAML {'alias' if sign == '*' else 'anchor'} {sign}{event.anchor[:40]} "
+                           f"(line {line}); kdistill settings files do not use anchors and aliases, write the "
+                           f"values out")
+        if self.depth >= MAX_SETTINGS_DEPTH:
+            raise _Refused(f"it nests values more than {MAX_SETTINGS_DEPTH} levels deep (line {line})")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _BOOL_TAG = "tag:yaml.org,2002:bool"
@@ -86,8 +126,10 @@ def parse_yaml(text: str, what: str) -> dict:
     """The settings written in YAML text (never code: the safe loader refuses python tags)."""
     try:
         loaded = yaml.load(text, Loader=_SettingsLoader)
+    except _Refused as e:
+        raise KdistillError(f"{what} is refused: {e}") from None
     except yaml.YAMLError as e:
-        raise KdistillError(f"{what} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise KdistillError(f"{what} is not valid YAML: {str(e).splitlines()[0][:200]}") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -96,14 +138,18 @@ def parse_yaml(text: str, what: str) -> dict:
 
 
 def read_yaml(path: str, what: str) -> dict:
-    """The settings in the YAML file at path."""
+    """The settings in the YAML file at path: every settings file kdistill reads comes through here."""
     if not os.path.exists(path):
         raise KdistillError(f"{what} does not exist")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_SETTINGS_BYTES + 1)  # never more: the path may be a huge file or a device
     except OSError as e:
         raise KdistillError(f"cannot read {what}: {e.strerror}") from None
+    if len(data) > MAX_SETTINGS_BYTES:
+        raise KdistillError(f"{what} is larger than {MAX_SETTINGS_BYTES >> 20} MiB: not a kdistill settings file")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise KdistillError(f"{what} is not UTF-8 text") from None
     return parse_yaml(text, what)
@@ -177,7 +223,7 @@ def convert(key: str, value: Any, f: dataclasses.Field) -> Any:
     converted = _as_kind(value, _kind(f), _item_kind(f) if _kind(f) is list else int)
     choices = f.metadata.get("choices")
     if converted is None or (choices is not None and converted not in choices):
-        raise KdistillError(f"setting {key} must be {_expected(f)}, got {value!r}")
+        raise KdistillError(f"setting {key} must be {_expected(f)}, got {excerpt(value)}")
     return converted
 
 
@@ -186,7 +232,7 @@ def apply_settings(target: Any, updates: dict, prefix: str = "") -> None:
     for key, value in updates.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise KdistillError(f"unknown setting {name!r}")
+            raise KdistillError(f"unknown setting {excerpt(name)}")
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
