@@ -18,7 +18,7 @@ from typing import Any
 from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS, Distiller, build_distiller
 from .errors import KdistillError
-from .images import DEFAULT_MAX_PIXELS
+from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
 from .settings import (apply_settings, convert, leaves, parse_set, parse_yaml, read_yaml, redefault, render_config,
                        section, setting)
 
@@ -306,7 +306,8 @@ def validate(cfg: Config) -> None:
     # Types and fixed sets of values, also for a Config built in Python rather than read.
     for name, f, owner in leaves(cfg):
         setattr(owner, f.name, convert(name, getattr(owner, f.name), f))
-    require(cfg.image_size >= 8, "image_size", f"must be >= 8, got {cfg.image_size}")
+    require(8 <= cfg.image_size <= MAX_IMAGE_SIZE, "image_size",
+            f"must be in [8, {MAX_IMAGE_SIZE}], got {cfg.image_size}")
     require(0 < cfg.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
     require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}], got {cfg.seed}")
     require(all(0 <= seed <= MAX_SEED for seed in cfg.seeds), "seeds", f"must be in [0, {MAX_SEED}], got {cfg.seeds}")

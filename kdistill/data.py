@@ -1,184 +1,40 @@
-"""Data: scan the image folder, decode once into a uint8 cache, serve epochs as tensor slices.
+"""Data: decode the scanned image folder (scan.py) once into a uint8 cache, serve epochs as tensor
+slices.
 
-Layout: DATA/train/<class>/*, DATA/val/<class>/* (optional), DATA/test/** (optional, unlabelled).
 The cache lives in cache_dir/<key>/ where the key hashes every file's path and content plus the
 image size (data_key.py), so changed data can never be served from an old cache.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import mmap
 import multiprocessing
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from .cache import entry_lock, mark_used, unwritable_entry
-from .data_key import cache_key, fingerprint
+from .data_key import cache_key
 from .errors import KdistillError
 from .fileio import atomic_write_text, file_sha256, temporary_name
-from .images import DEFAULT_MAX_PIXELS, IGNORED_NAMES, decode_task, entry_problem
+from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE, decode_task
 from .progress import progress_bar
+# list_images is not used here: callers import it, with the rest of the data API, from this module.
+from .scan import DatasetFiles, SplitFiles, list_images, scan_dataset  # noqa: F401
 
 CACHE_VERSION = 2  # 2: content hashes in meta.json
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class SplitFiles:
-    root: str  # the folder file names are relative to
-    files: list[str]
-    labels: list[int] | None  # None for the unlabelled test split
-    stats: list[tuple[int, int]] = field(default_factory=list)  # (size, mtime_ns) per file
-    digests: list[str] = field(default_factory=list)  # sha256 of each file's bytes
-
-
-@dataclass
-class DatasetFiles:
-    classes: list[str]
-    splits: dict[str, SplitFiles]
-    rejected: list[tuple[str, str]]  # (path, reason): non-image or unreadable entries
-    notices: list[str]
-
-
-def _is_ignored(name: str) -> bool:
-    return name.startswith(".") or name.lower() in IGNORED_NAMES
-
-
-def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image paths under root (relative, sorted) and the entries that are not usable images.
-
-    Hidden files and OS litter (.DS_Store, Thumbs.db, ...) are ignored. Folder symlinks are
-    followed, except one pointing to a folder it is inside (a loop: it holds nothing new), and
-    each real folder is visited once, so the scan always ends. Unreadable folders are reported.
-    """
-    images, rejected, seen = [], [], set()
-
-    def unreadable_folder(error: OSError) -> None:
-        rejected.append((error.filename or root, f"unreadable folder ({error.strerror or error})"))
-
-    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable_folder):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        kept = []
-        for name in sorted(subfolders):
-            sub = os.path.join(folder, name)
-            if _is_ignored(name):
-                continue
-            if os.path.islink(sub):
-                target = os.path.realpath(sub)
-                if real == target or real.startswith(target.rstrip(os.sep) + os.sep):
-                    continue  # links back to an ancestor: a loop
-            kept.append(name)
-        subfolders[:] = kept
-        for name in sorted(names):
-            if _is_ignored(name):
-                continue
-            path = os.path.join(folder, name)
-            problem = entry_problem(path)
-            if problem:
-                rejected.append((path, problem))
-            else:
-                images.append(os.path.relpath(path, root))
-    return sorted(images), sorted(rejected)
-
-
-def _class_folders(split_dir: str) -> list[str]:
-    return sorted(d for d in os.listdir(split_dir)
-                  if not _is_ignored(d) and os.path.isdir(os.path.join(split_dir, d)))
-
-
-def _labelled_split(split_dir: str, classes: list[str], rejected: list) -> SplitFiles:
-    files, labels = [], []
-    for name in sorted(os.listdir(split_dir)):  # images must sit inside a class folder
-        path = os.path.join(split_dir, name)
-        if not _is_ignored(name) and not os.path.isdir(path):
-            rejected.append((path, "not inside a class folder"))
-    for label, name in enumerate(classes):
-        class_dir = os.path.join(split_dir, name)
-        if not os.path.isdir(class_dir):
-            continue
-        found, bad = list_images(class_dir)
-        rejected += bad
-        if not found and not bad:
-            raise KdistillError(f"class folder {class_dir} has no images")
-        files += [os.path.join(name, f) for f in found]
-        labels += [label] * len(found)
-    return SplitFiles(split_dir, files, labels)
-
-
-def _stratified_split(train: SplitFiles, fraction: float, seed: int) -> tuple[SplitFiles, SplitFiles]:
-    rng = np.random.default_rng(seed)
-    labels = np.array(train.labels)
-    val_index = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        n_val = int(round(fraction * len(members))) if len(members) > 1 else 0
-        val_index += rng.permutation(members)[:n_val].tolist()
-    is_val = np.zeros(len(labels), bool)
-    is_val[val_index] = True
-
-    def pick(mask: np.ndarray) -> SplitFiles:
-        keep = np.flatnonzero(mask)
-        return SplitFiles(train.root, [train.files[i] for i in keep], [train.labels[i] for i in keep])
-    return pick(~is_val), pick(is_val)
-
-
-def scan_dataset(data_dir: str, val_fraction: float = 0.2, seed: int = 0, unlabeled: str = "",
-                 cache_dir: str = "") -> DatasetFiles:
-    """unlabeled: a folder of unlabelled images for the transfer set, scanned as the split
-    "unlabeled" ("test" or empty: none beyond DATA/test). cache_dir: where the index of file
-    hashes lives ("" for none)."""
-    if not os.path.isdir(data_dir):
-        raise KdistillError(f"data folder {data_dir} does not exist")
-    train_dir, val_dir, test_dir = (os.path.join(data_dir, s) for s in SPLITS)
-    if not os.path.isdir(train_dir):
-        raise KdistillError(f"{train_dir} is missing: expected DATA/train/<class>/ folders of images")
-    classes = _class_folders(train_dir)
-    if not classes:
-        raise KdistillError(f"{train_dir} has no class folders: expected DATA/train/<class>/ folders")
-    rejected: list[tuple[str, str]] = []
-    notices = []
-    train = _labelled_split(train_dir, classes, rejected)
-    if os.path.isdir(val_dir):
-        unknown = [c for c in _class_folders(val_dir) if c not in classes]
-        if unknown:
-            raise KdistillError(f"class {unknown[0]!r} in {val_dir} is not a class in {train_dir}")
-        val = _labelled_split(val_dir, classes, rejected)
-        if not val.files:
-            raise KdistillError(f"{val_dir} has no images")
-    else:
-        train, val = _stratified_split(train, val_fraction, seed)
-        notices.append(f"{val_dir} not found: holding out {val_fraction:.0%} of each training class "
-                       f"as validation (seeded with seed={seed})")
-    splits = {"train": train, "val": val}
-    if os.path.isdir(test_dir):
-        test_files, bad = list_images(test_dir)
-        rejected += bad
-        splits["test"] = SplitFiles(test_dir, test_files, None)
-    if unlabeled == "test" and not (os.path.isdir(test_dir) and splits["test"].files):
-        raise KdistillError(f"setting distill.unlabeled is test but {test_dir} has no images")
-    if unlabeled not in ("", "test"):
-        transfer_files, bad = list_images(unlabeled)
-        if not transfer_files:
-            raise KdistillError(f"setting distill.unlabeled: {unlabeled} has no images")
-        rejected += bad
-        splits["unlabeled"] = SplitFiles(os.path.abspath(unlabeled), transfer_files, None)
-    started = time.perf_counter()
-    hashed = fingerprint(splits.values(), cache_dir)
-    if hashed:
-        notices.append(f"prepare: hashed {hashed} new or changed files in {time.perf_counter() - started:.1f} s "
-                       f"(the data is keyed by content)")
-    return DatasetFiles(classes, splits, rejected, notices)
+# Kept free beyond the arrays: meta.json, the file-hash index, and room for whatever else shares
+# the disk, which a cache filling it to the last byte would make fail.
+FREE_MARGIN = 64 << 20
 
 
 @dataclass
@@ -213,11 +69,41 @@ class PreparedData:
     skipped: list[tuple[str, str]]  # (path, reason)
 
 
+def _array_bytes(dataset: DatasetFiles, size: int) -> int:
+    """What a cache entry's arrays take on disk: a (3, size, size) uint8 image per file, and headers."""
+    return sum(len(split.files) * 3 * size * size + 4096 for split in dataset.splits.values())
+
+
+def _no_space(folder: str, needed: int, size: int) -> KdistillError:
+    free = shutil.disk_usage(folder).free
+    return KdistillError(f"not enough free space for the data cache in {os.path.dirname(folder)}: decoding at "
+                         f"image_size={size} needs {(needed + FREE_MARGIN) / 1e6:.0f} MB (with a "
+                         f"{FREE_MARGIN >> 20} MB margin), {free / 1e6:.0f} MB free; set cache_dir to a folder "
+                         f"with more space, or use a smaller image_size")
+
+
+def _allocate(path: str) -> None:
+    """Give the array file its disk blocks now. open_memmap makes a sparse file, and a page written
+    through the map to a full disk kills the process (SIGBUS, no message); allocated, a full disk
+    is an OSError (ENOSPC) here instead."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the free-space check stands alone
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it
+            raise
+    finally:
+        os.close(fd)
+
+
 def _decode_split(split: SplitFiles, size: int, max_pixels: int, workers: int, out_path: str,
                   name: str) -> tuple[list[int], list[tuple[str, str]]]:
     """Decode every file of a split straight into a memory-mapped file; return the kept indices."""
     n = len(split.files)
     images = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    _allocate(out_path)
     tasks = [(i, os.path.join(split.root, f), size, max_pixels) for i, f in enumerate(split.files)]
     ok = np.zeros(n, bool)
     failures = []
@@ -284,6 +170,9 @@ def _channel_stats(images: np.memmap, chunk: int = 64) -> tuple[list[float], lis
 def _build_cache(dataset: DatasetFiles, folder: str, size: int, max_pixels: int, workers: int,
                  log) -> dict:
     os.makedirs(folder, exist_ok=True)
+    needed = _array_bytes(dataset, size)
+    if shutil.disk_usage(folder).free < needed + FREE_MARGIN:  # refused before any work is done
+        raise _no_space(folder, needed, size)
     meta = {"version": CACHE_VERSION, "image_size": size, "classes": dataset.classes,
             "source": os.path.dirname(os.path.abspath(dataset.splits["train"].root)),
             "splits": {}, "skipped": list(dataset.rejected)}
@@ -291,7 +180,16 @@ def _build_cache(dataset: DatasetFiles, folder: str, size: int, max_pixels: int,
     total = 0
     for name, split in dataset.splits.items():
         tmp_path = os.path.join(folder, temporary_name(f"{name}.npy"))
-        kept, failures = _decode_split(split, size, max_pixels, workers, tmp_path, name)
+        try:
+            kept, failures = _decode_split(split, size, max_pixels, workers, tmp_path, name)
+        except OSError as e:  # the disk filled up meanwhile (another writer): give its space back
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            written = [os.path.join(folder, f"{other}.npy") for other in meta["splits"]]  # useless without meta.json
+            for path in (tmp_path, tmp_path + ".compact.npy", *written):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            raise _no_space(folder, needed, size) from None
         os.replace(tmp_path, os.path.join(folder, f"{name}.npy"))
         meta["skipped"] += failures
         meta["splits"][name] = {
@@ -346,6 +244,9 @@ def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: flo
     """Decode the dataset once into the cache (or reuse it) and map it as tensors.
 
     scanned: scan_dataset's result for these arguments, when the caller has it already."""
+    if image_size > MAX_IMAGE_SIZE:  # as the settings check it, for callers of prepare itself; before any hashing
+        raise KdistillError(f"setting image_size must be <= {MAX_IMAGE_SIZE}, got {image_size} (each image would "
+                            f"take {3 * image_size ** 2 / 1e6:,.0f} MB in the data cache)")
     dataset = scanned or scan_dataset(data_dir, val_fraction, seed, cache_dir=cache_dir)
     for notice in dataset.notices:
         log(notice)

@@ -2,8 +2,12 @@
 to the images themselves and never to their dates.
 
 Hashing reads each file once. An index per folder, CACHE/file-hashes/<folder hash>.json, remembers
-each file's hash under its size and mtime, as git's index does, so a later scan reads only new or
-changed files. Files copied, restored or provisioned again with new dates keep their key.
+each file's hash under its size, mtime, inode change time (ctime) and inode number, as git's index
+does, so a later scan reads only new or changed files. The ctime is what makes this safe: any
+write, chmod or rename sets it to now, and no user-level tool can set it back, so an edit that
+keeps the size and restores the mtime (os.utime, touch -r, rsync --times) is still hashed again
+(on POSIX systems; Windows reports the creation time as ctime). Copies, restores and chmods are
+hashed once more, and keep their key.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from .errors import KdistillError
 from .fileio import atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
-    from .data import DatasetFiles, SplitFiles
+    from .scan import DatasetFiles, SplitFiles
 
 INDEX_FOLDER = "file-hashes"  # in the cache folder, beside the entries
 KEY_VERSION = 3  # 2: files by size and mtime; 3: by content
@@ -48,7 +52,7 @@ def _digest(path: str) -> str:
 def fingerprint(splits: Iterable[SplitFiles], cache_dir: str = "") -> int:
     """Fill each split's stats (size, mtime_ns) and digests (sha256 of the bytes); return how many
     files were read. cache_dir: where the index lives ("" for none: every file is read)."""
-    by_root: dict[str, dict[str, tuple[int, int]]] = {}
+    by_root: dict[str, dict[str, tuple[int, int, int, int]]] = {}
     splits = list(splits)
     for split in splits:
         split.stats = []
@@ -60,13 +64,14 @@ def fingerprint(splits: Iterable[SplitFiles], cache_dir: str = "") -> int:
                 raise KdistillError(f"cannot read {path} ({e.strerror or e}); is the data folder "
                                     f"changing while kdistill runs?") from None
             split.stats.append((st.st_size, st.st_mtime_ns))
-            by_root.setdefault(split.root, {})[name] = split.stats[-1]
+            by_root.setdefault(split.root, {})[name] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     digests, hashed = {}, 0
     for root, stats in by_root.items():
         index_path = _index_path(cache_dir, root) if cache_dir else ""
         known = _read_index(index_path) if index_path else {}
-        found = {name: known[name][2] for name, stat in stats.items()
-                 if isinstance(known.get(name), list) and len(known[name]) == 3 and known[name][:2] == list(stat)}
+        # An entry of the former layout, [size, mtime, hash], never matches: that file is hashed again.
+        found = {name: known[name][-1] for name, stat in stats.items()
+                 if isinstance(known.get(name), list) and known[name][:-1] == list(stat)}
         unknown = [name for name in stats if name not in found]
         digests[root] = found
         if not unknown:

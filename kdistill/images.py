@@ -17,6 +17,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 # Compared lower-cased; names starting with "." (.DS_Store, ._x.jpg, .git) are ignored as well.
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "ehthumbs.db", "__macosx"}
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
+# The largest side images are decoded to: one image then takes 50 MB of cache. Beyond it a size
+# is a typo, not a classifier's input, and would fill the disk before the first epoch.
+MAX_IMAGE_SIZE = 4096
 
 
 class ImageError(Exception):

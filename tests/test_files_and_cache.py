@@ -24,7 +24,7 @@ from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.data_key import INDEX_FOLDER
 from kdistill.errors import KdistillError
-from kdistill.fileio import atomic_write, atomic_write_text, remove_stale_temporaries, save_torch
+from kdistill.fileio import RUN_MARKER, atomic_write, atomic_write_text, remove_stale_temporaries, save_torch
 from kdistill.pipeline import run
 
 DAY = 24 * 3600
@@ -181,6 +181,7 @@ def test_prepare_and_run_remove_leftovers_in_the_cache_entry_and_the_run_folder(
     out = str(tmp_path / "run")
     leftover = os.path.join(out, "checkpoints", "teacher", f".tmp-{dead}-a1b2c3d4-last.pt")
     write_bytes(leftover, 1000)
+    write_bytes(os.path.join(out, RUN_MARKER), 0)  # a folder an interrupted run had made its own
     cfg = build_config(overrides=tiny_settings(data_dir, out, cache, teacher={"weights": "imagenet"}))
 
     def offline(*args, **kwargs):
