@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from .errors import printable  # noqa: E402
 from .fileio import atomic_write_text  # noqa: E402
-from .report import LABELS, seen_size  # noqa: E402
+from .report import LABELS, plot_label, seen_size  # noqa: E402
 from .significance import verdict  # noqa: E402
 
 CALIBRATION_BINS = 15
@@ -74,9 +75,11 @@ def agreement(labels: np.ndarray, teacher: np.ndarray, student: np.ndarray, clas
 
 
 def _text(value) -> str:
+    """A value as page text: escaped, and undecodable file-name bytes (a class folder named in
+    Latin-1) and control characters as backslash escapes, readable as the log shows them."""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return html.escape(str(value))
+    return html.escape(printable(str(value)))
 
 
 def _table(header: list[str], rows: list[list], table_id: str = "") -> str:
@@ -90,7 +93,7 @@ def _table(header: list[str], rows: list[list], table_id: str = "") -> str:
 
 def _img(png: bytes, alt: str, width: int | None = None) -> str:
     size = f' width="{width}"' if width else ""
-    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{html.escape(alt)}"{size}>'
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="{_text(alt)}"{size}>'
 
 
 def _figure_png(figure) -> bytes:
@@ -117,8 +120,9 @@ def _confusion_png(labels: np.ndarray, predicted: dict[str, np.ndarray], classes
         axis.set_xlabel("predicted")
         axis.set_ylabel("true")
         if count <= 30:
-            axis.set_xticks(range(count), classes, rotation=90, fontsize=7)
-            axis.set_yticks(range(count), classes, fontsize=7)
+            names = [plot_label(name) for name in classes]
+            axis.set_xticks(range(count), names, rotation=90, fontsize=7)
+            axis.set_yticks(range(count), names, fontsize=7)
         if count <= ANNOTATED_UP_TO:
             for (row, column), value in np.ndenumerate(matrix):
                 axis.text(column, row, str(value), ha="center", va="center", fontsize=7,
@@ -199,9 +203,9 @@ def _mistakes(val, classes: list[str], labels: np.ndarray, teacher: np.ndarray, 
         student_class, teacher_class = student[index].argmax(), teacher[index].argmax()
         cells.append(
             f"<figure>{_img(_thumbnail_png(thumbnails[index]), val.files[index])}<figcaption>"
-            f"true <b>{html.escape(classes[labels[index]])}</b><br>student {html.escape(classes[student_class])} "
-            f"({student[index, student_class]:.1%})<br>teacher {html.escape(classes[teacher_class])} "
-            f"({teacher[index, teacher_class]:.1%})<br><span class='note'>{html.escape(val.files[index])}</span>"
+            f"true <b>{_text(classes[labels[index]])}</b><br>student {_text(classes[student_class])} "
+            f"({student[index, student_class]:.1%})<br>teacher {_text(classes[teacher_class])} "
+            f"({teacher[index, teacher_class]:.1%})<br><span class='note'>{_text(val.files[index])}</span>"
             f"</figcaption></figure>")
     return (f"<p class='note'>{len(shown)} of the student's {len(wrong)} wrong answers on the "
             f"{len(labels)} val images, most confident first.</p><div class='mistakes'>{''.join(cells)}</div>")
@@ -240,7 +244,7 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>kdistill report</title>",
         f"<style>{STYLE}</style></head><body><h1>kdistill report</h1>",
-        f"<p class='note'>Data {html.escape(str(config['data']))}: {len(classes)} classes, "
+        f"<p class='note'>Data {_text(config['data'])}: {len(classes)} classes, "
         + ", ".join(f"{count:,} {split}" for split, count in metrics["images"].items())
         + f" images; image size {config['image_size']} px; device {html.escape(metrics['device'])} "
         f"({html.escape(metrics['precision'])}); distillation {html.escape(config['distill']['method'])}, "

@@ -11,7 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .fileio import atomic_write, atomic_write_text  # noqa: E402
+from .errors import printable  # noqa: E402
+from .fileio import atomic_write, atomic_write_text, refuse_link  # noqa: E402
 from .significance import EXACT_BELOW, SIGNIFICANCE_LEVEL, verdict  # noqa: E402
 
 LABELS = {"teacher": "Teacher", "student": "Distilled student", "baseline": "Student without teacher"}
@@ -23,7 +24,15 @@ def kind_of(run_name: str) -> str:
     return run_name.partition("-seed")[0]
 
 
+def plot_label(text) -> str:
+    """Any text (a class name, a setting's value) as a matplotlib label drawn as is: each `$` escaped,
+    since two would start mathtext, which fails on most names (US$_and_$EUR); undecodable file-name
+    bytes as backslash escapes, since FreeType cannot draw a lone surrogate."""
+    return printable(str(text)).replace("$", r"\$")
+
+
 def write_history(path: str, history: list[dict]) -> None:
+    refuse_link(os.path.dirname(path))  # RUN/history, in a run folder that may have been received
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
     writer.writeheader()

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .fileio import atomic_write, atomic_write_text  # noqa: E402
+from .report import plot_label  # noqa: E402
 
 PANEL_COLUMNS = 3  # heatmap panels per figure row, for grids of three or more axes
 
@@ -136,16 +137,17 @@ def plot(path: str, summary: dict, positions: dict[str, tuple[int, ...]]) -> Non
         if best and best[0] == panel:
             i, j = best[1]
             axes_plot.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        axes_plot.set_xticks(range(shape[1]), [str(text) for text in column_axis["texts"]],
+        axes_plot.set_xticks(range(shape[1]), [plot_label(text) for text in column_axis["texts"]],
                              rotation=30 if shape[1] > 4 else 0)
         axes_plot.set_xlabel(column_axis["key"])
         if row_axis:
-            axes_plot.set_yticks(range(shape[0]), [str(text) for text in row_axis["texts"]])
+            axes_plot.set_yticks(range(shape[0]), [plot_label(text) for text in row_axis["texts"]])
             axes_plot.set_ylabel(row_axis["key"])
         else:
             axes_plot.set_yticks([])
         if rest:
-            axes_plot.set_title(", ".join(f"{axis['key']}={axis['texts'][index]}" for axis, index in zip(rest, panel)),
+            axes_plot.set_title(", ".join(f"{axis['key']}={plot_label(axis['texts'][index])}"
+                                          for axis, index in zip(rest, panel)),
                                 fontsize=9)
     figure.colorbar(image, ax=subplots.ravel().tolist(), label="best val acc, distilled student")
     below = "below: gain over the baseline, points; " if any("gain" in row for row in summary["points"]) else ""
