@@ -127,7 +127,8 @@ def parser() -> argparse.ArgumentParser:
                          help="a finished run folder (uses its student.pt), or a student file: student.pt, "
                               "student.onnx or student-int8.onnx (ONNX Runtime, on the CPU)")
     predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    predict.add_argument("--output", help="CSV to write (default RUN/predictions-<folder name>.csv)")
+    predict.add_argument("--output", help="CSV to write (default predictions-<folder name>.csv in the run folder, "
+                                           "or beside the student file --run names)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when present)")
     predict.add_argument("--strict", action="store_true",
@@ -205,10 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "predict":
-            from .predict import predict_folder
+            from .predict import default_output, predict_folder
 
-            name = os.path.basename(os.path.normpath(args.images)) or "images"
-            output = args.output or os.path.join(args.run, f"predictions-{name}.csv")
+            output = args.output or default_output(args.run, args.images)
             count = predict_folder(args.run, args.images, output, args.batch_size, strict=args.strict,
                                    device=args.device, log=lambda message: print(printable(message)),
                                    trust_arch=args.trust_arch)

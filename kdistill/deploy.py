@@ -11,10 +11,12 @@
   with the threads used (torch's, and as many intra-op threads for ONNX Runtime).
 
 `kdistill run` calls deployment_check at its end (setting deploy_check); `kdistill export --run`
-(export_run) rewrites both ONNX files of a finished run and measures again.
+(export_run) rewrites both ONNX files of a finished run and measures again, on the run's data
+decoded in the user's cache (never the cache_dir that the run's config.yaml names).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from .config import Config, upsampled_side
-from .data import PreparedData, prepare, scan_dataset
+from .data import PreparedData, list_images, prepare, scan_dataset
 from .data_key import same_data
 from .errors import KdistillError
 from .export import export_onnx, is_trusted_arch, load_bundle, load_onnx_student
@@ -247,25 +249,72 @@ def run_settings(run_dir: str) -> tuple[Config, dict]:
     return cfg, saved
 
 
-def run_data(run_dir: str, cfg: Config, log) -> PreparedData:
-    """The run's decoded images, from the data cache (rebuilt from cfg.data if it was cleared);
-    refused if the data folder no longer holds what the run was trained on."""
+def _listed_data(cfg: Config) -> tuple[list[str], dict[str, int]]:
+    """The classes and images per split that scan_dataset finds in cfg.data (as data.json records
+    them), from listing its folders alone: no file is opened, none hashed."""
+    def per_class(split_dir: str) -> collections.Counter:
+        return collections.Counter(name.split(os.sep)[0] for name in list_images(split_dir)[0] if os.sep in name)
+
+    train = per_class(os.path.join(cfg.data, "train"))
+    classes = sorted(train)
+    if os.path.isdir(os.path.join(cfg.data, "val")):
+        images = {"train": sum(train.values()),
+                  "val": sum(per_class(os.path.join(cfg.data, "val"))[name] for name in classes)}
+    else:  # scan_dataset holds out this share of each class with more than one image
+        held = sum(int(round(cfg.val_fraction * count)) if count > 1 else 0 for count in train.values())
+        images = {"train": sum(train.values()) - held, "val": held}
+    if os.path.isdir(os.path.join(cfg.data, "test")):
+        images["test"] = len(list_images(os.path.join(cfg.data, "test"))[0])
+    if cfg.distill.unlabeled not in ("", "test"):
+        images["unlabeled"] = len(list_images(cfg.distill.unlabeled)[0])
+    return classes, images
+
+
+def _class_names(classes: list) -> str:
+    """For example 3 classes: 'cat', 'dog', 'owl' (one line, whatever the names hold)."""
+    shown = ", ".join(repr(str(name)[:40]) for name in classes[:5])
+    return f"{len(classes)} classes: {shown}{f' and {len(classes) - 5} more' if len(classes) > 5 else ''}"
+
+
+def _read_identity(run_dir: str) -> dict:
+    """The run's data.json: the key of its data, its classes and images per split."""
     path = _run_file(run_dir, "data.json")
     try:
         with open(path, encoding="utf-8") as f:
-            key = json.load(f)["key"]
+            identity = json.load(f)
+        if not (isinstance(identity["key"], str) and isinstance(identity["classes"], list)
+                and isinstance(identity["images"], dict)):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise KdistillError(f"{path} is unreadable ({type(e).__name__})") from None
+    return identity
+
+
+def run_data(run_dir: str, cfg: Config, log) -> PreparedData:
+    """The run's decoded images, from the user's data cache (built from cfg.data where absent);
+    refused if the data folder no longer holds what the run was trained on."""
+    identity = _read_identity(run_dir)
     if not os.path.isdir(cfg.data):
         raise KdistillError(f"the run's data folder {cfg.data} (its config.yaml) does not exist: measuring the "
                             f"exported student needs its val images and calibrating int8 its training images")
-    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled, cfg.resolved_cache_dir())
-    if not same_data(key, dataset, cfg.image_size, cfg.max_image_pixels):
-        raise KdistillError(f"the data at {cfg.data} changed since the run in {run_dir} (files added, removed "
-                            f"or their content changed): its val accuracy would not be the run's")
-    return prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction,
-                   seed=cfg.seed, workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad,
-                   log=log, scanned=dataset)
+    changed = f"the data at {cfg.data} changed since the run in {run_dir}"
+    # A received run's config.yaml may name any folder: one that is plainly not the run's data is
+    # refused from its listing, before any file of it is read.
+    classes, images = _listed_data(cfg)
+    if classes != identity["classes"]:
+        raise KdistillError(f"{changed} ({_class_names(identity['classes'])} then; {_class_names(classes)} now)")
+    if images != identity["images"]:
+        raise KdistillError(f"{changed} (images per split {identity['images']} then, {images} now)")
+    # The user's cache, never the cache_dir in the run's config.yaml: a run folder made elsewhere
+    # must not decide where kdistill writes.
+    cache_dir = Config().resolved_cache_dir()
+    dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled, cache_dir)
+    if not same_data(identity["key"], dataset, cfg.image_size, cfg.max_image_pixels):
+        raise KdistillError(f"{changed} (files added, removed or their content changed): its val accuracy would "
+                            f"not be the run's")
+    return prepare(cfg.data, cfg.image_size, cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                   workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log,
+                   scanned=dataset)
 
 
 def run_teacher(run_dir: str, cfg: Config, classes: list[str], trust_arch: bool, log) -> Standardized | None:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 
@@ -112,20 +113,66 @@ def export_onnx(path: str, model: Standardized, probe: torch.Tensor, description
     return difference
 
 
+def _sparse_parts(sparse_tensors) -> list:
+    return [part for sparse in sparse_tensors for part in (sparse.values, sparse.indices)]
+
+
+def _node_tensors(nodes):
+    """Every tensor in the nodes' attributes, their subgraphs' included."""
+    for node in nodes:
+        for attribute in node.attribute:
+            yield attribute.t
+            yield from attribute.tensors
+            yield from _sparse_parts([attribute.sparse_tensor, *attribute.sparse_tensors])
+            for graph in (attribute.g, *attribute.graphs):
+                yield from _graph_tensors(graph)
+
+
+def _graph_tensors(graph):
+    yield from graph.initializer
+    yield from _sparse_parts(graph.sparse_initializer)
+    yield from _node_tensors(graph.node)
+
+
+def _external_tensors(model) -> list[str]:
+    """The names of the tensors of an onnx.ModelProto whose bytes it says are in other files."""
+    from onnx import TensorProto
+
+    tensors = itertools.chain(_graph_tensors(model.graph), *(_node_tensors(f.node) for f in model.functions))
+    return [t.name for t in tensors if t.data_location == TensorProto.EXTERNAL or len(t.external_data)]
+
+
+def _unusable(path: str, error: Exception) -> KdistillError:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return KdistillError(f"{path} is not a usable ONNX model ({message[:160]})")
+
+
 def load_onnx_student(path: str, threads: int = 0):
     """An ONNX Runtime session (CPU; threads: intra-op threads, 0 = ONNX Runtime's default) for a
     kdistill ONNX student, and its description (ONNX_METADATA_KEYS). A file that is not an ONNX
     model, or one kdistill did not write, is refused in one line naming it."""
+    import onnx
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # ONNX Runtime's own warnings would break the one-line error
     try:
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        with open(path, "rb") as f:
+            blob = f.read()
+        model = onnx.load_model_from_string(blob)  # without external data: no other file is read
+    except Exception as e:  # protobuf's DecodeError, onnx's own errors, OSError
+        raise _unusable(path, e) from None
+    # A received model naming other files (../../.ssh/id_rsa) is refused here, whatever the
+    # installed ONNX Runtime checks; given bytes, it has no folder to resolve such names in either.
+    external = _external_tensors(model)
+    if external:
+        raise KdistillError(f"{path} references external data (tensor {external[0][:80]!r} is stored in another file); "
+                            f"kdistill writes self-contained ONNX students and reads no others")
+    try:
+        session = onnxruntime.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KdistillError(f"{path} is not a usable ONNX model ({message[:160]})") from None
+        raise _unusable(path, e) from None
     stored = session.get_modelmeta().custom_metadata_map
     missing = [f"kdistill.{key}" for key in ONNX_METADATA_KEYS if f"kdistill.{key}" not in stored]
     if missing:

@@ -90,26 +90,32 @@ def folder_in_use(folder: str, hold: bool = True):
 RUN_MARKER = ".kdistill-run"
 
 
-def claim_folder(folder: str, force: bool = False, flag: str = "--out") -> None:
-    """Make folder a kdistill folder: create it with its marker, or take an empty one, or one that
-    holds the marker. A non-empty folder that kdistill did not create is refused unless force."""
+def refuse_foreign_folder(folder: str, force: bool = False, flag: str = "--out") -> None:
+    """Refuse, before anything is written, a non-empty folder that kdistill did not create (it holds
+    neither the marker nor, from earlier versions, the lock file), unless force."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise KdistillError(f"{flag} {folder} is a file, not a folder; choose a new folder")
     try:
         names = os.listdir(folder) if os.path.isdir(folder) else []
     except OSError as e:
         raise KdistillError(f"cannot read {flag} {folder} ({e.strerror or e})") from None
-    if RUN_MARKER in names:
-        return
-    if names and FOLDER_LOCK not in names and not force:
+    if names and RUN_MARKER not in names and FOLDER_LOCK not in names and not force:
         raise KdistillError(f"{flag} {folder} already holds files kdistill did not write (e.g. {sorted(names)[0]!r}): "
                             f"it would overwrite them; choose a new or empty folder, or pass --force to write into "
                             f"it anyway")
-    try:
+
+
+def mark_as_ours(folder: str) -> None:
+    """Write the marker in a folder kdistill now writes into (see refuse_foreign_folder)."""
+    if not os.path.exists(os.path.join(folder, RUN_MARKER)):
         os.makedirs(folder, exist_ok=True)
         atomic_write_text(os.path.join(folder, RUN_MARKER), "A folder kdistill writes into (its run or sweep).\n")
-    except OSError as e:
-        raise KdistillError(f"cannot write in {flag} {folder} ({e.strerror or e}); use another {flag}") from None
+
+
+def claim_folder(folder: str, force: bool = False, flag: str = "--out") -> None:
+    """refuse_foreign_folder, then mark_as_ours: for a folder no lock guards."""
+    refuse_foreign_folder(folder, force, flag)
+    mark_as_ours(folder)
 
 
 TEMPORARY_PREFIX = ".tmp-"
@@ -212,6 +218,34 @@ def atomic_write_text(path: str, text: str) -> None:
         with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
             f.write(text)
     atomic_write(path, write, "file")
+
+
+def _planted_link(path: str) -> KdistillError:
+    return KdistillError(f"refusing to write through {path}: it is a symbolic link, and kdistill writes only what "
+                         f"it created in a run folder; remove the link")
+
+
+def refuse_link(path: str) -> None:
+    """A folder a run writes into must not be a symbolic link planted in a received run folder:
+    writing there would land outside it."""
+    if os.path.islink(path):
+        raise _planted_link(path)
+
+
+# Linux and macOS; elsewhere (Windows) 0, where symbolic links need privileges to make.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def append_text(path: str, text: str) -> None:
+    """Append to a log file, never through a symbolic link at path (O_NOFOLLOW)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)  # the umask applies
+    except OSError:
+        if os.path.islink(path):
+            raise _planted_link(path) from None
+        raise
+    with open(fd, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def save_torch(obj: Any, path: str, what: str = "checkpoint") -> None:

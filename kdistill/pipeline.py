@@ -19,20 +19,20 @@ from .batcher import ImageBatcher
 from .batches import Batches
 from .compute import (ONE_PROCESS, Compute, Ranks, check_same_experiment, first_line, join_ranks, leave_ranks,
                       lost_process, resolve_precision)
-from .config import (Config, input_side, missing_setting_keeps_results, result_differences, save_config,
-                     upsampled_side)
-from .settings import read_yaml
+from .config import Config, input_side, save_config, upsampled_side
 from .deploy import deployment_check
 from .data import DatasetFiles, PreparedData, prepare, scan_dataset, to_unit_range
-from .data_key import cache_key, same_data
+from .data_key import cache_key
 from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .evaluate import profile, write_predictions
 from .export import export_onnx, save_bundle
 from .features import resolve_auto_layers
-from .fileio import atomic_write_text, claim_folder, folder_in_use, remove_stale_temporaries, save_torch
+from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
+                     remove_stale_temporaries, save_torch)
 from .html_report import write_html_report
 from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model, weights_source
+from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
@@ -47,8 +47,7 @@ def make_logger(out: str):
     def log(message: str) -> None:
         message = printable(message)
         print(message, flush=True)
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(message + "\n")
+        append_text(log_path, message + "\n")  # not through a link planted in a received run folder
     return log
 
 
@@ -169,76 +168,6 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
     return trained
 
 
-def _describe_data(dataset: DatasetFiles, key: str) -> dict:
-    return {"key": key, "classes": dataset.classes,
-            "images": {name: len(split.files) for name, split in dataset.splits.items()}}
-
-
-def _setting_names(settings: dict, prefix: str = "") -> set[str]:
-    names = set()
-    for key, value in settings.items():
-        names |= _setting_names(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
-    return names
-
-
-def _copy_setting(source: dict, target: dict, name: str) -> None:
-    *sections, key = name.split(".")
-    for section in sections:
-        source, target = source[section], target.setdefault(section, {})
-    target[key] = source[key]
-
-
-def _check_out_folder(cfg: Config, dataset: DatasetFiles, data_identity: dict) -> None:
-    """An --out holding a different experiment, or the same one on other data, is refused rather
-    than mixed or overwritten."""
-    config_path = os.path.join(cfg.out, "config.yaml")
-    # Only a folder where training has started holds results to protect.
-    if not (os.path.exists(config_path) and os.path.isdir(os.path.join(cfg.out, "checkpoints"))):
-        return
-    saved = read_yaml(config_path, f"saved config {config_path}")
-    current = cfg.to_dict()
-    missing = sorted(_setting_names(current) - _setting_names(saved))
-    for name in [name for name in missing if missing_setting_keeps_results(name, cfg)]:
-        missing.remove(name)
-        _copy_setting(current, saved, name)  # so that it is not reported as a difference below
-    if missing:
-        raise KdistillError(f"{cfg.out} holds a run made by an older kdistill (it has no setting "
-                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use another --out")
-    differences = result_differences(saved, current)
-    if differences:
-        raise KdistillError(f"{cfg.out} holds a run with other settings ({'; '.join(differences[:3])}); "
-                            f"use another --out, or the same settings to resume it")
-    data_path = os.path.join(cfg.out, "data.json")
-    if not os.path.exists(data_path):
-        return
-    try:
-        with open(data_path, encoding="utf-8") as f:
-            previous = json.load(f)
-    except (OSError, ValueError) as e:
-        raise KdistillError(f"{data_path} is unreadable ({e}); use another --out") from None
-    if same_data(previous.get("key"), dataset, cfg.image_size, cfg.max_image_pixels):
-        return
-    if previous.get("classes") != data_identity["classes"]:
-        what = (f"{len(previous.get('classes') or [])} classes then, {len(data_identity['classes'])} now"
-                if len(previous.get("classes") or []) != len(data_identity["classes"]) else "other class names")
-    elif previous.get("images") != data_identity["images"]:
-        what = f"images per split {previous.get('images')} then, {data_identity['images']} now"
-    else:
-        what = "the same file counts, but files were added, removed, renamed or their content changed"
-    raise KdistillError(f"{cfg.out} holds a run on other data at {cfg.data} ({what}); use another --out")
-
-
-# The subfolders a run writes (and cleans of its interrupted writes); a forced --out may hold others.
-RUN_SUBFOLDERS = ("checkpoints", "history", "models")
-
-
-def _check_out_outside_data(cfg: Config) -> None:
-    out, data = os.path.realpath(cfg.out), os.path.realpath(cfg.data)
-    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
-        raise KdistillError(f"--out {cfg.out} is inside the data folder {cfg.data}: the run's images (plots) would "
-                            f"become data; choose a folder outside it")
-
-
 def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None, force: bool = False) -> dict:
     """Run the whole experiment described by cfg (already validated); return metrics.json's content.
 
@@ -251,11 +180,11 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None,
     if not cfg.data or not cfg.out:
         raise KdistillError("settings data and out are required (--data DATA --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
-    _check_out_outside_data(cfg)
+    check_out_outside_data(cfg)
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
     dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled, cfg.resolved_cache_dir())
-    data_identity = _describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
-    _check_out_folder(cfg, dataset, data_identity)
+    data_identity = describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
+    check_out_folder(cfg, dataset, data_identity)
     ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
     try:
         check_same_experiment(ranks, cfg.to_dict(), data_identity)
@@ -264,7 +193,7 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None,
                 raise KdistillError(f"setting {name}.batch_size ({part.batch_size}) is the global batch: it must "
                                     f"divide evenly among the {ranks.world_size} processes")
         if ranks.main:
-            claim_folder(cfg.out, force)
+            refuse_foreign_folder(cfg.out, force)
         with folder_in_use(cfg.out, hold=ranks.main):  # rank 0 holds it for all processes
             return _experiment(cfg, dataset, data_identity, ranks, device, log, shared_checkpoints)
     except RuntimeError as e:
@@ -281,6 +210,7 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None,
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
                 log, shared_checkpoints: dict[str, str] | None) -> dict:
     if ranks.main:
+        mark_as_ours(cfg.out)  # holding the folder's lock
         save_config(cfg, os.path.join(cfg.out, "config.yaml"))
         atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
         log = log or make_logger(cfg.out)

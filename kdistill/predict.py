@@ -8,30 +8,54 @@ import sys
 
 import numpy as np
 import torch
-import yaml
 
 from .data import list_images, to_unit_range
 from .errors import KdistillError
 from .evaluate import write_predictions
 from .export import load_bundle, load_onnx_student
+from .fileio import temporary_name
 from .images import DEFAULT_MAX_PIXELS, decode_task
+from .settings import read_yaml
 from .compute import resolve_device
 
 
 def run_max_pixels(run_dir: str) -> int:
-    """The run's own max_image_pixels (from RUN/config.yaml), or the default where it has none."""
+    """The run's own max_image_pixels (from RUN/config.yaml) where it is below the default. A run
+    folder may come from someone else: its settings may lower the decompression-bomb limit, never
+    raise or switch it off; without a positive integer there, the default applies."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         return DEFAULT_MAX_PIXELS
-    try:
-        with open(path, encoding="utf-8") as f:
-            settings = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise KdistillError(f"cannot read {path} ({str(e).splitlines()[0]})") from None
-    limit = settings.get("max_image_pixels", DEFAULT_MAX_PIXELS) if isinstance(settings, dict) else DEFAULT_MAX_PIXELS
+    limit = read_yaml(path, f"the run's settings {path}").get("max_image_pixels", DEFAULT_MAX_PIXELS)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-        raise KdistillError(f"{path}: max_image_pixels must be a positive integer, got {limit!r}")
-    return limit
+        return DEFAULT_MAX_PIXELS
+    return min(limit, DEFAULT_MAX_PIXELS)
+
+
+def default_output(run: str, images_dir: str) -> str:
+    """predictions-<image folder name>.csv in the run folder, or beside the student file that --run names."""
+    name = os.path.basename(os.path.normpath(images_dir)) or "images"
+    folder = run if os.path.isdir(run) else os.path.dirname(run)
+    return os.path.join(folder, f"predictions-{name}.csv")
+
+
+def check_output(output: str) -> None:
+    """Refuse an output that cannot be written now, before any image is predicted, not after."""
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise KdistillError(f"cannot write predictions to {output}: its folder {folder} does not exist")
+    if os.path.isdir(output):
+        raise KdistillError(f"cannot write predictions to {output}: it is a folder; give a file name with --output")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255  # the usual limit where the file system does not say
+    # The file is written under a temporary name first (fileio.atomic_write), which is longer.
+    if len(os.fsencode(temporary_name(os.path.basename(output)))) > name_max:
+        raise KdistillError(f"cannot write predictions to {output}: its name is too long for the file system "
+                            f"(at most {name_max - len(temporary_name(''))} bytes); choose a shorter --output")
+    if not os.access(folder, os.W_OK):
+        raise KdistillError(f"cannot write predictions to {output}: its folder {folder} is not writable")
 
 
 def _refuse(path: str, reason: str) -> KdistillError:
@@ -85,6 +109,7 @@ def predict_folder(run: str, images_dir: str, output: str, batch_size: int = 64,
         raise KdistillError(f"--run {run} does not exist (a run folder or a student .pt / .onnx file)")
     if not os.path.isdir(images_dir):
         raise KdistillError(f"image folder {images_dir} does not exist")
+    check_output(output)
     max_pixels = run_max_pixels(run_dir)
     forward, description = load_student(model_path, device, trust_arch)
     files, rejected = list_images(images_dir)

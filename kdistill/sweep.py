@@ -21,7 +21,8 @@ from .config import Config, build_config, result_differences
 from .data import scan_dataset
 from .data_key import cache_key, dated_key
 from .errors import KdistillError, printable
-from .fileio import atomic_write_text, claim_folder, folder_in_use
+from .fileio import (append_text, atomic_write_text, claim_folder, folder_in_use, mark_as_ours,
+                     refuse_foreign_folder)
 from .settings import convert, leaves, parse_set, read_yaml
 
 # Settings a point may not vary, and why.
@@ -236,9 +237,8 @@ def _finished(point: Point) -> dict | None:
 
 def _note(folder: str, message: str) -> None:
     """A line in a point's own log.txt, where its run logs too."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "log.txt"), "a", encoding="utf-8") as f:
-        f.write(printable(message) + "\n")
+    claim_folder(folder)  # the point's run folder, made kdistill's before its first file
+    append_text(os.path.join(folder, "log.txt"), printable(message) + "\n")
 
 
 def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files: tuple[str, ...] = (),
@@ -254,8 +254,10 @@ def run_sweep(out: str, grid: list[str], preset: str | None = None, config_files
     # Under torchrun every process runs every point (see pipeline.run); rank 0 alone writes and logs.
     main = os.environ.get("RANK", "0") == "0"
     if main:
-        claim_folder(out, force)
+        refuse_foreign_folder(out, force)
     with folder_in_use(out, hold=main):
+        if main:
+            mark_as_ours(out)
         return _run_points(out, axes, points, main, (log or make_logger(out)) if main else silent)
 
 

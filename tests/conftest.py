@@ -6,6 +6,15 @@ import os
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
 
+# Every test process gets a data cache of its own, removed at its exit: tests never write to the
+# user's cache, and test processes never share one (tests that need their own set cache_dir).
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+os.environ["KDISTILL_CACHE"] = tempfile.mkdtemp(prefix="kdistill-test-cache-")
+atexit.register(shutil.rmtree, os.environ["KDISTILL_CACHE"], True)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

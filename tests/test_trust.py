@@ -13,7 +13,7 @@ import torch
 
 import kdistill
 from conftest import tiny_settings
-from kdistill import pipeline
+from kdistill import out_folder, pipeline
 from kdistill.cli import main
 from kdistill.config import TrainConfig
 from kdistill.data import prepare, scan_dataset
@@ -341,12 +341,12 @@ def test_a_run_folder_without_the_settings_added_later_resumes_when_their_values
     later = ["sync_bn", "ddp_timeout_s", "deploy_check", "ensemble", "distill.ensemble_weights",
              "distill.max_signal_memory_gb", "teacher.input_size", "student.input_size", "distill.dml.peer",
              "distill.born_again.generations"]
-    pipeline._check_out_folder(saved_without(later, method="kd"), None, {})  # none of them changes a kd run
+    out_folder.check_out_folder(saved_without(later, method="kd"), None, {})  # none of them changes a kd run
     # Stored teacher features replaced features computed online: a feature method's folder is refused,
     # and so is one missing a setting of the method it uses.
     for names, method in ((later, "fitnets"), (["distill.dml.peer"], "dml")):
         with pytest.raises(KdistillError, match="older kdistill") as error:
-            pipeline._check_out_folder(saved_without(names, method=method), None, {})
+            out_folder.check_out_folder(saved_without(names, method=method), None, {})
         assert names[-1 if method == "dml" else 5] in str(error.value)
 
 
