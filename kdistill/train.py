@@ -297,6 +297,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             labelled = torch.zeros((), dtype=torch.int64, device=device)
             lr = optimizer.param_groups[0]["lr"]
             objective.epoch = epoch
+            objective.epochs = cfg.epochs
             for batch, (x, y, teacher, index) in enumerate(with_progress(
                     train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator,
                                   view_generator=view_generator, precision=precision, shard=ranks.shard),

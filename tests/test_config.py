@@ -320,7 +320,7 @@ CASES = {
     "distill.unlabeled": ("/no/such/folder", "test", "test"),
     "distill.dkd.tckd_weight": ("-1", "2", 2.0),
     "distill.dkd.nckd_weight": ("-1", "0.5", 0.5),
-    "distill.dkd.warmup_epochs": ("-1", "1", 1),
+    "distill.dkd.warmup_fraction": ("1.5", "0.25", 0.25),
     "distill.dist.ce_weight": ("-1", "0.5", 0.5),
     "distill.dist.beta": ("-1", "1", 1.0),
     "distill.dist.gamma": ("-1", "1", 1.0),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdistill.config import TrainConfig
-from kdistill.distillers import DIST, DISTILLERS, DKD, KD, LSKD
+from kdistill.distillers import DIST, DISTILLERS, DKD, KD, LSKD, Outputs
 from kdistill.batches import Batches
 from kdistill.train import fit
 
@@ -85,8 +85,8 @@ def test_dkd_matches_hand_computed_values_with_its_linear_warmup(epoch, ramp):
     tckd, nckd = dkd_by_hand(STUDENT, TEACHER, LABELS, t)
     ce = cross_entropy(STUDENT, LABELS)
     method = DKD(temperature=t, settings=DKD.Settings(tckd_weight=tckd_weight, nckd_weight=nckd_weight,
-                                                      warmup_epochs=4))
-    method.epoch = epoch
+                                                      warmup_fraction=0.4))
+    method.epoch, method.epochs = epoch, 10  # a warmup of 4 epochs
     terms = method.logit_terms(*tensors())
     assert terms["tckd"].item() == pytest.approx(tckd, rel=1e-5)
     assert terms["nckd"].item() == pytest.approx(nckd, rel=1e-5)
@@ -95,9 +95,12 @@ def test_dkd_matches_hand_computed_values_with_its_linear_warmup(epoch, ramp):
 
 
 def test_dkd_without_warmup_and_its_defaults():
-    assert dataclasses.asdict(DKD.Settings()) == {"tckd_weight": 1.0, "nckd_weight": 8.0, "warmup_epochs": 20}
+    assert dataclasses.asdict(DKD.Settings()) == {"tckd_weight": 1.0, "nckd_weight": 8.0,
+                                                  "warmup_fraction": 20 / 240}
     tckd, nckd = dkd_by_hand(STUDENT, TEACHER, LABELS, 4.0)
-    terms = DKD(temperature=4.0, settings=DKD.Settings(warmup_epochs=0)).logit_terms(*tensors())
+    method = DKD(temperature=4.0, settings=DKD.Settings(warmup_fraction=0.0))
+    method.epochs = 30
+    terms = method.logit_terms(*tensors())
     assert terms["loss"].item() == pytest.approx(cross_entropy(STUDENT, LABELS) + tckd + 8.0 * nckd, rel=1e-5)
 
 
@@ -138,15 +141,16 @@ def test_dist_matches_hand_computed_values():
 
 
 def test_dist_defaults_and_no_relation_loss_for_a_student_equal_to_its_teacher():
-    assert dataclasses.asdict(DIST.Settings()) == {"ce_weight": 1.0, "beta": 2.0, "gamma": 2.0, "tau": 1.0}
+    assert dataclasses.asdict(DIST.Settings()) == {"ce_weight": 1.0, "beta": 2.0, "gamma": 2.0, "tau": 4.0}
     student, labels, teacher = tensors()
     terms = DIST().logit_terms(student, labels, teacher)
-    inter, intra = dist_by_hand(STUDENT, TEACHER, 1.0)
+    inter, intra = dist_by_hand(STUDENT, TEACHER, 4.0)
     assert terms["inter"].item() == pytest.approx(inter, rel=1e-5)
     assert terms["intra"].item() == pytest.approx(intra, rel=1e-5)
     same = DIST().logit_terms(teacher, labels, teacher)
-    assert same["inter"].item() == pytest.approx(0.0, abs=1e-5)  # not exactly: the 1e-8 in the correlation
-    assert same["intra"].item() == pytest.approx(0.0, abs=1e-5)
+    # Not exactly 0: the 1e-8 in the correlation, against the small spread of tau-4 probabilities.
+    for term, by_hand in zip(("inter", "intra"), dist_by_hand(TEACHER, TEACHER, 4.0)):
+        assert by_hand < 1e-3 and same[term].item() == pytest.approx(by_hand, abs=5e-5)
 
 
 # ---------------------------------------------------------------- LSKD
@@ -164,7 +168,7 @@ def test_lskd_matches_hand_computed_values():
 
 
 def test_lskd_defaults_and_indifference_to_each_images_logit_scale_and_shift():
-    assert dataclasses.asdict(LSKD.Settings()) == {"ce_weight": 1.0, "kd_weight": 9.0, "base_temperature": 2.0}
+    assert dataclasses.asdict(LSKD.Settings()) == {"ce_weight": 0.1, "kd_weight": 9.0, "base_temperature": 2.0}
     student, labels, teacher = tensors()
     terms = LSKD().logit_terms(student, labels, teacher)
     assert terms["kd"].item() == pytest.approx(lskd_by_hand(STUDENT, TEACHER, 2.0), rel=1e-5)
@@ -183,7 +187,7 @@ def test_lskd_gradient_is_finite_for_a_row_of_equal_logits():
 # ---------------------------------------------------------------- all three
 
 
-METHODS = {"dkd": (DKD, {"tckd_weight": -1.0, "nckd_weight": -0.5, "warmup_epochs": -1}),
+METHODS = {"dkd": (DKD, {"tckd_weight": -1.0, "nckd_weight": -0.5, "warmup_fraction": -0.1}),
            "dist": (DIST, {"ce_weight": -1.0, "beta": -1.0, "gamma": -2.0, "tau": 0.0}),
            "lskd": (LSKD, {"ce_weight": -0.1, "kd_weight": -9.0, "base_temperature": -2.0})}
 
@@ -210,12 +214,14 @@ def test_problems_rejects_a_bad_value_of_each_setting(name):
 def test_gradients_of_every_term_reach_the_student_and_never_the_teacher(name):
     student, labels, teacher = tensors()
     student.requires_grad_(True)
-    terms = DISTILLERS[name](temperature=2.0).logit_terms(student, labels, teacher)
+    teacher.requires_grad_(True)  # as if the teacher's graph were kept: the method must still cut it
+    terms = DISTILLERS[name](temperature=2.0)(Outputs(student), labels, Outputs(teacher))
     for term, value in terms.items():
         assert value.dim() == 0 and torch.isfinite(value), term
         (gradient,) = torch.autograd.grad(value, student, retain_graph=True)
         assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0, term
-    assert not teacher.requires_grad
+    terms["loss"].backward()
+    assert teacher.grad is None
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -238,11 +244,11 @@ def test_unlabelled_images_only_drop_the_cross_entropy(name):
     assert partly["loss"].item() == pytest.approx(teacher_part.item() + weight * partly["ce"].item(), rel=1e-5)
 
 
-def loss_from_terms(name, method, row):
+def loss_from_terms(name, method, row, epochs):
     """The epoch's mean loss from its mean terms (each loss is linear in its terms)."""
     s = method.settings
     if name == "dkd":
-        ramp = min(row["epoch"] / s.warmup_epochs, 1.0)
+        ramp = min(row["epoch"] / max(1, round(s.warmup_fraction * epochs)), 1.0)
         return row["train_ce"] + ramp * (s.tckd_weight * row["train_tckd"] + s.nckd_weight * row["train_nckd"])
     if name == "dist":
         return s.ce_weight * row["train_ce"] + s.beta * row["train_inter"] + s.gamma * row["train_intra"]
@@ -260,6 +266,8 @@ def test_a_tiny_fit_trains_the_student_with_the_method(tmp_path, name):
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     before = [p.detach().clone() for p in student.parameters()]
     method = DISTILLERS[name](temperature=4.0)
+    if name == "dkd":
+        method.settings.warmup_fraction = 1.0  # a warmup over the whole (2-epoch) run
     train = Batches(images, labels, lambda x: x, extras={"teacher_logits": teacher_logits})
     val = Batches(images, torch.arange(30) % 3, lambda x: x)
     history = fit(name, student, student, train, val, method, TrainConfig(epochs=2, batch_size=8, lr=0.01),
@@ -267,6 +275,6 @@ def test_a_tiny_fit_trains_the_student_with_the_method(tmp_path, name):
     assert [row["epoch"] for row in history] == [1, 2]
     for row in history:
         assert math.isfinite(row["train_loss"])
-        # The loop's epoch reaches the method: DKD's warmup ramp is 1/20, then 2/20.
-        assert row["train_loss"] == pytest.approx(loss_from_terms(name, method, row), rel=1e-5)
+        # The loop's epoch and epochs reach the method: DKD's warmup ramp is 1/2, then 1.
+        assert row["train_loss"] == pytest.approx(loss_from_terms(name, method, row, epochs=2), rel=1e-5)
     assert any(not torch.equal(b, a) for b, a in zip(before, student.parameters()))

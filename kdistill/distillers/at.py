@@ -12,9 +12,14 @@ as in the authors' code (github.com/szagoruyko/attention-transfer, utils.at_loss
 beta = 1000 on the groups' outputs of ResNet-18/34) and mdistiller's AT (the outputs of layer1 to
 layer4, weight 1000). The paper writes the weight as beta/2 on an unsquared norm; the code's
 squared mean with beta = 1000 is what its results were trained with.
+
+A pair whose common size is 1x1 (layer4 of a ResNet on 32-pixel images) has maps of one position,
+normalized to 1 in every image: its term is identically zero, and build() warns.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +73,16 @@ class AT(Distiller):
 
     def teacher_features(self):
         return tuple(self.settings.teacher_layers)
+
+    def build(self, student_probe, teacher_probe, num_samples):
+        flat = [f"{student_path} -> {teacher_path}" for student_path, teacher_path
+                in zip(self.settings.student_layers, self.settings.teacher_layers)
+                if math.prod(min(a, b) for a, b in zip(student_probe[student_path].shape[2:],
+                                                       teacher_probe[teacher_path].shape[2:])) == 1]
+        if flat:
+            warnings.warn(f"distill.at: the attention maps of {', '.join(flat)} are 1x1 at their common size, so "
+                          f"their term is always zero; pair layers with larger maps (or use larger images)",
+                          stacklevel=2)
 
     def forward(self, student, labels, teacher=None, index=None):
         at = student.logits.new_zeros(())

@@ -16,6 +16,11 @@ class Outputs:
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def detached(outputs: Outputs) -> Outputs:
+    """outputs cut from the graph that produced them."""
+    return Outputs(outputs.logits.detach(), {path: value.detach() for path, value in outputs.features.items()})
+
+
 @dataclass
 class NoSettings:
     """A method without hyperparameters of its own."""
@@ -58,6 +63,11 @@ class Distiller(nn.Module):
         self.alpha = alpha
         self.label_smoothing = label_smoothing
         self.epoch = 1  # the epoch being trained (1-based), set by the training loop
+        self.epochs = 1  # the run's number of epochs, set by the training loop
+
+    def __call__(self, student: Outputs, labels: torch.Tensor, teacher: Outputs | None = None, *args, **kwargs):
+        # The teacher is fixed: no method's loss sends it gradients, whatever produced its outputs.
+        return super().__call__(student, labels, None if teacher is None else detached(teacher), *args, **kwargs)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:

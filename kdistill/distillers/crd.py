@@ -4,7 +4,7 @@ the other way round, estimated with noise-contrastive estimation against a memor
 
     v_s = normalize(W_s f_s), v_t = normalize(W_t f_t)               embedding heads, feat_dim wide
     P_s[i, k] = exp(v_s[i] . M_t[row_k] / tau) / Z_s                   rows: the sample i itself, then
-    P_t[i, k] = exp(v_t[i] . M_s[row_k] / tau) / Z_t                   K negatives drawn at random
+    P_t[i, k] = exp(v_t[i] . M_s[row_k] / tau) / Z_t                   K negatives of other classes
     nce(P) = -(1/B) sum_i [log(P[i,0] / (P[i,0] + K/N)) + sum_k>0 log((K/N) / (P[i,k] + K/N))]
     loss = CE + weight * (nce(P_s) + nce(P_t))
 
@@ -12,9 +12,16 @@ the NCE loss of the paper's Eq. 18 as RepDistiller (the authors' code) computes 
 CRD is the same. M_s, M_t (N x feat_dim, N training samples) hold each sample's last embeddings,
 updated with momentum and re-normalized after each batch; Z is fixed from the first batch
 (mean score * N), as in RepDistiller. Both banks and Z are buffers, so checkpoints keep them.
-Differences from RepDistiller: negatives are drawn uniformly among the N - 1 other samples (its
-'exact' mode draws from other classes; here labels may be missing or mixed), with torch's global
-random stream (checkpointed by fit, so a resume draws the same); K is capped at N - 1 for small
+
+Negatives are drawn uniformly, with replacement, among the samples of other classes than the
+positive's, as RepDistiller's 'exact' mode (cls_negative), with torch's global random stream
+(checkpointed by fit, so a resume draws the same): drawn from all samples, about 1/classes of them
+(10% at 10 classes) would share the positive's class and push apart what should stay together.
+build() sees no labels, so each sample's class is recorded (a buffer, checkpointed) from the batches
+that hold it, as Distiller.hard_targets gives it: the label; for an unlabelled image the teacher's
+top class and for a mixed one its larger part, the class of the view its bank row was last updated
+with. A sample not seen yet (in the first epoch) may be drawn for any positive; a positive not seen
+yet, or whose class holds every sample, draws from all other samples. K is capped at N - 1 for small
 training sets. This is the paper's 'CRD' (CE + CRD, RepDistiller -a 0 -b 0.8), without KD.
 """
 from __future__ import annotations
@@ -77,13 +84,27 @@ class CRD(LayerPairDistiller):
         self.register_buffer("student_memory", torch.rand(num_samples, dim) * 2 * bound - bound)
         self.register_buffer("teacher_memory", torch.rand(num_samples, dim) * 2 * bound - bound)
         self.register_buffer("normalizers", torch.full((2,), -1.0))  # Z of each side; < 0: not yet set
+        self.register_buffer("sample_classes", torch.full((num_samples,), -1))  # -1: not known (yet)
 
     def draw_negatives(self, index: torch.Tensor) -> torch.Tensor:
-        """(B, K) rows of the banks, uniform over the samples other than each positive."""
-        others = torch.randint(len(self.student_memory) - 1, (len(index), self.negative_count), device=index.device)
-        return others + (others >= index[:, None]).long()  # skip the positive's own row
+        """(B, K) rows of the banks: uniform over the samples of other classes than each positive's,
+        or over all other samples where its class is unknown or holds every sample."""
+        count, shape = len(self.sample_classes), (len(index), self.negative_count)
+        any_other = torch.randint(count - 1, shape, device=index.device)
+        any_other = any_other + (any_other >= index[:, None]).long()  # skip the positive's own row
+        # In class order, the positive's class is one block [start, start + same): a position among
+        # the count - same others steps over it. Stable, so the order and the draw repeat exactly.
+        classes, order = torch.sort(self.sample_classes, stable=True)
+        own = self.sample_classes[index]
+        start = torch.searchsorted(classes, own)
+        same = torch.searchsorted(classes, own, right=True) - start
+        position = (torch.rand(shape, device=index.device) * (count - same)[:, None]).long()
+        position = position + (position >= start[:, None]).long() * same[:, None]
+        other_class = order[position.clamp(max=count - 1)]
+        return torch.where(((own >= 0) & (same < count))[:, None], other_class, any_other)
 
     def forward(self, student, labels, teacher=None, index=None):
+        self.sample_classes[index] = self.hard_targets(labels, teacher.logits)
         ce = self.cross_entropy(student.logits, labels)
         student_embedding = F.normalize(self.embed_student(student.features[self.settings.student_layer].flatten(1)))
         teacher_embedding = F.normalize(self.embed_teacher(teacher.features[self.settings.teacher_layer].flatten(1)))

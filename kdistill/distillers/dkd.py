@@ -4,11 +4,16 @@ KD's KL splits into a target-class term and a non-target term, weighted separate
 
     TCKD = T^2 * KL(b_teacher || b_student),  b = (p_target, 1 - p_target) of softmax(z / T)
     NCKD = T^2 * KL(q_teacher || q_student),  q = softmax(z / T) over the non-target classes only
-    loss = CE + min(epoch / warmup_epochs, 1) * (tckd_weight * TCKD + nckd_weight * NCKD)
+    loss = CE + min(epoch / warmup, 1) * (tckd_weight * TCKD + nckd_weight * NCKD)
+    warmup = max(1, round(warmup_fraction * epochs))
 
-(KD's KL = TCKD + (1 - p_target of the teacher) * NCKD per image.) The KD terms ramp up linearly
-over the first warmup_epochs epochs, as in the reference implementation (megvii-research/mdistiller,
-mdistiller/distillers/DKD.py), where the epoch is 1-based.
+(KD's KL = TCKD + (1 - p_target of the teacher) * NCKD per image.) The KD terms ramp up linearly,
+once per epoch (1-based), as in the reference implementation (megvii-research/mdistiller,
+mdistiller/distillers/DKD.py). The reference counts the warmup in epochs (20 of its CIFAR-100
+recipe's 240); here it is that share of the run: 20 epochs warm up over 2, where a fixed 20 would
+leave an 8-epoch run at 8/20 of the weight. A warmup that rounds to 1 epoch or less is none: epoch 1
+already has full weight, as with the reference's 1-epoch ImageNet warmup (with the default share:
+every run under 18 epochs).
 
 The temperature is distill.temperature: it is exactly KD's softmax temperature (both sides softened
 by T, terms scaled by T^2), and its default, 4, is DKD's own default. A second temperature setting
@@ -36,20 +41,28 @@ def _target_and_rest(log_probs: torch.Tensor, is_target: torch.Tensor) -> torch.
 class DKD(LogitDistiller):
     @dataclass
     class Settings:
-        # Defaults: mdistiller's (its CIFAR-100 setting). Its ImageNet ResNet34 -> ResNet18 config
-        # uses nckd_weight 0.5, warmup_epochs 1 and T 1.
+        # Defaults: mdistiller's CIFAR-100 setting (configs/cifar100/dkd: warmup 20 of 240 epochs).
+        # Its ImageNet ResNet34 -> ResNet18 config uses nckd_weight 0.5, a 1-epoch warmup and T 1.
         tckd_weight: float = setting(1.0, "weight of TCKD, the target-class term (the paper's alpha)")
         nckd_weight: float = setting(8.0, "weight of NCKD, the non-target-class term (the paper's beta)")
-        warmup_epochs: int = setting(20, "epochs over which the KD terms ramp up linearly (0: none)")
+        warmup_fraction: float = setting(20 / 240, "share of the run's epochs over which the KD terms ramp up "
+                                                   "linearly, rounded to whole epochs (0: none)")
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
         found = []
-        for name in ("tckd_weight", "nckd_weight", "warmup_epochs"):
+        for name in ("tckd_weight", "nckd_weight"):
             value = getattr(settings, name)
             if value < 0:
                 found.append((name, f"must be >= 0, got {value}"))
+        if not 0 <= settings.warmup_fraction <= 1:
+            found.append(("warmup_fraction", f"must be in [0, 1], got {settings.warmup_fraction}"))
         return found
+
+    def ramp(self) -> float:
+        """The KD terms' weight in the current epoch: linear up to 1 over the warmup's epochs."""
+        warmup = max(1, round(self.settings.warmup_fraction * self.epochs))
+        return min(self.epoch / warmup, 1.0)
 
     def logit_terms(self, student_logits, labels, teacher_logits=None):
         t = self.temperature
@@ -67,7 +80,5 @@ class DKD(LogitDistiller):
         nckd = F.kl_div(non_target(student_scaled), non_target(teacher_scaled), reduction="batchmean",
                         log_target=True) * (t * t)
         ce = self.cross_entropy(student_logits, labels)
-        warmup = self.settings.warmup_epochs
-        ramp = min(self.epoch / warmup, 1.0) if warmup else 1.0
-        loss = ce + ramp * (self.settings.tckd_weight * tckd + self.settings.nckd_weight * nckd)
+        loss = ce + self.ramp() * (self.settings.tckd_weight * tckd + self.settings.nckd_weight * nckd)
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd}
