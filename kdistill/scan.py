@@ -40,6 +40,10 @@ def _is_ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in IGNORED_NAMES
 
 
+# Deeper than any photo collection; os.walk recurses once per level and fails near 1,000.
+MAX_FOLDER_DEPTH = 64
+
+
 def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Image paths under root (relative, sorted) and the entries that are not usable images.
 
@@ -58,6 +62,10 @@ def list_images(root: str) -> tuple[list[str], list[tuple[str, str]]]:
             subfolders[:] = []
             continue
         seen.add(real)
+        if os.path.relpath(folder, root).count(os.sep) + 1 > MAX_FOLDER_DEPTH and folder != root:
+            rejected.append((folder, f"nested more than {MAX_FOLDER_DEPTH} folders deep (not searched further)"))
+            subfolders[:] = []
+            continue
         kept = []
         for name in sorted(subfolders):
             sub = os.path.join(folder, name)

@@ -60,3 +60,25 @@ def test_an_empty_training_class_folder_is_still_named(tmp_path):
     os.makedirs(os.path.join(data_dir, "train", "two"))
     message = refusal(data_dir)
     assert os.path.join(data_dir, "train", "two") in message and "no images" in message
+
+
+def test_folders_nested_1100_deep_are_one_line_not_a_recursion_error(digits_dataset, tmp_path, capsys):
+    import shutil
+
+    from kdistill.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_dataset, data)
+    chain = [data / "test"]
+    for _ in range(1100):
+        chain.append(chain[-1] / "d")
+        chain[-1].mkdir()
+    try:
+        code = main(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--set", "image_size=16",
+                     "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "teacher.epochs=1",
+                     "--set", "student.epochs=1", "--set", "teacher.weights=none"])
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and len(error.splitlines()) == 1 and "nested more than 64 folders deep" in error, error
+    finally:  # shutil.rmtree (pytest's clean-up included) recurses once per level too
+        for folder in reversed(chain[1:]):
+            folder.rmdir()
