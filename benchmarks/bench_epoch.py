@@ -290,7 +290,7 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
         print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
     online_batches, _ = distillation_batches("online", augmented_cfg, data, {"teacher": trained_teacher}, augmented,
                                              COMPUTE, quiet)
-    distiller = build_distiller(cfg.distill.method, cfg.distill.temperature, cfg.distill.alpha)
+    distiller = build_distiller(cfg.distill.method, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
 
     runs = {
         "kd_plain": lambda: kdistill_student_epoch(cfg, data, batcher, batcher("train", augment=True),

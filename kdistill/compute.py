@@ -248,10 +248,6 @@ def join_ranks(device_setting: str, timeout_s: int, sync_bn: bool) -> tuple[Rank
     if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:
         raise KdistillError(f"WORLD_SIZE is {world_size} but RANK or LOCAL_RANK is not set: start several "
                             f"processes with torchrun or kdistill run --nproc")
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
-    if missing:
-        raise KdistillError(f"WORLD_SIZE is {world_size} but {missing[0]} is not set: start several processes with "
-                            f"torchrun or kdistill run --nproc, or set MASTER_ADDR and MASTER_PORT")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device_setting == "mps" or re.fullmatch(r"cuda:\d+", device_setting):
         raise KdistillError(f"setting device is {device_setting!r}, but with several processes each uses the GPU "
@@ -263,6 +259,10 @@ def join_ranks(device_setting: str, timeout_s: int, sync_bn: bool) -> tuple[Rank
                                 f"{torch.cuda.device_count()} CUDA devices: start at most one process per GPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise KdistillError(f"WORLD_SIZE is {world_size} but {missing[0]} is not set: start several processes with "
+                            f"torchrun or kdistill run --nproc, or set MASTER_ADDR and MASTER_PORT")
     try:
         # On CUDA, NCCL for GPU tensors and gloo for the few on the CPU (a weight average's counter).
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
