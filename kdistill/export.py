@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import warnings
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 from .errors import KdistillError
 from .fileio import atomic_write, load_torch, save_torch
+from .images import MAX_IMAGE_SIZE
 from .models import Standardized, build_model
 
 BUNDLE_KEYS = {"arch", "dropout", "classes", "image_size", "normalize", "mean", "std", "state_dict"}
@@ -48,13 +50,47 @@ def is_trusted_arch(arch: str) -> bool:
     return not sep or module in TRUSTED_MODULES
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def description_problem(description: dict) -> str | None:
+    """What is wrong with a student's description (a bundle's fields or an ONNX file's metadata), as
+    a field and a reason; None if it describes an image classifier kdistill can run."""
+    classes, size = description.get("classes"), description.get("image_size")
+    checks = [
+        ("classes", isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+         and len(set(classes)) == len(classes), "a list of distinct class names"),
+        ("image_size", isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= MAX_IMAGE_SIZE,
+         f"a whole number of pixels in [8, {MAX_IMAGE_SIZE}]"),
+        ("arch", isinstance(description.get("arch"), str), "an architecture name"),
+        ("mean", isinstance(description.get("mean"), list) and len(description["mean"]) == 3
+         and all(_is_number(v) for v in description["mean"]), "three numbers"),
+        ("std", isinstance(description.get("std"), list) and len(description["std"]) == 3
+         and all(_is_number(v) and v > 0 for v in description["std"]), "three positive numbers"),
+        ("dropout", "dropout" not in description or (_is_number(description["dropout"])
+                                                      and 0 <= description["dropout"] < 1), "a number in [0, 1)"),
+        ("input_size", not description.get("input_size") or (isinstance(description["input_size"], int)
+                                                               and not isinstance(description["input_size"], bool)
+                                                               and 8 <= description["input_size"] <= MAX_IMAGE_SIZE),
+         f"0 or a whole number of pixels in [8, {MAX_IMAGE_SIZE}]"),
+    ]
+    for field, ok, expected in checks:
+        if not ok:
+            return f"its {field} must be {expected}, got {str(description.get(field))[:60]!r}"
+    return None
+
+
 def load_bundle(path: str, trust_arch: bool = False) -> tuple[Standardized, dict]:
     """The bundle's model (eval mode, takes images in [0, 1]) and its metadata."""
     bundle = load_torch(path, what="student bundle")
     if not isinstance(bundle, dict) or not BUNDLE_KEYS <= set(bundle):
         raise KdistillError(f"{path} is not a kdistill student bundle (or one from an older kdistill)")
+    problem = description_problem(bundle)
+    if problem or not isinstance(bundle["state_dict"], dict):
+        raise KdistillError(f"{path} is a damaged student bundle: {problem or 'its state_dict is not a dict'}")
     arch = bundle["arch"]
-    if not isinstance(arch, str) or not (trust_arch or is_trusted_arch(arch)):
+    if not (trust_arch or is_trusted_arch(arch)):
         raise KdistillError(f"{path} names the architecture {arch!r}, which would run that module's code; "
                             f"only torchvision and kdistill.zoo architectures load by default. If you trust "
                             f"who made this file, pass --trust-arch")
@@ -182,8 +218,8 @@ def load_onnx_student(path: str, threads: int = 0):
         description = {key: json.loads(stored[f"kdistill.{key}"]) for key in ONNX_METADATA_KEYS}
     except ValueError as e:
         raise KdistillError(f"{path}: unreadable kdistill metadata ({e})") from None
-    classes, size, inputs = description["classes"], description["image_size"], session.get_inputs()
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
-            and isinstance(size, int) and size > 0 and len(inputs) == 1 and len(inputs[0].shape) == 4):
-        raise KdistillError(f"{path}: its kdistill metadata or its input does not describe an image classifier")
+    problem, inputs = description_problem(description), session.get_inputs()
+    if problem or not (len(inputs) == 1 and len(inputs[0].shape) == 4):
+        raise KdistillError(f"{path}: its kdistill metadata or its input does not describe an image classifier"
+                            f"{f' ({problem})' if problem else ''}")
     return session, description
