@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from typing import Any
 
@@ -33,6 +34,8 @@ def read_metrics(path: str) -> dict:
         raise KdistillError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:  # bad JSON or not UTF-8
         raise KdistillError(f"{path} is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    except RecursionError:  # json recurses once per level of nesting
+        raise KdistillError(f"{path} nests values too deeply: not a kdistill metrics file") from None
     models = metrics.get("models") if isinstance(metrics, dict) else None
     if not isinstance(models, dict) or not all(isinstance(entry, dict) for entry in models.values()):
         raise KdistillError(f"{path} is not a kdistill metrics file (it has no models table)")
@@ -76,6 +79,16 @@ def _setting_text(value: Any) -> str:
     return str(value)
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A number a cell can show: not a bool, and not one float() overflows (10**400) or NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def accuracy_text(metrics: dict, kind: str) -> str:
     """Best val accuracy and its epoch; for a model trained once per seed, mean ± std over the seeds."""
     summary = metrics.get("summary", {}).get(kind)
@@ -105,7 +118,7 @@ def comparison(folders: list[str]) -> tuple[list[str], list[list[str]]]:
     for (folder, metrics, _), flat, device in zip(runs, flat_settings, devices):
         settings = [_setting_text(flat.get(name, _ABSENT)) for name in differing]
         for kind, model in metrics["models"].items():
-            costs = [show(model[key]) if isinstance(model.get(key), (int, float)) else "—"
+            costs = [show(float(model[key])) if _is_finite_number(model.get(key)) else "—"
                      for _, key, show in COST_COLUMNS]
             try:
                 accuracy = accuracy_text(metrics, kind)

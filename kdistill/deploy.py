@@ -33,6 +33,7 @@ import torch
 from .config import Config, upsampled_side
 from .data import PreparedData, list_images, prepare, scan_dataset
 from .data_key import same_data
+from .compare import read_metrics
 from .errors import KdistillError
 from .export import export_onnx, is_trusted_arch, load_bundle, load_onnx_student
 from .fileio import atomic_write, atomic_write_text, load_torch
@@ -348,11 +349,7 @@ def export_run(run_dir: str, trust_arch: bool = False, timing: Timing = EXPORT_T
     metrics_path = _run_file(run_dir, "metrics.json")
     student, bundle = load_bundle(_run_file(run_dir, "student.pt"), trust_arch)
     cfg, saved = run_settings(run_dir)
-    try:
-        with open(metrics_path, encoding="utf-8") as f:
-            metrics = json.load(f)
-    except (OSError, ValueError) as e:
-        raise KdistillError(f"{metrics_path} is unreadable ({type(e).__name__})") from None
+    metrics = read_metrics(metrics_path)  # checked before any file is rewritten
     data = run_data(run_dir, cfg, log)
     if data.classes != bundle["classes"] or cfg.image_size != bundle["image_size"]:
         raise KdistillError(f"{run_dir}/student.pt was not trained on this run's data (other classes or image size)")
@@ -362,6 +359,11 @@ def export_run(run_dir: str, trust_arch: bool = False, timing: Timing = EXPORT_T
     teacher = run_teacher(run_dir, cfg, data.classes, trust_arch, log)
     deployment_check(run_dir, data, student, teacher, metrics, log, timing)
     metrics["onnx_max_abs_diff"] = difference
+    try:  # the report first: a metrics file whose fields it cannot render leaves both files as they were
+        report = markdown(metrics, saved)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise KdistillError(f"{metrics_path} holds fields of the wrong kind ({type(e).__name__}): the new ONNX "
+                            f"files are written, metrics.json and report.md were left as they were") from None
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-    atomic_write_text(os.path.join(run_dir, "report.md"), markdown(metrics, saved))
+    atomic_write_text(os.path.join(run_dir, "report.md"), report)
     return metrics["deployment"]

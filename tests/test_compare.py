@@ -104,3 +104,25 @@ def test_with_seeds_the_accuracy_is_the_mean_and_std_over_seeds(tmp_path, capsys
     assert rows["student"]["best val acc (epoch)"] == "62.50% ± 12.50% (2 seeds, epochs 2, 3)"
     assert rows["teacher"]["best val acc (epoch)"] == "90.00% (epoch 2)"
     assert (rows["student"]["params (M)"], rows["student"]["size (MiB)"]) == ("1.50", "5.8")
+
+
+@pytest.mark.parametrize("odd", ["huge cost", "deep nesting", "bool cost"])
+def test_metrics_with_odd_types_are_shown_or_refused_in_one_line(two_runs, tmp_path, capsys, odd):
+    run = str(tmp_path / "odd")
+    shutil.copytree(two_runs[0], run, ignore=shutil.ignore_patterns("models", "checkpoints"))
+    path = os.path.join(run, "metrics.json")
+    with open(path) as f:
+        metrics = json.load(f)
+    if odd == "deep nesting":
+        text = '{"models": {"student": ' + "[" * 5000 + "]" * 5000 + "}}"
+    else:
+        metrics["models"]["student"]["size_mb"] = 10**400 if odd == "huge cost" else True
+        text = json.dumps(metrics)
+    with open(path, "w") as f:
+        f.write(text)
+    code = main(["compare", run, two_runs[1]])
+    out, err = capsys.readouterr()
+    if odd == "deep nesting":
+        assert code == 2 and err.count("\n") == 1 and path in err
+    else:
+        assert code == 0 and "—" in out  # the odd cost is shown as missing, the rest as usual

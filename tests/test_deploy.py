@@ -179,3 +179,23 @@ def test_export_refuses_a_run_whose_data_changed(finished_run, digits_dataset, t
     os.remove(next((data / "val" / "one").iterdir()))
     with pytest.raises(kdistill.KdistillError, match="changed since the run"):
         export_run(str(run))
+
+
+@pytest.mark.parametrize("damage", ["not a models table", "odd report fields"])
+def test_export_with_a_malformed_metrics_file_is_one_line_and_keeps_it(finished_run, tmp_path, capsys, damage):
+    out, _, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    metrics_path = copy / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    if damage == "not a models table":
+        metrics["models"] = ["teacher", "student"]
+    else:
+        metrics["models"]["student"]["best_val_acc"] = "high"
+        metrics["seeds"] = 3
+    metrics_path.write_text(json.dumps(metrics))
+    before = metrics_path.read_text(), (copy / "report.md").read_text()
+    assert main(["export", "--run", str(copy), "--repeats", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "metrics.json" in lines[0], lines
+    assert (metrics_path.read_text(), (copy / "report.md").read_text()) == before
