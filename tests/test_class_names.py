@@ -56,8 +56,9 @@ def test_a_run_plots_and_reports_an_unusual_class_name(folder, shown, tmp_path):
         split_dir = os.fsencode(os.path.join(data, split))
         os.rename(os.path.join(split_dir, b"one"), os.path.join(split_dir, folder))
     out = str(tmp_path / "run")
-    kdistill.run(tiny_settings(data, out, str(tmp_path / "cache"), baseline=False, teacher={"epochs": 1},
-                               student={"epochs": 1}), log=lambda message: None)
+    kdistill.run(tiny_settings(data, out, str(tmp_path / "cache"), baseline=False,
+                               teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                               student={"arch": "tiny_nets:tiny_student", "epochs": 1}), log=lambda message: None)
 
     with open(os.path.join(out, "report.html"), "rb") as f:
         text = f.read().decode("utf-8")  # strict

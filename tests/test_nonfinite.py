@@ -22,8 +22,10 @@ def test_weights_broken_by_an_epochs_last_step_stop_the_run_and_ship_nothing(dig
     """One batch per epoch: the loss is finite before the only step, which breaks the weights. The
     val loss is NaN then; that epoch must not become best, and no student or predictions are written."""
     out = tmp_path / "run"
-    settings = tiny_settings(digits_dataset, str(out), str(tmp_path / "cache"), teacher={"epochs": 1},
-                             student={"epochs": 2, "batch_size": 100, "lr": 1e308, "lr_step": 0})
+    settings = tiny_settings(digits_dataset, str(out), str(tmp_path / "cache"),
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 2, "batch_size": 100, "lr": 1e308,
+                                      "lr_step": 0})
     with pytest.raises(KdistillError, match=r"^student: .*not finite|^student: the val loss is nan"):
         kdistill.run(settings, log=lambda m: None)
     assert not (out / "checkpoints" / "student" / "best.pt").exists()

@@ -29,8 +29,8 @@ def test_each_model_trains_with_its_own_label_smoothing(digits_dataset, tmp_path
     # Patched in the methods' module only: evaluation's plain val loss is not a training loss.
     monkeypatch.setattr(base, "F", types.SimpleNamespace(cross_entropy=recording_cross_entropy))
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"),
-                             teacher={"epochs": 1, "label_smoothing": 0.2},
-                             student={"epochs": 1, "label_smoothing": 0.1})
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1, "label_smoothing": 0.2},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 1, "label_smoothing": 0.1})
     kdistill.run(settings, log=log)
     assert seen == {"teacher": {0.2}, "student": {0.1}, "baseline": {0.1}}
 

@@ -30,7 +30,8 @@ def _user_folder(path) -> dict:
 
 
 def _run_cli(digits_dataset, tmp_path, out, *flags):
-    settings = tiny_settings(digits_dataset, "", "", teacher={"epochs": 1}, student={"epochs": 1})
+    settings = tiny_settings(digits_dataset, "", "", teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 1})
     config_file = write_config(settings, str(tmp_path / "settings.yaml"))
     return main(["run", "--data", digits_dataset, "--out", str(out), "--config", config_file,
                  "--set", f"cache_dir={tmp_path / 'cache'}", "--no-baseline", *flags])
