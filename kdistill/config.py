@@ -7,7 +7,6 @@ fixed set of values makes sense, those values (see settings.py).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.resources
 import math
 import os
@@ -19,16 +18,20 @@ from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS, Distiller, build_distiller
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
+from .sources import CALLABLE, source_of
 from .settings import (apply_settings, convert, leaves, parse_set, parse_yaml, read_yaml, redefault, render_config,
                        section, setting)
 
 
 @dataclass
 class TrainConfig:
-    arch: str = setting("resnet18", "a torchvision classification model name, or module:callable "
-                                    "returning an nn.Module")
-    weights: str = setting("none", "imagenet (torchvision's IMAGENET1K_V1), none (random init, or "
-                                   "whatever a module:callable returns) or a local .pth/.safetensors state_dict")
+    arch: str = setting("resnet18", "a torchvision classification model name, timm:NAME (pip install "
+                                    "'kdistill[timm]'), or module:callable (optionally with literal keyword "
+                                    "arguments, module:callable(width=2)) returning an nn.Module")
+    weights: str = setting("none", "imagenet (the library's pretrained weights: torchvision's IMAGENET1K_V1, "
+                                   "timm's default), none (random init, or whatever a module:callable returns) or a "
+                                   "local .pth/.safetensors state_dict; a teacher with epochs 0 loads it whole, head "
+                                   "included, or a kdistill student.pt bundle")
     dropout: float = setting(0.0, "> 0: the head is Dropout(p) + Linear, else a plain Linear")
     epochs: int = setting(10, "training epochs")
     batch_size: int = setting(64, "images per training step")
@@ -277,25 +280,11 @@ def config_from_dict(values: dict) -> Config:
 
 
 def _check_arch(key: str, arch: str, image_size: int, size_key: str = "image_size") -> None:
-    import torchvision
+    from .models import arch_problem
 
-    from .models import MIN_IMAGE_SIZE
-
-    if ":" in arch:
-        module_name, _, attr = arch.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise KdistillError(f"setting {key}: cannot import module {module_name!r} ({e})") from None
-        if not callable(getattr(module, attr, None)):
-            raise KdistillError(f"setting {key}: {module_name} has no callable {attr!r}")
-    elif arch not in torchvision.models.list_models(module=torchvision.models):
-        raise KdistillError(
-            f"setting {key}: unknown architecture {arch!r} (a torchvision classification model "
-            f"name such as resnet18, or module:callable)")
-    elif image_size < MIN_IMAGE_SIZE.get(arch, 0):
-        raise KdistillError(f"setting {size_key} must be >= {MIN_IMAGE_SIZE[arch]} for {key} {arch}, "
-                            f"got {image_size}")
+    problem = arch_problem(arch, image_size)
+    if problem is not None:
+        raise KdistillError(f"setting {key}: {problem}" + (f" (raise {size_key})" if problem.endswith(" px") else ""))
 
 
 def validate(cfg: Config) -> None:
@@ -327,7 +316,12 @@ def validate(cfg: Config) -> None:
                 f"must be 0 (image_size) or >= 8, got {part.input_size}")
         size_key = f"{name}.input_size" if upsampled_side(part, cfg.image_size) else "image_size"
         _check_arch(f"{name}.arch", part.arch, input_side(part, cfg.image_size), size_key)
-        require(part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
+        given = name != "student" and part.epochs == 0  # a finished teacher, used as it is
+        require(part.epochs >= (0 if name != "student" else 1), f"{name}.epochs",
+                f"must be >= {0 if name != 'student' else 1}, got {part.epochs}")
+        require(not given or part.weights not in ("none", "imagenet"), f"{name}.epochs",
+                f"may be 0 (a finished teacher, used as it is) only with {name}.weights a file: a state_dict with "
+                f"its head, a .safetensors file or a kdistill student.pt; got {name}.weights={part.weights}")
         require(1 <= part.batch_size <= MAX_BATCH_SIZE, f"{name}.batch_size",
                 f"must be in [1, {MAX_BATCH_SIZE}], got {part.batch_size}")
         require(part.lr > 0, f"{name}.lr", f"must be > 0, got {part.lr}")
@@ -341,7 +335,7 @@ def validate(cfg: Config) -> None:
         require(part.warmup_epochs >= 0, f"{name}.warmup_epochs", f"must be >= 0, got {part.warmup_epochs}")
         require(not (part.warmup_epochs and part.schedule == "step"), f"{name}.warmup_epochs",
                 "applies to schedule cosine or onecycle, not step")
-        require(part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
+        require(given or part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
                 f"must be below {name}.epochs ({part.epochs}), got {part.warmup_epochs}")
         require(0 <= part.label_smoothing < 1, f"{name}.label_smoothing",
                 f"must be in [0, 1), got {part.label_smoothing}")
@@ -350,8 +344,8 @@ def validate(cfg: Config) -> None:
             require(os.path.isfile(part.weights), f"{name}.weights",
                     f"must be imagenet, none or an existing file, got {part.weights!r}")
         if part.weights == "imagenet":
-            require(":" not in part.arch, f"{name}.weights",
-                    "imagenet applies to torchvision architectures; a module:callable loads its own "
+            require(source_of(part.arch)[0] is not CALLABLE, f"{name}.weights",
+                    "imagenet applies to torchvision and timm architectures; a module:callable loads its own "
                     "weights (use none) or takes a local file")
     # Below this, logits / T overflow float32 (and bf16) to infinity: the loss would be NaN.
     require(MIN_TEMPERATURE <= cfg.distill.temperature < math.inf, "distill.temperature",

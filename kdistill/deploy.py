@@ -35,9 +35,9 @@ from .data import PreparedData, list_images, prepare, scan_dataset
 from .data_key import same_data
 from .compare import read_metrics
 from .errors import KdistillError
-from .export import export_onnx, is_trusted_arch, load_bundle, load_onnx_student
+from .export import export_onnx, load_bundle, load_onnx_student
 from .fileio import atomic_write, atomic_write_text, load_torch
-from .models import Standardized, build_model
+from .models import Standardized, build_model, is_trusted_arch
 from .report import markdown
 from .settings import apply_settings, read_yaml
 

@@ -22,12 +22,9 @@ import torch
 from .errors import KdistillError
 from .fileio import atomic_write, load_torch, save_torch
 from .images import MAX_IMAGE_SIZE
-from .models import Standardized, build_model
+from .models import Standardized, build_model, is_trusted_arch
 
 BUNDLE_KEYS = {"arch", "dropout", "classes", "image_size", "normalize", "mean", "std", "state_dict"}
-# Architectures a bundle may name without --trust-arch: building them runs only torchvision's
-# and kdistill's own code. Any other module:callable is imported and called, i.e. it runs code.
-TRUSTED_MODULES = ("kdistill.zoo",)
 # ONNX Runtime and PyTorch must agree within atol + rtol * (largest |logit|) on every logit.
 ONNX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 # What an ONNX student says about itself: enough to prepare its input and name its outputs.
@@ -43,11 +40,6 @@ def save_bundle(path: str, model: Standardized, arch: str, dropout: float, class
                    "input_size": model.input_size}
     save_torch({**description, "state_dict": model.state_dict()}, path, what="student bundle")
     return description
-
-
-def is_trusted_arch(arch: str) -> bool:
-    module, sep, _ = arch.partition(":")
-    return not sep or module in TRUSTED_MODULES
 
 
 def _is_number(value) -> bool:
@@ -92,7 +84,7 @@ def load_bundle(path: str, trust_arch: bool = False) -> tuple[Standardized, dict
     arch = bundle["arch"]
     if not (trust_arch or is_trusted_arch(arch)):
         raise KdistillError(f"{path} names the architecture {arch!r}, which would run that module's code; "
-                            f"only torchvision and kdistill.zoo architectures load by default. If you trust "
+                            f"only torchvision, timm and kdistill.zoo architectures load by default. If you trust "
                             f"who made this file, pass --trust-arch")
     model, _ = build_model(arch, len(bundle["classes"]), bundle["dropout"])
     # input_size: the side the model resizes its input to (student.input_size); absent before it existed.

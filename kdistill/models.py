@@ -1,30 +1,16 @@
-"""Models: a torchvision architecture (or module:callable) with its classifier swapped for our head.
+"""Models: an architecture from one of the sources (kdistill/sources) with its classifier swapped for our head.
 
 The head is found by module path (the model's last nn.Linear), never by rewriting the model, so
-any torchvision classifier and most third-party ones work unchanged.
+any torchvision or timm classifier and most third-party ones work unchanged.
 """
 from __future__ import annotations
 
-import importlib
-import os
-import socket
-import urllib.error
-
 import torch
-import torchvision
 from torch import nn
 
 from .errors import KdistillError
 from .fileio import load_torch
-
-# torchvision models that return (logits, aux logits) in train mode: built without the auxiliary
-# heads (one plain logits tensor, like every other model), so the weights' aux tensors are dropped.
-# transform_input is on whatever the weights: ImageNet weights need it, and a saved student (rebuilt
-# with weights=none) must see its inputs exactly as in training.
-AUX_HEAD_ARCHS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
-# Smallest image_size each torchvision architecture can take (smaller ones fail in its pooling).
-MIN_IMAGE_SIZE = {"googlenet": 15, "inception_v3": 75}
-
+from .sources import CALLABLE, PREFIXED, TORCHVISION, source_of
 
 def head_path(model: nn.Module) -> str:
     """Module path of the classifier: the last nn.Linear in registration order."""
@@ -42,23 +28,6 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def make_head(in_features: int, num_classes: int, dropout: float) -> nn.Module:
     linear = nn.Linear(in_features, num_classes)
     return nn.Sequential(nn.Dropout(dropout), linear) if dropout > 0 else linear
-
-
-def imagenet_state_dict(arch: str) -> dict:
-    """torchvision's IMAGENET1K_V1 weights, from torch's hub cache or downloaded once into it."""
-    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(15)  # offline machines should fail in seconds, not minutes
-    try:
-        return torch.hub.load_state_dict_from_url(weights.url, progress=False, weights_only=True)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise KdistillError(
-            f"could not download ImageNet weights for {arch} ({getattr(e, 'reason', e)}); this machine "
-            f"looks offline. Download {weights.url} elsewhere and either put it at {cached} or pass "
-            f"weights=/path/to/{os.path.basename(weights.url)}") from None
-    finally:
-        socket.setdefaulttimeout(previous_timeout)
 
 
 def read_state_dict(path: str) -> dict:
@@ -97,41 +66,49 @@ def _load_weights(model: nn.Module, state: dict, source: str, head: str) -> None
     model.load_state_dict(usable, strict=False)
 
 
-def _without_aux(arch: str, state: dict) -> dict:
-    """The state dict less the auxiliary heads this arch is built without (see AUX_HEAD_ARCHS)."""
-    prefixes = AUX_HEAD_ARCHS.get(arch, ())
-    return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
-
-
 def weights_source(arch: str, weights: str) -> str:
     """Where a model's starting weights come from, in words for the log."""
     if weights != "none":
         return f"with weights {weights}"
-    return "with the weights its callable returns" if ":" in arch else "from scratch"
+    return "from scratch" if source_of(arch)[0] is not CALLABLE else "with the weights its callable returns"
+
+
+def arch_problem(arch: str, image_size: int) -> str | None:
+    """Why `arch` names no model kdistill can build at image_size (nothing is built), or None."""
+    source, name = source_of(arch)
+    problem = source.problem(name, image_size)
+    if problem is not None and source is TORCHVISION and problem.startswith("unknown"):
+        problem += f" (an architecture is {_KINDS})"
+    return problem
+
+
+_KINDS = "; or ".join(source.describe for source in (TORCHVISION, *PREFIXED.values(), CALLABLE))
+
+
+def is_trusted_arch(arch: str) -> bool:
+    """Whether building `arch` runs only a library's code (torchvision, timm, kdistill.zoo)."""
+    source, name = source_of(arch)
+    return source.trusted(name)
+
+
+def fetch_pretrained(arch: str) -> None:
+    """Build `arch` with its library's pretrained weights once: offline, fail now, in one line."""
+    source, name = source_of(arch)
+    source.build(name, True)
 
 
 def build_model(arch: str, num_classes: int, dropout: float = 0.0,
                 weights: str = "none") -> tuple[nn.Module, str]:
     """The architecture with `weights` loaded into its backbone and a fresh head for num_classes.
 
-    Returns the model and the module path of its new head.
+    weights: none, imagenet (the source's pretrained weights) or a weights file. Returns the model
+    and the module path of its new head.
     """
-    if ":" in arch:
-        module_name, _, attr = arch.partition(":")
-        model = getattr(importlib.import_module(module_name), attr)()
-        if not isinstance(model, nn.Module):
-            raise KdistillError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
-    elif arch in AUX_HEAD_ARCHS:
-        # torchvision's own initialization (slow) only where no weights will overwrite it, as torchvision does.
-        model = torchvision.models.get_model(arch, weights=None, aux_logits=False, transform_input=True,
-                                             init_weights=weights == "none")
-    else:
-        model = torchvision.models.get_model(arch, weights=None)
+    source, name = source_of(arch)
+    model = source.build(name, weights == "imagenet")
     path = head_path(model)
-    if weights == "imagenet":
-        _load_weights(model, _without_aux(arch, imagenet_state_dict(arch)), f"imagenet ({arch})", path)
-    elif weights != "none":
-        _load_weights(model, _without_aux(arch, read_state_dict(weights)), weights, path)
+    if weights not in ("none", "imagenet"):
+        _load_weights(model, source.adapt_state(name, read_state_dict(weights)), weights, path)
     old_head = model.get_submodule(path)
     set_module(model, path, make_head(old_head.in_features, num_classes, dropout))
     return model, path
@@ -174,13 +151,15 @@ def input_statistics(normalize: str, weights: str, model: nn.Module, dataset_mea
                      dataset_std: list[float]) -> tuple[str, list[float], list[float]]:
     """(name, mean, std) of the input standardization a model gets.
 
-    auto: the statistics pretrained weights were trained with (ImageNet's, or what a
-    module:callable model declares in its `input_normalization` attribute), the training set's
-    for a model trained from scratch.
+    auto: the statistics pretrained weights were trained with (ImageNet's, or what the model
+    declares in its `input_normalization` attribute: a name, or (mean, std) as timm's pretrained
+    models do), the training set's for a model trained from scratch.
     """
     if normalize == "auto":
         declared = getattr(model, "input_normalization", None)
         normalize = declared or ("imagenet" if weights != "none" else "dataset")
+    if isinstance(normalize, tuple):
+        return "pretrained", [float(v) for v in normalize[0]], [float(v) for v in normalize[1]]
     if normalize == "imagenet":
         return "imagenet", *IMAGENET_STATS
     # A channel of one constant value (std 0) would be divided by zero: floor its std at one

@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from kdistill import cli, models
+from kdistill.sources import torchvision_models
 from kdistill.config import Config, build_config, save_config
 from kdistill.errors import KdistillError
 from kdistill.export import load_bundle, save_bundle
@@ -254,9 +255,9 @@ def test_aux_logit_archs_train_on_plain_logits(arch, size):
 def test_imagenet_weights_with_aux_heads_load_into_the_plain_model(monkeypatch, arch):
     # torchvision's ImageNet weights carry the aux heads' tensors; stand in for the download.
     with_aux = torchvision.models.get_model(arch, weights=None, aux_logits=True, init_weights=False)
-    aux_prefixes = models.AUX_HEAD_ARCHS[arch]
+    aux_prefixes = torchvision_models.AUX_HEAD_ARCHS[arch]
     assert any(key.startswith(aux_prefixes) for key in with_aux.state_dict())
-    monkeypatch.setattr(models, "imagenet_state_dict", lambda name: with_aux.state_dict())
+    monkeypatch.setattr(torchvision_models, "imagenet_state_dict", lambda name: with_aux.state_dict())
     model, _ = build_model(arch, 3, weights="imagenet")
     loaded = model.state_dict()
     assert not any(key.startswith(aux_prefixes) for key in loaded)

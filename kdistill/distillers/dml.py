@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
+from ..models import arch_problem
 from ..settings import setting
 from .base import Distiller, Outputs
 
@@ -47,15 +47,14 @@ class DML(Distiller):
     @dataclass
     class Settings:
         peer: str = setting("student", "the peer network trained beside the student, from scratch: student (the "
-                                       "student's architecture, as in the paper), a torchvision model name or "
-                                       "module:callable")
+                                       "student's architecture, as in the paper) or an architecture (a torchvision "
+                                       "name, timm:NAME or module:callable)")
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
         peer = settings.peer
-        if peer == "student" or ":" in peer or peer in torchvision.models.list_models(module=torchvision.models):
-            return []
-        return [("peer", f"must be student, a torchvision classification model name or module:callable, got {peer!r}")]
+        problem = None if peer == "student" else arch_problem(peer, 32)
+        return [] if problem is None else [("peer", f"must be student or an architecture: {problem}")]
 
     def build(self, student_probe, teacher_probe, num_samples) -> None:
         self.peer = self.make_model(self.settings.peer)
