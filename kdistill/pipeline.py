@@ -31,7 +31,7 @@ from .features import resolve_auto_layers
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
                      remove_stale_temporaries, save_torch)
 from .html_report import write_html_report
-from .models import Standardized, check_train_output, imagenet_state_dict, standardized_model, weights_source
+from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
@@ -93,7 +93,7 @@ def summarize(arch: str, seed: int, normalize: str, model: nn.Module, history: l
               image_size: int, device: torch.device) -> dict:
     return {"arch": arch, "seed": seed, "input_standardization": normalize,
             "input_size": getattr(model, "input_size", 0) or image_size, **best_and_final(history),
-            "epochs": len(history), "train_seconds": sum(row["seconds"] for row in history),
+            "epochs": history[-1]["epoch"], "train_seconds": sum(row["seconds"] for row in history),
             **profile(model, weights_file, image_size, device)}
 
 
@@ -219,10 +219,12 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         log = silent
     compute = Compute(device, resolve_precision(cfg.precision, device))
     for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
+        if part.epochs == 0:  # a finished teacher: loaded and checked with the data (given_teacher)
+            continue
         if ":" in part.arch:  # a third-party model that would crash in training: say so now
             check_train_output(part.arch, input_side(part, cfg.image_size), f"{name}.arch")
         if part.weights == "imagenet":  # offline? say so now, not after preparing the data
-            ranks.main_first(functools.partial(imagenet_state_dict, part.arch))  # downloaded once per node
+            ranks.main_first(functools.partial(fetch_pretrained, part.arch))  # downloaded once per node
     cfg = resolve_auto_layers(cfg, log)  # after the checks of the architectures, before any signal
     torch.backends.cudnn.benchmark = device.type == "cuda"
     started = last_lap = time.perf_counter()

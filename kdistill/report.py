@@ -63,8 +63,9 @@ def plot_curves(path: str, histories: dict[str, list[dict]], metric: str, ylabel
         style = {"color": COLORS.get(kind), "alpha": 1.0 if label else 0.3, "marker": ".", "markersize": 4}
         drawn.add(kind)
         epochs = [row["epoch"] for row in history]
-        axes.plot(epochs, [row[f"train_{metric}"] for row in history], "--",
-                  label=label and f"{label} (train)", **style)
+        if f"train_{metric}" in history[-1]:  # a given teacher was measured (epoch 0), not trained
+            axes.plot(epochs, [row[f"train_{metric}"] for row in history], "--",
+                      label=label and f"{label} (train)", **style)
         axes.plot(epochs, [row[f"val_{metric}"] for row in history], "-", label=label and f"{label} (val)", **style)
     axes.set_xlabel("epoch")
     axes.set_ylabel(ylabel)

@@ -5,7 +5,9 @@ teachers (an ensemble) are served as one, see ensemble.py."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import time
 from typing import NamedTuple
 
 import torch
@@ -20,12 +22,13 @@ from .features import OnlineTeacher
 from .ensemble import EnsembleTeacher, combined_logits, ensemble_val_acc
 from .errors import KdistillError
 from .fileio import save_torch, tensors_sha256
+from .given_teacher import load_given_teacher
 from .models import Standardized, standardized_model, trainable_part, weights_source
 from .progress import progress_bar
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
                              hooked_outputs, signal_key)
 from .batches import TEACHER_FEATURES, Batches
-from .train import fit, predict_logits
+from .train import evaluate, fit, predict_logits
 
 
 class TrainedTeacher(NamedTuple):
@@ -80,6 +83,8 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     fit), its frozen backbone features computed once per node, by its first process."""
     t = t or cfg.teacher
     seed = cfg.seed if seed is None else seed
+    if t.epochs == 0:
+        return _given_teacher(cfg, data, batcher, compute, log, name, t, seed, ranks)
     torch.manual_seed(seed)
     teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
                                                   data.mean, data.std, upsampled_side(t, cfg.image_size))
@@ -115,6 +120,21 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
                       CrossEntropy(label_smoothing=t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
                       compute.precision, ranks)
     return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed)
+
+
+def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log, name: str, t,
+                   seed: int, ranks: Ranks) -> TrainedTeacher:
+    """A finished teacher (t.epochs 0), loaded whole and measured on the val images like a trained one."""
+    started = time.perf_counter()
+    model, head, normalize, arch = load_given_teacher(t, data.classes, data.mean, data.std,
+                                                      upsampled_side(t, cfg.image_size), log)
+    model = compute.place(model).eval().requires_grad_(False)
+    val_loss, val_acc = evaluate(model, batcher("val"), t.batch_size, compute.device, compute.precision, ranks)
+    if not math.isfinite(val_loss):
+        raise KdistillError(f"{name}: the weights {t.weights} give non-finite logits on the val images")
+    log(f"{name}: given, not trained: val loss {val_loss:.3f} acc {val_acc:.3f}")
+    history = [{"epoch": 0, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.perf_counter() - started}]
+    return TrainedTeacher(model, head, normalize, history, None, arch, seed)
 
 
 def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batches, compute: Compute,
