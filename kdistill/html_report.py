@@ -29,6 +29,7 @@ ANNOTATED_UP_TO = 15  # classes: beyond this a confusion matrix shows colours on
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1220px; color: #222; }
 h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; }
+ul.warnings li { color: #8a4b00; margin: 4px 0; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
@@ -250,6 +251,9 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
         f"({html.escape(metrics['precision'])}); distillation {html.escape(config['distill']['method'])}, "
         f"T = {config['distill']['temperature']}, α = {config['distill']['alpha']}. Val-image numbers below "
         f"are each model's best epoch by val accuracy{', first seed' if metrics.get('summary') else ''}.</p>",
+        *(["<h2>Warnings</h2><ul class='warnings'>"
+           + "".join(f"<li>{html.escape(warning)}</li>" for warning in metrics["warnings"]) + "</ul>"]
+          if metrics.get("warnings") else []),
         "<h2>Comparison</h2>", _comparison(metrics, ece, config["image_size"]),
         "<div class='figures'>" + "".join(_img(png, name, width=600) for png, name in zip(curves, ("loss", "accuracy")))
         + "</div>",

@@ -34,6 +34,7 @@ from .html_report import write_html_report
 from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
 from .report import write_report, write_val_predictions
+from .diagnose import run_warnings
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
 from .train import fit, offered_val_acc, predict_logits
@@ -317,6 +318,10 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         metrics["summary"] = summarize_seeds(students.rows, counts)
     elif counts:
         metrics["mcnemar"] = mcnemar(*counts[0])
+    metrics["warnings"] = run_warnings(metrics, histories, data.splits["train"].labels.numpy(), val.labels.numpy(),
+                                       data.classes, cfg.to_dict()["student"])
+    for warning in metrics["warnings"]:
+        log(f"warning: {warning}")
     if cfg.deploy_check:
         deployment_check(cfg.out, data, student_cpu, teachers["teacher"].model, metrics, log)
     write_report(cfg.out, metrics, histories, cfg.to_dict())

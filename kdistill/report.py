@@ -184,6 +184,7 @@ def markdown(metrics: dict, config: dict) -> str:
         f"{metrics['images']['val']} val, {metrics['images'].get('test', 0)} test images; "
         f"{metrics['skipped_files']} skipped), image size {config['image_size']}, {seed_text}, "
         f"device {metrics['device']}.", "",
+        *_warnings_section(metrics),
         "Best val acc is the best epoch by validation accuracy (that epoch's weights are the ones saved "
         "and used for predictions); final val acc is the last epoch's.", "",
         "| Model | Architecture | Best val acc | Best epoch | Final val acc | Epochs | Size (MiB) | "
@@ -222,6 +223,11 @@ def markdown(metrics: dict, config: dict) -> str:
         "The fully resolved settings are in `config.yaml`; per-epoch numbers in `history/`.", "",
     ]
     return "\n".join(lines)
+
+
+def _warnings_section(metrics: dict) -> list[str]:
+    warnings = metrics.get("warnings") or []  # absent from metrics written before they existed
+    return ["## Warnings", "", *(f"- {warning}" for warning in warnings), ""] if warnings else []
 
 
 SIGNALS = {"cached": "the teacher's outputs computed once per training image and stored",
