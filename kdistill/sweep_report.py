@@ -1,5 +1,6 @@
-"""A sweep's summary: sweep.json (every point's val accuracies, the best point), sweep.md (the same
-as a table) and sweep.png (a heatmap of the distilled student's val accuracy over the grid)."""
+"""A sweep's summary: sweep.json (every point's val accuracies, deployed size and latency, the best
+point, the Pareto front), sweep.md (the same as a table), sweep.png (a heatmap of the distilled
+student's val accuracy over the grid) and sweep-pareto.png (accuracy against size and latency)."""
 from __future__ import annotations
 
 import itertools
@@ -15,6 +16,8 @@ import numpy as np  # noqa: E402
 
 from .fileio import atomic_write, atomic_write_text  # noqa: E402
 from .report import plot_label  # noqa: E402
+from .sweep_pareto import deployed, mark_front  # noqa: E402
+from .sweep_pareto import plot as plot_pareto  # noqa: E402
 
 PANEL_COLUMNS = 3  # heatmap panels per figure row, for grids of three or more axes
 
@@ -39,6 +42,7 @@ def _row(point, metrics: dict, out: str) -> dict:
     if "error" in metrics:
         return {**row, "error": metrics["error"]}
     row.update({kind: accuracy(metrics, kind) for kind in ("student", "baseline", "teacher")})
+    row["deployed"] = deployed(metrics)
     if row["baseline"]:
         row["gain"] = row["student"]["best_val_acc"] - row["baseline"]["best_val_acc"]
     return row
@@ -63,20 +67,26 @@ def markdown(summary: dict, texts: dict[str, dict[str, str]]) -> str:
               "folder in `points/` with its own report. Accuracies are the best epoch's val accuracy "
               f"({over}); the baseline is the same student trained without a teacher, the gain the "
               "distilled student's over it in points."), "",
-             "| " + " | ".join([*keys, "Distilled student", "Without teacher", "Gain", "Teacher", "Run"]) + " |",
-             "|---" * (len(keys) + 5) + "|"]
+             "| " + " | ".join([*keys, "Distilled student", "Without teacher", "Gain", "Teacher",
+                                 "Deployed MiB", "Latency ms", "Pareto", "Run"]) + " |",
+             "|---" * (len(keys) + 8) + "|"]
     best = summary["best"] and summary["best"]["point"]
     for row in summary["points"]:
         cells = [texts[row["point"]][key] for key in keys]
         if "error" in row:
-            cells += [f"failed: {row['error']}", "", "", "", f"`{row['folder']}`"]
+            cells += [f"failed: {row['error']}", "", "", "", "", "", "", f"`{row['folder']}`"]
         else:
             student = _percent(row["student"])
             cells += [f"**{student}**" if row["point"] == best else student, _percent(row["baseline"]),
                       f"{row['gain'] * 100:+.1f}" if "gain" in row else "-",
                       f"{_percent(row['teacher'])} `{os.path.basename(row['shared']['teacher'])}`",
-                      f"`{row['folder']}`"]
+                      f"{row['deployed']['size_mb']:.2f}", f"{row['deployed']['latency_ms']:.2f}",
+                      "yes" if row["pareto"] else "", f"`{row['folder']}`"]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    forms = sorted({row["deployed"]["form"] for row in summary["points"] if "deployed" in row})
+    lines += ["", (f"Deployed: the distilled student as a user would run it ({'; '.join(forms)}): its size on disk "
+                   "and its median latency at batch 1 (the run's deployment table). Pareto: no other point is at "
+                   "least as accurate, as small and as fast, and better in one; see `sweep-pareto.png`.")]
     if best:
         lines += ["", (f"Best by val: **{best}** (in bold). It was picked on the val images it is scored on, "
                        "so its accuracy flatters it; confirm it on other images or over seeds (`--seeds`).")]
@@ -164,8 +174,11 @@ def write_sweep(out: str, axes: list, points: list, results: dict[str, dict]) ->
     summary = {"grid": [{"key": key, "values": values, "texts": texts} for key, texts, values in axes],
                "seeds": points[0].cfg.seeds, "points": rows, "best": best,
                "best_by": "the distilled student's best val accuracy (with seeds, its mean over seeds)"}
+    mark_front(rows)
     texts = {point.name: {key: typed[i] for (key, typed, _), i in zip(axes, point.position)} for point in points}
     atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(summary, indent=2))
     atomic_write_text(os.path.join(out, "sweep.md"), markdown(summary, texts))
     plot(os.path.join(out, "sweep.png"), summary, {point.name: point.position for point in points})
+    if finished:
+        plot_pareto(os.path.join(out, "sweep-pareto.png"), rows)
     return summary

@@ -20,6 +20,7 @@ from kdistill.settings import read_yaml
 from kdistill.data import scan_dataset
 from kdistill.data_key import dated_key
 from kdistill.sweep import _finished, _shared_folder, parse_grid, plan, point_name, teacher_settings
+from kdistill.sweep_pareto import pareto_front
 
 # A network that trains in well under a second per epoch on a busy CPU: the sweep's logic is
 # under test here, not the models (those are tested in test_end_to_end).
@@ -162,8 +163,11 @@ def test_rerunning_the_sweep_trains_nothing_again(finished_sweep):
     assert os.path.exists(os.path.join(rerun, "report.md"))
     log = read(os.path.join(out, "log.txt"))
     assert log.count("finished earlier, not rerun") == 3
+    # The reported point measured its latency anew (so the Pareto front may move); all else is as before.
+    timed = ("deployed", "pareto")
     with open(os.path.join(out, "sweep.json")) as f:
-        assert json.load(f)["points"] == before["points"]
+        assert [{k: v for k, v in row.items() if k not in timed} for row in json.load(f)["points"]] == [
+            {k: v for k, v in row.items() if k not in timed} for row in before["points"]]
 
 
 def test_a_point_folder_with_other_settings_is_refused_before_training(finished_sweep, capsys):
@@ -314,3 +318,32 @@ def test_a_point_that_failed_before_training_runs_again_with_the_corrected_setti
     with open(os.path.join(out, "sweep.json")) as f:
         assert len(json.load(f)["points"]) == 2
     assert epoch_lines(out) == {"teacher": 1, "student": 2, "baseline": 1}  # kd's point was not retrained
+
+
+def test_pareto_front_keeps_the_points_no_other_beats_on_every_count():
+    # (accuracy, size, latency): the third is beaten by the second on all three; equal points both stay.
+    assert pareto_front([(0.9, 10, 5), (0.8, 5, 2), (0.7, 6, 3), (0.9, 10, 5), (0.95, 20, 1)]) == [
+        True, True, False, True, True]
+
+
+def test_a_student_arch_grid_ends_with_size_latency_and_the_pareto_front(digits_dataset, tmp_path):
+    out = str(tmp_path / "sweep")
+    settings = tiny_settings(digits_dataset, "", str(tmp_path / "cache"), deploy_check=True,
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1}, student={"epochs": 1})
+    del settings["data"], settings["out"], settings["student"]["arch"]
+    assert main(["sweep", "--data", digits_dataset, "--out", out, "--grid",
+                 "student.arch=tiny_nets:tiny_student,tiny_nets:TinyResNetLike(width=6)", *as_sets(settings)]) == 0
+    with open(os.path.join(out, "sweep.json")) as f:
+        rows = json.load(f)["points"]
+    for row in rows:
+        with open(os.path.join(out, row["folder"], "metrics.json")) as f:
+            int8 = json.load(f)["deployment"]["student_onnx_int8"]
+        assert row["deployed"] == {"size_mb": int8["size_mb"], "latency_ms": int8["latency_ms_b1"],
+                                   "form": "int8 ONNX Runtime, CPU"}
+    assert [row["pareto"] for row in rows] == pareto_front(
+        [(row["student"]["best_val_acc"], row["deployed"]["size_mb"], row["deployed"]["latency_ms"]) for row in rows])
+    assert rows[0]["deployed"]["size_mb"] < rows[1]["deployed"]["size_mb"]  # width 4 against 6
+    markdown = read(os.path.join(out, "sweep.md"))
+    assert "| Deployed MiB | Latency ms | Pareto |" in markdown and "int8 ONNX Runtime, CPU" in markdown
+    with Image.open(os.path.join(out, "sweep-pareto.png")) as image:
+        assert image.width > 500 and image.height > 300
