@@ -34,6 +34,9 @@ class TrainConfig:
                                    "included, or a kdistill student.pt bundle")
     dropout: float = setting(0.0, "> 0: the head is Dropout(p) + Linear, else a plain Linear")
     epochs: int = setting(10, "training epochs")
+    steps: int = setting(0, "optimizer steps to train for (0: epochs decides); > 0 sets epochs to the fewest whole "
+                            "epochs that reach it on the run's training images (the student's: with the transfer "
+                            "set), so a recipe fits datasets of any size")
     batch_size: int = setting(64, "images per training step")
     optimizer: str = setting("adam", "adam, adamw (decoupled weight decay) or sgd (Nesterov, with momentum)",
                              choices=("adam", "adamw", "sgd"))
@@ -335,7 +338,8 @@ def validate(cfg: Config) -> None:
         require(part.warmup_epochs >= 0, f"{name}.warmup_epochs", f"must be >= 0, got {part.warmup_epochs}")
         require(not (part.warmup_epochs and part.schedule == "step"), f"{name}.warmup_epochs",
                 "applies to schedule cosine or onecycle, not step")
-        require(given or part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
+        require(part.steps >= 0, f"{name}.steps", f"must be >= 0 (0: epochs decides), got {part.steps}")
+        require(given or part.steps or part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
                 f"must be below {name}.epochs ({part.epochs}), got {part.warmup_epochs}")
         require(0 <= part.label_smoothing < 1, f"{name}.label_smoothing",
                 f"must be in [0, 1), got {part.label_smoothing}")
@@ -411,3 +415,24 @@ def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             diffs.append(f"{name} ({a!r} -> {b!r})")
     return diffs
+
+
+def resolve_steps(cfg: Config, train_images: int, transfer_images: int) -> Config:
+    """cfg with each model's epochs set from its steps, where > 0: the fewest whole epochs reaching them
+    on its training images (the distilled student's include the transfer set; the baseline trains as
+    many epochs). Refuses, naming the setting, a warmup_epochs that the resolved epochs don't exceed."""
+    def resolved(name: str, part, images: int):
+        if not part.steps or part.epochs == 0:
+            return part
+        epochs = math.ceil(part.steps / math.ceil(images / part.batch_size))
+        if part.warmup_epochs >= epochs:
+            raise KdistillError(f"setting {name}.warmup_epochs must be below the {epochs} epochs that {name}.steps="
+                                f"{part.steps} makes on {images} training images, got {part.warmup_epochs}")
+        return dataclasses.replace(part, epochs=epochs)
+
+    ensemble = [dict(changes) for changes in cfg.ensemble]
+    for position, (changes, member) in enumerate(zip(ensemble, list(cfg.teachers().values())[1:])):
+        if {"steps", "batch_size", "epochs"} & set(changes):  # else it inherits the teacher's resolved epochs
+            changes["epochs"] = resolved(f"ensemble[{position}]", member, train_images).epochs
+    return dataclasses.replace(cfg, teacher=resolved("teacher", cfg.teacher, train_images), ensemble=ensemble,
+                               student=resolved("student", cfg.student, train_images + transfer_images))

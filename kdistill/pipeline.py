@@ -19,7 +19,7 @@ from .batcher import ImageBatcher
 from .batches import Batches
 from .compute import (ONE_PROCESS, Compute, Ranks, check_same_experiment, first_line, join_ranks, leave_ranks,
                       lost_process, resolve_precision)
-from .config import Config, input_side, save_config, upsampled_side
+from .config import Config, input_side, resolve_steps, save_config, upsampled_side
 from .deploy import deployment_check
 from .data import DatasetFiles, PreparedData, prepare, scan_dataset, to_unit_range
 from .data_key import cache_key
@@ -184,6 +184,8 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None,
     check_out_outside_data(cfg)
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.
     dataset = scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cfg.distill.unlabeled, cfg.resolved_cache_dir())
+    transfer = dataset.splits.get({"": "", "test": "test"}.get(cfg.distill.unlabeled, "unlabeled"))
+    cfg = resolve_steps(cfg, len(dataset.splits["train"].files), len(transfer.files) if transfer else 0)
     data_identity = describe_data(dataset, cache_key(dataset, cfg.image_size, cfg.max_image_pixels))
     check_out_folder(cfg, dataset, data_identity)
     ranks, device = join_ranks(cfg.device, cfg.ddp_timeout_s, cfg.sync_bn)
@@ -220,6 +222,8 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         log = silent
     compute = Compute(device, resolve_precision(cfg.precision, device))
     for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
+        if part.steps and part.epochs:
+            log(f"{name}: {part.steps} steps of batch {part.batch_size} make {part.epochs} epochs on this data")
         if part.epochs == 0:  # a finished teacher: loaded and checked with the data (given_teacher)
             continue
         if ":" in part.arch:  # a third-party model that would crash in training: say so now
