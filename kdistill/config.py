@@ -18,6 +18,7 @@ from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS, Distiller, build_distiller
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
+from .loggers import LOGGERS
 from .sources import CALLABLE, source_of
 from .settings import (apply_settings, convert, leaves, parse_set, parse_yaml, read_yaml, redefault, render_config,
                        section, setting)
@@ -34,6 +35,8 @@ class TrainConfig:
                                    "included, or a kdistill student.pt bundle")
     dropout: float = setting(0.0, "> 0: the head is Dropout(p) + Linear, else a plain Linear")
     epochs: int = setting(10, "training epochs")
+    patience: int = setting(0, "stop training when this many epochs bring no better val accuracy than the best "
+                               "(the best epoch's weights are kept, as always); 0: train every epoch")
     steps: int = setting(0, "optimizer steps to train for (0: epochs decides); > 0 sets epochs to the fewest whole "
                             "epochs that reach it on the run's training images (the student's: with the transfer "
                             "set), so a recipe fits datasets of any size")
@@ -137,6 +140,8 @@ class Config:
                                      "AMX), else fp32; fp32 turns it off", choices=("auto", "fp32", "bf16"))
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
     skip_bad: bool = setting(False, "skip unreadable images with a warning instead of stopping")
+    loggers: list = setting([], "where each epoch's numbers also go: tensorboard (event files in "
+                                "OUT/tensorboard/<model>/); log.txt and history/ always", item_kind=str)
     augment: str = setting("none", "none, flip (random horizontal flip), crop_flip (random crop of the image "
                                    "reflect-padded by image_size/8, then flip) or rrc_flip (random-resized crop, "
                                    "then flip); done on the device", choices=AUGMENTATIONS)
@@ -220,7 +225,7 @@ class Config:
 MAX_SEED = 2**32 - 1
 MAX_BATCH_SIZE = 65536
 MIN_TEMPERATURE = 0.01  # distill.temperature's floor (see check)
-NON_RESULT_KEYS = {"out", "device", "workers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
+NON_RESULT_KEYS = {"out", "device", "workers", "loggers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
                    "ddp_timeout_s"}
 
 
@@ -308,6 +313,9 @@ def validate(cfg: Config) -> None:
     require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device",
             f"must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
     require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
+    unknown = [name for name in cfg.loggers if name not in LOGGERS]
+    require(not unknown and len(set(cfg.loggers)) == len(cfg.loggers), "loggers",
+            f"must list distinct loggers of {', '.join(LOGGERS)}, got {cfg.loggers}")
     require(cfg.max_image_pixels > 0, "max_image_pixels", f"must be > 0, got {cfg.max_image_pixels}")
     require(cfg.ddp_timeout_s >= 1, "ddp_timeout_s", f"must be >= 1, got {cfg.ddp_timeout_s}")
     members = list(cfg.teachers().values())[1:]  # an unknown or ill-typed member setting fails here, named
@@ -339,6 +347,7 @@ def validate(cfg: Config) -> None:
         require(not (part.warmup_epochs and part.schedule == "step"), f"{name}.warmup_epochs",
                 "applies to schedule cosine or onecycle, not step")
         require(part.steps >= 0, f"{name}.steps", f"must be >= 0 (0: epochs decides), got {part.steps}")
+        require(part.patience >= 0, f"{name}.patience", f"must be >= 0 (0: off), got {part.patience}")
         require(given or part.steps or part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
                 f"must be below {name}.epochs ({part.epochs}), got {part.warmup_epochs}")
         require(0 <= part.label_smoothing < 1, f"{name}.label_smoothing",

@@ -19,6 +19,7 @@ from .batcher import ImageBatcher
 from .batches import Batches
 from .compute import (ONE_PROCESS, Compute, Ranks, check_same_experiment, first_line, join_ranks, leave_ranks,
                       lost_process, resolve_precision)
+from .callbacks import Session
 from .config import Config, input_side, resolve_steps, save_config, upsampled_side
 from .deploy import deployment_check
 from .data import DatasetFiles, PreparedData, prepare, scan_dataset, to_unit_range
@@ -31,6 +32,7 @@ from .features import resolve_auto_layers
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
                      remove_stale_temporaries, save_torch)
 from .html_report import write_html_report
+from .loggers import make_loggers
 from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
 from .report import write_report, write_val_predictions
@@ -77,9 +79,9 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
         data.std, upsampled)[0])
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
-    history = fit(name, student, student, train, val, objective, s,
-                  checkpoint_dir or os.path.join(cfg.out, "checkpoints", name), compute.device, seed + 1, log,
-                  compute.precision, ranks)
+    history = fit(name, student, student, train, val, objective, s, Session(
+        checkpoint_dir or os.path.join(cfg.out, "checkpoints", name), compute.device, seed + 1, log,
+        compute.precision, ranks, make_loggers(cfg.loggers, cfg.out) if ranks.main else []))
     return student.eval(), normalize, history
 
 

@@ -211,6 +211,8 @@ def _expected(f: dataclasses.Field) -> str:
     kind = _kind(f)
     if kind is list and _item_kind(f) is dict:
         return "a list of mappings of settings, e.g. [{arch: resnet18, epochs: 3}]"
+    if kind is list and _item_kind(f) is str:
+        return "a list of names, e.g. [tensorboard]"
     if kind is list:
         return ("a list of whole numbers, e.g. [0, 1, 2] or 0,1,2" if _item_kind(f) is int
                 else "a list of numbers, e.g. [0.35, 1] or 0.35,1")

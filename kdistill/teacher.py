@@ -14,6 +14,7 @@ import torch
 
 from .augment import stored_views
 from .batcher import ImageBatcher
+from .callbacks import Session
 from .compute import ONE_PROCESS, Compute, Ranks
 from .config import Config, upsampled_side
 from .data import PreparedData
@@ -23,6 +24,7 @@ from .ensemble import EnsembleTeacher, combined_logits, ensemble_val_acc
 from .errors import KdistillError
 from .fileio import save_torch, tensors_sha256
 from .given_teacher import load_given_teacher
+from .loggers import make_loggers
 from .models import Standardized, standardized_model, trainable_part, weights_source
 from .progress import progress_bar
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
@@ -97,6 +99,8 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     trainable = trainable_part(teacher, head, head_only)
     checkpoint_dir = checkpoint_dir or os.path.join(cfg.out, "checkpoints", name)
     train, val = data.splits["train"], data.splits["val"]
+    session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
+                      make_loggers(cfg.loggers, cfg.out) if ranks.main else [])
     features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and
@@ -113,12 +117,10 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
         history = fit(name, trainable, trainable,
                       Batches(features["train"], train.labels, lambda x: x),
                       Batches(features["val"], val.labels, lambda x: x),
-                      CrossEntropy(label_smoothing=t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
-                      compute.precision, ranks)
+                      CrossEntropy(label_smoothing=t.label_smoothing), t, session)
     else:
         history = fit(name, teacher, trainable, batcher("train", augment=True), batcher("val"),
-                      CrossEntropy(label_smoothing=t.label_smoothing), t, checkpoint_dir, compute.device, seed, log,
-                      compute.precision, ranks)
+                      CrossEntropy(label_smoothing=t.label_smoothing), t, session)
     return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed)
 
 

@@ -6,6 +6,7 @@ and ends with the same numbers as one that never stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -18,11 +19,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .batches import Batches, hard_labels, shard_size, share
+from .callbacks import Checkpointer, EarlyStopping, EpochLog, FitState, Session
 from .config import TrainConfig
 from .distillers import Distiller, Outputs
 from .errors import KdistillError
 from .features import FeatureTaps, build_objective
-from .fileio import BackgroundSaver, load_torch, save_torch
+from .fileio import load_torch
 from .progress import counted, with_progress
 from .compute import ONE_PROCESS, Ranks, autocast, first_line
 
@@ -115,13 +117,6 @@ def _evaluate_weights(model: nn.Module, trainable: nn.Module, weights: dict, val
         trainable.load_state_dict(own)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -175,15 +170,6 @@ def _resume(path: str, state: dict, parts: dict, generators: tuple, ranks: Ranks
     return history, epoch + 1, best_val_acc
 
 
-def _save_epoch(checkpoint_dir: str, best_weights: dict | None, state: dict) -> None:
-    if best_weights is not None:
-        save_torch(best_weights, os.path.join(checkpoint_dir, "best.pt"), what="best checkpoint")
-    last_path = os.path.join(checkpoint_dir, "last.pt")
-    if os.path.exists(last_path):  # keep one older good copy in case the new one is damaged
-        os.replace(last_path, last_path + ".prev")
-    save_torch(state, last_path)
-
-
 def _warn_if_the_average_stays_near_the_start(name: str, decay: float, steps_per_epoch: int, epochs: int,
                                              log) -> None:
     """A decay set for thousands of steps, on a small dataset: the average would end mostly the
@@ -225,21 +211,10 @@ def _stop_unless_finite(name: str, epoch: int, checkpoint_dir: str, row: dict, p
                 _stop(name, epoch, checkpoint_dir, f"the {what} hold non-finite values ({tensor_name})")
 
 
-def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches,
-        objective: Distiller, cfg: TrainConfig, checkpoint_dir: str, device: torch.device,
-        seed: int, log=print, precision: str = "fp32", ranks: Ranks = ONE_PROCESS) -> list[dict]:
-    """Train `trainable` (a part of `model`, or all of it) for cfg.epochs; return per-epoch history.
-
-    The rest of `model` stays in eval mode throughout, so a frozen backbone keeps its BatchNorm
-    statistics. The best-by-val weights are kept in checkpoint_dir/best.pt: with cfg.ema, those of
-    the trained model or of its exponential moving average, whichever scored higher.
-
-    With several processes (ranks), cfg.batch_size is the global batch: each process trains on its
-    share of it, DDP averages the gradients, and the metrics are those of the global batch, the
-    same on every process. Rank 0 alone writes the checkpoints; every process resumes from them.
-    """
-    last_path = os.path.join(checkpoint_dir, "last.pt")
-    best_path = os.path.join(checkpoint_dir, "best.pt")
+def _start(name: str, model: nn.Module, trainable: nn.Module, train: Batches, objective: Distiller,
+           cfg: TrainConfig, session: Session) -> tuple[FitState, FeatureTaps]:
+    """The training's parts, built, and put back from the last checkpoint where there is one."""
+    ranks, device = session.ranks, session.device
     if ranks.joined and 0 < len(train) % cfg.batch_size < ranks.world_size:
         raise KdistillError(f"{name}: the last batch of each epoch has {len(train) % cfg.batch_size} images, fewer "
                             f"than the {ranks.world_size} processes; change batch_size or the number of processes")
@@ -254,134 +229,153 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     ema = (AveragedModel(trainable, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
            if cfg.ema else None)
     if ema is not None:
-        _warn_if_the_average_stays_near_the_start(name, cfg.ema, steps_per_epoch, cfg.epochs, log)
-    shuffle_generator = torch.Generator().manual_seed(seed)
-    view_generator = torch.Generator().manual_seed(seed + VIEW_SEED_OFFSET)
-    # Where and how the numbers were computed: a resume elsewhere would not repeat them.
-    computed_on = {"device": device.type, "precision": precision,
-                   **({"processes": ranks.world_size} if ranks.joined else {})}
-    history: list[dict] = []
-    start_epoch = 1
-    best_val_acc = -1.0
-
-    state = ranks.from_main(load_checkpoint(last_path, log) if ranks.main else None)
-    if state is not None:
-        if isinstance(state, dict):  # anything else is refused by _resume
-            _check_same_computation(name, state.get("computed_on", {"device": "cpu", "precision": "fp32"}),
-                                    computed_on, checkpoint_dir)
-        history, start_epoch, best_val_acc = _resume(
-            last_path, state, {"model": trainable, "objective": objective, "optimizer": optimizer,
-                               "scheduler": scheduler, "ema": ema}, (shuffle_generator, view_generator), ranks)
-        if start_epoch <= cfg.epochs:
-            log(f"{name}: resuming after epoch {start_epoch - 1} of {cfg.epochs}")
-
+        _warn_if_the_average_stays_near_the_start(name, cfg.ema, steps_per_epoch, cfg.epochs, session.log)
+    state = FitState(session, cfg, {"model": trainable, "objective": objective, "optimizer": optimizer,
+                                    "scheduler": scheduler, "ema": ema},
+                     (torch.Generator().manual_seed(session.seed),
+                      torch.Generator().manual_seed(session.seed + VIEW_SEED_OFFSET)),
+                     # Where and how the numbers were computed: a resume elsewhere would not repeat them.
+                     {"device": device.type, "precision": session.precision,
+                      **({"processes": ranks.world_size} if ranks.joined else {})})
+    last_path = os.path.join(session.checkpoint_dir, "last.pt")
+    saved = ranks.from_main(load_checkpoint(last_path, session.log) if ranks.main else None)
+    if saved is not None:
+        if isinstance(saved, dict):  # anything else is refused by _resume
+            _check_same_computation(name, saved.get("computed_on", {"device": "cpu", "precision": "fp32"}),
+                                    state.computed_on, session.checkpoint_dir)
+        state.history, state.start_epoch, state.best_val_acc = _resume(last_path, saved, state.parts,
+                                                                       state.generators, ranks)
+        if state.start_epoch <= cfg.epochs:
+            session.log(f"{name}: resuming after epoch {state.start_epoch - 1} of {cfg.epochs}")
     elif ranks.joined:  # dropout masks and a method's draws of its own differ from process to process
-        torch.manual_seed(seed + RANK_SEED_STRIDE * ranks.rank)
+        torch.manual_seed(session.seed + RANK_SEED_STRIDE * ranks.rank)
+    return state, student_taps
+
+
+def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train: Batches,
+                 student_taps: FeatureTaps) -> dict:
+    """One pass over the training batches; the epoch's training numbers (those of the global batch)."""
+    session, cfg, parts = state.session, state.cfg, state.parts
+    ranks, device, precision = session.ranks, session.device, session.precision
+    optimizer, scheduler, ema, objective = parts["optimizer"], parts["scheduler"], parts["ema"], parts["objective"]
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros((), device=device)
+    # The first batch whose loss was not finite, tracked on the device: checking it each batch
+    # would make the CPU wait for the GPU at every step.
+    first_bad_batch = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad_teacher = torch.zeros((), dtype=torch.int64, device=device)  # its outputs, likewise
+    seen, labelled = 0, torch.zeros((), dtype=torch.int64, device=device)
+    lr = optimizer.param_groups[0]["lr"]
+    objective.epoch, objective.epochs = epoch, cfg.epochs
+    batches = train.iterate(cfg.batch_size, device, shuffle=True, generator=state.generators[0],
+                            view_generator=state.generators[1], precision=precision, shard=ranks.shard)
+    for batch, (x, y, teacher, index) in enumerate(with_progress(
+            batches, shard_size(len(train), cfg.batch_size, ranks.shard), f"{session.name} epoch {epoch}/{cfg.epochs}"),
+            1):
+        with autocast(device, precision):
+            logits = forward(x)
+        student = Outputs(logits.float(), student_taps.take())
+        if objective.needs_input:  # it runs a model of its own on x (DML's peer), in the student's precision
+            with autocast(device, precision):
+                terms = objective_forward(student, y, teacher, index, inputs=x)
+        else:
+            terms = objective_forward(student, y, teacher, index)
+        loss = terms["loss"]
+        first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
+        if teacher is not None:
+            first_bad_teacher = torch.where((first_bad_teacher == 0) & ~torch.isfinite(teacher.logits).all(),
+                                            batch, first_bad_teacher)
+        if ranks.joined:
+            # DDP averages the processes' gradients: weighting each by its share of the global batch
+            # (unequal in a smaller last batch) gives the gradient of the global batch's mean.
+            loss = loss * (len(y) * ranks.world_size / min(cfg.batch_size, len(train) - (batch - 1) * cfg.batch_size))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update_parameters(parts["model"])
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0) + value.detach() * len(y)
+        correct += (logits.argmax(1) == hard_labels(y)).sum()  # an unlabelled image (-1) never counts
+        seen += len(y)
+        labelled += (hard_labels(y) >= 0).sum()
+    sums = {key: ranks.sum(value) for key, value in sums.items()}
+    seen = int(ranks.sum(torch.tensor(seen, device=device)))
+    first_bad_batch, first_bad_teacher = ranks.earliest(first_bad_batch), ranks.earliest(first_bad_teacher)
+    if first_bad_batch.item():
+        _stop(session.name, epoch, session.checkpoint_dir, "the loss stopped being finite", first_bad_batch.item(),
+              first_bad_teacher.item())
+    return {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
+            "train_acc": ranks.sum(correct).item() / max(ranks.sum(labelled).item(), 1),
+            **{f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"}}
+
+
+def _validate(state: FitState, model: nn.Module, val: Batches, row: dict) -> nn.Module:
+    """The val numbers into row (the weight average's too); the weights this epoch offers as its best."""
+    session, cfg, trainable, ema = state.session, state.cfg, state.parts["model"], state.parts["ema"]
+    session.ranks.share_buffers(trainable)
+    session.ranks.share_buffers(ema)
+    evaluated = (cfg.batch_size, session.device, session.precision, session.ranks)
+    row["val_loss"], row["val_acc"] = evaluate(model, val, *evaluated)
+    offered = trainable
+    if ema is not None:
+        row["val_loss_ema"], row["val_acc_ema"] = _evaluate_weights(model, trainable, ema.module.state_dict(), val,
+                                                                    *evaluated)
+        row["best_source"] = "ema" if row["val_acc_ema"] > row["val_acc"] else "raw"
+        offered = ema.module if row["best_source"] == "ema" else trainable
+    _stop_unless_finite(session.name, row["epoch"], session.checkpoint_dir, row,
+                        {"weights": trainable, "method's parts": state.parts["objective"], "weight average": ema})
+    return offered
+
+
+def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: Batches, objective: Distiller,
+        cfg: TrainConfig, session: Session) -> list[dict]:
+    """Train `trainable` (a part of `model`, or all of it) for cfg.epochs; return per-epoch history.
+
+    The rest of `model` stays in eval mode throughout, so a frozen backbone keeps its BatchNorm
+    statistics. The best-by-val weights are kept in checkpoint_dir/best.pt: with cfg.ema, those of
+    the trained model or of its exponential moving average, whichever scored higher. What happens
+    besides the step (checkpoints, the log line, early stopping, session.callbacks) hangs on the
+    callbacks' events (callbacks.py).
+
+    With several processes (ranks), cfg.batch_size is the global batch: each process trains on its
+    share of it, DDP averages the gradients, and the metrics are those of the global batch, the
+    same on every process. Rank 0 alone writes the checkpoints; every process resumes from them.
+    """
+    session = dataclasses.replace(session, name=name)
+    state, student_taps = _start(name, model, trainable, train, objective, cfg, session)
     # Gradients averaged over the processes: the model's, and those of the method's trainable parts.
     # A method's buffers (CRD's memory banks) stay each process's own.
-    forward, objective_forward = ranks.distribute(model, device), ranks.distribute(objective, device, False)
-    # Checkpoints are written in the background while the next epoch trains.
-    saver = BackgroundSaver()
+    forward = session.ranks.distribute(model, session.device)
+    objective_forward = session.ranks.distribute(objective, session.device, False)
+    callbacks = [Checkpointer(), EpochLog(), *session.callbacks, EarlyStopping()]
     try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for callback in callbacks:
+            callback.on_fit_start(state)
+        for epoch in range(state.start_epoch, cfg.epochs + 1):
+            if state.stop:
+                break
             started = time.perf_counter()
             model.eval()
             trainable.train()
-            sums: dict[str, torch.Tensor] = {}
-            correct = torch.zeros((), device=device)
-            # The first batch whose loss was not finite, tracked on the device: checking it each
-            # batch would make the CPU wait for the GPU at every step.
-            first_bad_batch = torch.zeros((), dtype=torch.int64, device=device)
-            first_bad_teacher = torch.zeros((), dtype=torch.int64, device=device)  # its outputs, likewise
-            seen = 0
-            labelled = torch.zeros((), dtype=torch.int64, device=device)
-            lr = optimizer.param_groups[0]["lr"]
-            objective.epoch = epoch
-            objective.epochs = cfg.epochs
-            for batch, (x, y, teacher, index) in enumerate(with_progress(
-                    train.iterate(cfg.batch_size, device, shuffle=True, generator=shuffle_generator,
-                                  view_generator=view_generator, precision=precision, shard=ranks.shard),
-                    shard_size(len(train), cfg.batch_size, ranks.shard), f"{name} epoch {epoch}/{cfg.epochs}"), 1):
-                with autocast(device, precision):
-                    logits = forward(x)
-                student = Outputs(logits.float(), student_taps.take())
-                if objective.needs_input:  # it runs a model of its own on x (DML's peer), in the student's precision
-                    with autocast(device, precision):
-                        terms = objective_forward(student, y, teacher, index, inputs=x)
-                else:
-                    terms = objective_forward(student, y, teacher, index)
-                loss = terms["loss"]
-                first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
-                if teacher is not None:
-                    first_bad_teacher = torch.where((first_bad_teacher == 0) & ~torch.isfinite(teacher.logits).all(),
-                                                    batch, first_bad_teacher)
-                if ranks.joined:
-                    # DDP averages the processes' gradients: weighting each by its share of the global
-                    # batch (unequal in a smaller last batch) gives the gradient of the global batch's mean.
-                    global_batch = min(cfg.batch_size, len(train) - (batch - 1) * cfg.batch_size)
-                    loss = loss * (len(y) * ranks.world_size / global_batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                if ema is not None:
-                    ema.update_parameters(trainable)
-                for key, value in terms.items():
-                    sums[key] = sums.get(key, 0) + value.detach() * len(y)
-                correct += (logits.argmax(1) == hard_labels(y)).sum()  # an unlabelled image (-1) never counts
-                seen += len(y)
-                labelled += (hard_labels(y) >= 0).sum()
-            # The global batch's numbers, the same on every process.
-            sums = {key: ranks.sum(value) for key, value in sums.items()}
-            correct, labelled = ranks.sum(correct), ranks.sum(labelled)
-            seen = int(ranks.sum(torch.tensor(seen, device=device)))
-            first_bad_batch, first_bad_teacher = ranks.earliest(first_bad_batch), ranks.earliest(first_bad_teacher)
-            if first_bad_batch.item():
-                _stop(name, epoch, checkpoint_dir, "the loss stopped being finite", first_bad_batch.item(),
-                      first_bad_teacher.item())
-            ranks.share_buffers(trainable)
-            ranks.share_buffers(ema)
-            val_loss, val_acc = evaluate(model, val, cfg.batch_size, device, precision, ranks)
-            row = {"epoch": epoch, "lr": lr, "train_loss": (sums["loss"] / seen).item(),
-                   "train_acc": correct.item() / max(labelled.item(), 1), "val_loss": val_loss, "val_acc": val_acc}
-            offered = trainable
-            if ema is not None:
-                row["val_loss_ema"], row["val_acc_ema"] = _evaluate_weights(
-                    model, trainable, ema.module.state_dict(), val, cfg.batch_size, device, precision, ranks)
-                row["best_source"] = "ema" if row["val_acc_ema"] > val_acc else "raw"
-                offered = ema.module if row["best_source"] == "ema" else trainable
-            row.update({f"train_{k}": (v / seen).item() for k, v in sums.items() if k != "loss"})
-            _stop_unless_finite(name, epoch, checkpoint_dir, row, {"weights": trainable, "method's parts": objective,
-                                                                   "weight average": ema})
+            row = _train_epoch(state, epoch, forward, objective_forward, train, student_taps)
+            offered = _validate(state, model, val, row)
             row["seconds"] = time.perf_counter() - started
-            history.append(row)
-            best_weights = None
-            if offered_val_acc(row) > best_val_acc:
-                best_val_acc = offered_val_acc(row)
-                best_weights = offered.state_dict()
-            random_streams = {"shuffle_rng": shuffle_generator.get_state(), "view_rng": view_generator.get_state(),
-                              "rng": _rng_state()}
-            rank_rngs = ranks.gather(random_streams)
-            if ranks.main:
-                saver.submit(_save_epoch, checkpoint_dir, best_weights, {
-                    "model": trainable.state_dict(), "objective": objective.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else {},
-                    "ema": ema.state_dict() if ema is not None else {},
-                    **random_streams, **({"rank_rngs": rank_rngs} if ranks.joined else {}),
-                    "computed_on": computed_on, "history": history, "epoch": epoch, "best_val_acc": best_val_acc})
-            terms_text = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
-                                 if k.startswith("train_") and k not in ("train_loss", "train_acc"))
-            ema_text = (f" | ema val loss {row['val_loss_ema']:.3f} acc {row['val_acc_ema']:.3f}"
-                        if ema is not None else "")
-            log(f"{name} epoch {epoch}/{cfg.epochs}: train loss {row['train_loss']:.3f} acc "
-                f"{row['train_acc']:.3f}{terms_text} | val loss {val_loss:.3f} acc {val_acc:.3f}{ema_text} | "
-                f"lr {lr:.2g} | {row['seconds']:.1f}s")
-        saver.wait()
+            state.history.append(row)
+            state.best_weights = None
+            if offered_val_acc(row) > state.best_val_acc:
+                state.best_val_acc, state.best_weights = offered_val_acc(row), offered.state_dict()
+            for callback in callbacks:
+                callback.on_epoch_end(state, row)
+        for callback in callbacks:
+            callback.on_fit_end(state)
     finally:
-        saver.close()
+        for callback in callbacks:
+            callback.close(state)
         student_taps.remove()
-
-    trainable.load_state_dict(ranks.from_main(load_torch(best_path, what="best checkpoint") if ranks.main else None))
-    return history
+    best = os.path.join(session.checkpoint_dir, "best.pt")
+    trainable.load_state_dict(session.ranks.from_main(load_torch(best, what="best checkpoint") if session.ranks.main
+                                                      else None))
+    return state.history

@@ -14,6 +14,7 @@ from kdistill.errors import KdistillError
 from kdistill.features import OnlineTeacher, matching_teacher_module, resolve_auto_layers
 from kdistill.batches import Batches
 from kdistill.train import fit
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 BN_EPS = 1e-5  # BatchNorm2d's default
@@ -316,7 +317,7 @@ def test_fit_trains_the_adapters_with_the_student_and_leaves_the_teacher_alone(m
     images, labels = torch.randn(16, 3, 8, 8, generator=generator), torch.arange(16) % 3
     train = Batches(images, labels, lambda x: x, teacher=OnlineTeacher(teacher, objective.teacher_features()))
     history = fit("student", student, student, train, Batches(images, labels, lambda x: x), objective,
-                  TrainConfig(epochs=1, batch_size=8, lr=0.01), str(tmp_path), CPU, seed=0)
+                  TrainConfig(epochs=1, batch_size=8, lr=0.01), Session(str(tmp_path), CPU, seed=0))
     feature_term = {FitNets: "hint", AT: "at", PEFD: "pefd"}[method]
     assert math.isfinite(history[0]["train_loss"]) and history[0][f"train_{feature_term}"] > 0
     weights = [k for k in initial if k.endswith("weight")]

@@ -10,6 +10,7 @@ from kdistill.config import TrainConfig
 from kdistill.distillers import DIST, DISTILLERS, DKD, KD, LSKD, Outputs
 from kdistill.batches import Batches
 from kdistill.train import fit
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 STUDENT = [[1.0, 2.0, 0.5, -1.0], [0.0, -1.0, 3.0, 0.5], [2.0, 0.0, 1.0, 1.0]]
@@ -271,7 +272,7 @@ def test_a_tiny_fit_trains_the_student_with_the_method(tmp_path, name):
     train = Batches(images, labels, lambda x: x, extras={"teacher_logits": teacher_logits})
     val = Batches(images, torch.arange(30) % 3, lambda x: x)
     history = fit(name, student, student, train, val, method, TrainConfig(epochs=2, batch_size=8, lr=0.01),
-                  str(tmp_path), CPU, seed=0, log=lambda m: None)
+                  Session(str(tmp_path), CPU, seed=0, log=lambda m: None))
     assert [row["epoch"] for row in history] == [1, 2]
     for row in history:
         assert math.isfinite(row["train_loss"])

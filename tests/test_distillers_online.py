@@ -17,6 +17,7 @@ from kdistill.errors import KdistillError
 from kdistill.fileio import load_torch
 from kdistill.batches import Batches
 from kdistill.train import fit, predict_logits
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0], [2.0, 0.0, 1.0]]
@@ -87,8 +88,12 @@ def test_dml_unlabelled_images_only_drop_the_cross_entropy_terms():
 
 def test_settings_problems_name_the_bad_value():
     assert DML.problems(DML.Settings()) == []
-    assert DML.problems(DML.Settings(peer="resnet34")) == [] and DML.problems(DML.Settings(peer="mod:fn")) == []
+    assert DML.problems(DML.Settings(peer="resnet34")) == []
+    assert DML.problems(DML.Settings(peer="tiny_nets:tiny_student")) == []
+    assert DML.problems(DML.Settings(peer="timm:resnet10t")) == []
     assert [name for name, _ in DML.problems(DML.Settings(peer="resnet9000"))] == ["peer"]
+    # A peer is checked as an architecture is: importable, and callable.
+    assert [name for name, _ in DML.problems(DML.Settings(peer="no_such_module:fn"))] == ["peer"]
     assert BornAgain.problems(BornAgain.Settings()) == []
     assert BornAgain.problems(BornAgain.Settings(base="dkd")) == []
     assert [name for name, _ in BornAgain.problems(BornAgain.Settings(generations=0))] == ["generations"]
@@ -130,7 +135,7 @@ def dml_fit(folder, epochs, peer_modes=None):
         objective.build = build_and_watch
     history = fit("student", student, student, Batches(images, labels, lambda x: x),
                   Batches(images, labels, lambda x: x), objective, TrainConfig(epochs=epochs, batch_size=8, lr=0.01),
-                  str(folder), CPU, seed=0, log=lambda m: None)
+                  Session(str(folder), CPU, seed=0, log=lambda m: None))
     return student, objective, history
 
 

@@ -15,6 +15,7 @@ from kdistill.features import OnlineTeacher
 from kdistill.fileio import load_torch
 from kdistill.batches import Batches
 from kdistill.train import fit
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 METHODS = (RKD, PKT, SP, CRD)
@@ -365,7 +366,7 @@ def tiny_fit(folder, distiller, epochs=2, log=lambda message: None, unlabelled=F
                     teacher=OnlineTeacher(teacher, distiller.teacher_features()))
     start = copy.deepcopy(student.state_dict())
     history = fit("model", student, student, train, Batches(images, labels, lambda x: x), distiller,
-                  TrainConfig(epochs=epochs, batch_size=8, lr=0.01), str(folder), CPU, seed=0, log=log)
+                  TrainConfig(epochs=epochs, batch_size=8, lr=0.01), Session(str(folder), CPU, seed=0, log=log))
     return student, start, history
 
 

@@ -13,6 +13,7 @@ from kdistill.fileio import tensors_sha256
 from kdistill.models import Standardized, build_model, head_path, trainable_part
 from kdistill.batches import Batches
 from kdistill.train import fit
+from kdistill.callbacks import Session
 
 
 def test_head_is_replaced_by_dropout_linear_or_linear():
@@ -38,7 +39,8 @@ def test_head_only_training_leaves_backbone_weights_and_batchnorm_statistics_unt
     labels = torch.arange(24) % 3
     batches = Batches(images, labels, lambda x: x)
     fit("teacher", model, trainable, batches, batches, CrossEntropy(),
-        TrainConfig(epochs=2, batch_size=8, lr=1e-2), str(tmp_path), torch.device("cpu"), seed=0, log=lambda m: None)
+        TrainConfig(epochs=2, batch_size=8, lr=1e-2), Session(str(tmp_path), torch.device("cpu"), seed=0,
+                                                            log=lambda m: None))
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.startswith("fc.") for k in changed), changed

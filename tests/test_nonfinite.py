@@ -12,6 +12,7 @@ from kdistill.errors import KdistillError
 from kdistill.evaluate import write_predictions
 from kdistill.models import input_statistics
 from kdistill.train import fit
+from kdistill.callbacks import Session
 
 from conftest import tiny_settings
 
@@ -40,7 +41,7 @@ def _fit_with_teacher_logits(tmp_path, teacher_logits):
                     extras={"teacher_logits": teacher_logits})
     val = Batches(torch.randn(30, 3, 2, 2), torch.arange(30) % 3, lambda x: x)
     return fit("student", model, model, train, val, KD(temperature=4.0, alpha=0.5),
-               TrainConfig(epochs=1, batch_size=10), str(tmp_path), CPU, seed=0, log=lambda m: None)
+               TrainConfig(epochs=1, batch_size=10), Session(str(tmp_path), CPU, seed=0, log=lambda m: None))
 
 
 def test_a_nan_teacher_is_named_as_the_teacher(tmp_path):
@@ -59,7 +60,7 @@ def test_a_weight_average_that_turns_nan_stops_the_run(tmp_path):
     with pytest.raises(KdistillError, match="not finite|is nan"):
         fit("baseline", model, model, batches, batches, CrossEntropy(),
             TrainConfig(epochs=2, batch_size=30, lr=1e308, ema=0.5),
-            str(tmp_path), CPU, seed=0, log=lambda m: None)
+            Session(str(tmp_path), CPU, seed=0, log=lambda m: None))
     assert not (tmp_path / "best.pt").exists()
 
 
@@ -94,7 +95,7 @@ def test_a_loadable_but_malformed_checkpoint_is_one_line(tmp_path, damage):
 
     def train(epochs):
         return fit("student", model, model, batches, batches, CrossEntropy(), TrainConfig(epochs=epochs, batch_size=10),
-                   str(tmp_path), CPU, seed=0, log=lambda m: None)
+                   Session(str(tmp_path), CPU, seed=0, log=lambda m: None))
     train(1)
     state = load_torch(str(tmp_path / "last.pt"))
     if damage == "not a dict":

@@ -13,6 +13,7 @@ from kdistill.fileio import load_torch
 from kdistill.models import build_model
 from kdistill.batches import Batches
 from kdistill.train import build_optimizer, fit, offered_val_acc
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 
@@ -81,7 +82,7 @@ def run_fit(folder, cfg, model=None, images=None, labels=None, val_labels=None, 
     labels = default_labels if labels is None else labels
     val = Batches(images, labels if val_labels is None else val_labels, lambda x: x)
     history = fit("model", model, model, Batches(images, labels, lambda x: x), val, CrossEntropy(), cfg,
-                  str(folder), CPU, seed=0, log=log)
+                  Session(str(folder), CPU, seed=0, log=log))
     return model, history
 
 

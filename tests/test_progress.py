@@ -13,6 +13,7 @@ from kdistill.fileio import load_torch
 from kdistill.progress import progress_bar, show_progress
 from kdistill.batches import Batches
 from kdistill.train import fit, predict_logits
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 IMAGES = torch.randn(24, 3, 4, 4, generator=torch.Generator().manual_seed(1))
@@ -25,8 +26,8 @@ def tiny_fit(folder, model=None, epochs=2):
     model = model or nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
     lines = []
     fit("model", model, model, Batches(IMAGES, LABELS, lambda x: x), Batches(IMAGES, LABELS, lambda x: x),
-        CrossEntropy(), TrainConfig(epochs=epochs, batch_size=8, lr=0.01), str(folder), CPU, seed=0,
-        log=lines.append)
+        CrossEntropy(), TrainConfig(epochs=epochs, batch_size=8, lr=0.01),
+        Session(str(folder), CPU, seed=0, log=lines.append))
     return lines
 
 

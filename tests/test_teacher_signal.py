@@ -11,6 +11,7 @@ from kdistill.teacher import TrainedTeacher
 from kdistill.teacher_signal import cached_tensors, head_inputs
 from kdistill.batches import Batches
 from kdistill.train import fit, predict_logits
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 
@@ -64,7 +65,7 @@ def test_head_trained_on_cached_features_matches_head_trained_online(tmp_path):
     online_head = trainable_part(online_model, head, head_only=True)
     torch.manual_seed(5)
     online_history = fit("online", online_model, online_head, train, val, CrossEntropy(), config,
-                         str(tmp_path / "online"), CPU, seed=3, log=quiet)
+                         Session(str(tmp_path / "online"), CPU, seed=3, log=quiet))
 
     cached_head = trainable_part(cached_model, head, head_only=True)
     features = {name: head_inputs(cached_model, head, b, 16, CPU) for name, b in (("train", train), ("val", val))}
@@ -72,7 +73,7 @@ def test_head_trained_on_cached_features_matches_head_trained_online(tmp_path):
     cached_history = fit("cached", cached_head, cached_head,
                          Batches(features["train"], train.labels, lambda x: x),
                          Batches(features["val"], val.labels, lambda x: x),
-                         CrossEntropy(), config, str(tmp_path / "cached"), CPU, seed=3, log=quiet)
+                         CrossEntropy(), config, Session(str(tmp_path / "cached"), CPU, seed=3, log=quiet))
 
     for key, value in online_head.state_dict().items():
         torch.testing.assert_close(cached_head.state_dict()[key], value, rtol=1e-4, atol=1e-5)

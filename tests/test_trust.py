@@ -25,6 +25,7 @@ from kdistill.fileio import load_torch, save_torch
 from kdistill.models import IMAGENET_STATS, Standardized, build_model, standardized_model
 from kdistill.batches import Batches
 from kdistill.train import fit
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 quiet = lambda message: None  # noqa: E731
@@ -121,7 +122,7 @@ def test_a_resume_in_another_precision_is_refused(tmp_path):
     def train(epochs, precision):
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 2))
         return fit("student", model, model, batches, batches, CrossEntropy(), TrainConfig(epochs=epochs, batch_size=10),
-                   str(tmp_path), CPU, seed=0, log=quiet, precision=precision)
+                   Session(str(tmp_path), CPU, seed=0, log=quiet, precision=precision))
     train(1, "fp32")
     with pytest.raises(KdistillError) as error:
         train(2, "bf16")
