@@ -55,7 +55,9 @@ def test_ensemble_members_are_teacher_sections_checked_up_front():
     assert (members["teacher-2"].arch, members["teacher-2"].epochs, members["teacher-2"].lr) == ("resnet18", 3, 0.01)
     assert (members["teacher-3"].arch, members["teacher-3"].mode) == ("resnet34", "full")
     assert cfg.teacher_weights() == [1 / 3] * 3
-    for sets, message in [(["ensemble=[{epochs: 0}]"], "setting ensemble\\[0\\].epochs must be >= 1"),
+    for sets, message in [(["ensemble=[{epochs: 0}]"], "setting ensemble\\[0\\].epochs may be 0 .* only with "
+                                                        "ensemble\\[0\\].weights a file"),
+                          (["ensemble=[{epochs: -1}]"], "setting ensemble\\[0\\].epochs must be >= 0"),
                           (["ensemble=[{colour: red}]"], "unknown setting 'ensemble\\[0\\].colour'"),
                           (["ensemble=[{arch: resnet18}]", "distill.method=fitnets"],
                            "setting ensemble cannot be used with distill.method fitnets: it reads one teacher's "

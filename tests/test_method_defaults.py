@@ -11,6 +11,7 @@ from kdistill.batches import Batches
 from kdistill.config import TrainConfig
 from kdistill.distillers import AT, CRD, DIST, DISTILLERS, DKD, LSKD, BornAgain, CrossEntropy, Outputs
 from kdistill.train import fit
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 
@@ -57,7 +58,7 @@ def test_the_training_loop_tells_the_method_the_runs_epochs(tmp_path):
     objective = EpochRecorder()
     objective.seen = set()
     fit("student", student, student, Batches(images, labels, lambda x: x), Batches(images, labels, lambda x: x),
-        objective, TrainConfig(epochs=3, batch_size=4, lr=0.01), str(tmp_path), CPU, seed=0, log=lambda m: None)
+        objective, TrainConfig(epochs=3, batch_size=4, lr=0.01), Session(str(tmp_path), CPU, seed=0, log=lambda m: None))
     assert objective.seen == {(1, 3), (2, 3), (3, 3)}
 
 

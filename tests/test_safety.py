@@ -16,6 +16,7 @@ from kdistill.fileio import BackgroundSaver, load_torch, save_torch
 from kdistill.models import build_model
 from kdistill.batches import Batches
 from kdistill.train import fit, load_checkpoint
+from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")
 
@@ -65,8 +66,8 @@ def tiny_fit(tmp_path, epochs, lr=1e-3, images=None):
     images = torch.randn(30, 3, 2, 2) if images is None else images
     batches = Batches(images, torch.arange(30) % 3, lambda x: x)
     return model, fit("model", model, model, batches, batches, CrossEntropy(),
-                      TrainConfig(epochs=epochs, batch_size=10, lr=lr), str(tmp_path), CPU, seed=0,
-                      log=lambda m: None)
+                      TrainConfig(epochs=epochs, batch_size=10, lr=lr),
+                      Session(str(tmp_path), CPU, seed=0, log=lambda m: None))
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_good_one(tmp_path):
@@ -80,7 +81,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_good_one(tmp_path)
     torch.manual_seed(0)
     history = fit("model", model, model, Batches(torch.randn(30, 3, 2, 2), torch.arange(30) % 3, lambda x: x),
                   Batches(torch.randn(30, 3, 2, 2), torch.arange(30) % 3, lambda x: x), CrossEntropy(),
-                  TrainConfig(epochs=3, batch_size=10), str(tmp_path / "run"), CPU, seed=0, log=messages.append)
+                  TrainConfig(epochs=3, batch_size=10), Session(str(tmp_path / "run"), CPU, seed=0, log=messages.append))
     assert any("corrupt" in m for m in messages) and any("resuming after epoch 1" in m for m in messages)
     assert [row["epoch"] for row in history] == [1, 2, 3]
 
