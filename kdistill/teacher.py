@@ -234,10 +234,9 @@ def _signal_parts(cfg: Config, teacher: TrainedTeacher, data: PreparedData, tran
     """What a stored signal depends on: the weights, the data, the views, the transfer set, the device."""
     parts = [tensors_sha256(teacher.model.state_dict()), data.key]
     if views is not None:
-        # The box ranges draw the views too (the key of the other kinds is as it always was).
-        augmentation = (f"{cfg.augment} {cfg.rrc_scale} {cfg.rrc_ratio}" if cfg.augment == "rrc_flip"
-                        else cfg.augment)
-        parts += [augmentation, str(views.shape[1]), str(cfg.seed)]
+        # The views themselves, hashed, with the kind that applies them: whatever parameters drew
+        # them (crop ranges, a seed, an augmentation added later), other views make another key.
+        parts += [cfg.augment, "views " + tensors_sha256({"views": views})]
     # A transfer set joins the key only when set, so earlier signal caches stay valid.
     return parts + ([f"transfer {transfer}"] if transfer else []) + [compute.key()]
 

@@ -90,3 +90,23 @@ def test_teacher_logits_from_cached_features_equal_a_full_forward_pass():
     from_features = TrainedTeacher(teacher, head, "dataset", [], {"train": features}).train_logits(
         None, 16, Compute(CPU, "fp32"))
     torch.testing.assert_close(from_features, predict_logits(teacher, batches, 16, CPU), rtol=1e-4, atol=1e-4)
+
+
+def test_stored_views_are_keyed_by_the_views_themselves():
+    """Any parameter that draws the views (a crop range, a seed, a new augmentation's own) changes
+    the views and so the key: no stale signal can be served for other crops."""
+    from types import SimpleNamespace
+
+    from kdistill.augment import stored_views
+    from kdistill.teacher import _signal_parts
+
+    teacher = SimpleNamespace(model=torch.nn.Linear(2, 2))
+    data, compute = SimpleNamespace(key="data"), SimpleNamespace(key=lambda: "cpu-fp32")
+
+    def key(augment, scale, seed=0):
+        views = stored_views(augment, 10, 4, 32, seed, scale, (3 / 4, 4 / 3))
+        return _signal_parts(SimpleNamespace(augment=augment), teacher, data, None, views, compute)
+    assert key("rrc_flip", (0.35, 1.0)) == key("rrc_flip", (0.35, 1.0))
+    assert key("rrc_flip", (0.35, 1.0)) != key("rrc_flip", (0.25, 1.0))
+    assert key("rrc_flip", (0.35, 1.0)) != key("rrc_flip", (0.35, 1.0), seed=1)
+    assert key("crop_flip", (0.35, 1.0)) != key("flip", (0.35, 1.0))
