@@ -89,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run folder; rerun with the same folder to resume")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train with N processes on this machine, one per GPU (or on the CPU), through torchrun; "
-                          "batch sizes stay global. Several machines: start torchrun yourself (README)")
+                          "batch sizes stay global. Several machines: start torchrun yourself (docs/distributed.md)")
     _add_setting_flags(run)
     _add_force_flag(run)
     _add_print_config_flag(run)

@@ -95,7 +95,7 @@ class StudentConfig(TrainConfig):
 
 @dataclass
 class _DistillSettings:
-    method: str = setting("kd", "distillation method (kd: alpha*T^2*KL + (1-alpha)*CE; the others: see README)",
+    method: str = setting("kd", "distillation method (kd: alpha*T^2*KL + (1-alpha)*CE; the others: see docs/methods.md)",
                           choices=DISTILLERS)
     temperature: float = setting(4.0, "softmax temperature T of both teacher and student")
     alpha: float = setting(0.5, "weight of the teacher's term; 1 - alpha goes to the labels")

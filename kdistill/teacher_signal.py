@@ -7,7 +7,7 @@
 - Distillation with augmentation, "views" mode (FKD): the logits for K stored augmented views per
   image are computed once, and each epoch replays one of them (see augment.py).
 - A method that reads teacher features at module paths gets them stored the same way, in float16
-  (half the memory of float32; the loss terms it changes by are measured in README).
+  (half the memory of float32; the loss terms it changes by are measured in docs/how-it-works.md).
 
 Each cache file is keyed by a hash of the weights that produced it and by the data cache key (and
 for views by the augmentation, K and the seed that draws them), and

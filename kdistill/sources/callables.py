@@ -2,7 +2,7 @@
 keyword arguments (`mymodels:net(width=2, pretrained=False)`). The working directory is importable,
 as with `python -m`, so a `mymodels.py` beside the data works with the `kdistill` command too.
 
-Importing runs that module's code: a config naming one is code you run (see the README's Safety)."""
+Importing runs that module's code: a config naming one is code you run (see docs/safety.md)."""
 from __future__ import annotations
 
 import ast
