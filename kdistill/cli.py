@@ -1,4 +1,4 @@
-"""Command line: kdistill run | sweep | demo | predict | export | compare | config | cache.
+"""Command line: kdistill run | sweep | demo | predict | evaluate | export | compare | config | cache.
 
 Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from importlib.metadata import version
 
 from .config import Config, build_config, preset_names
 from .settings import render_config
@@ -42,6 +43,10 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", metavar="S1,S2,...",
                         help="train the student and the baseline once per seed (one teacher) and report "
                              "mean ± std and McNemar's paired test, e.g. --seeds 0,1,2")
+    parser.add_argument("--epochs", type=int, help="the student's epochs (student.epochs; the teacher's: --set "
+                                                   "teacher.epochs=N)")
+    parser.add_argument("--image-size", type=int, help="side in pixels images are resized to (image_size)")
+    parser.add_argument("--batch-size", type=int, help="the student's batch size (student.batch_size)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     parser.add_argument("--no-baseline", action="store_true",
@@ -65,6 +70,12 @@ def _overrides(args: argparse.Namespace, **fixed) -> dict:
         overrides["seed"] = args.seed
     if args.seeds is not None:
         overrides["seeds"] = args.seeds  # text such as 0,1,2, read as the setting's list
+    if args.image_size is not None:
+        overrides["image_size"] = args.image_size
+    student = {key: value for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size))
+               if value is not None}
+    if student:
+        overrides["student"] = student
     if args.device:
         overrides["device"] = args.device
     if args.skip_bad:
@@ -74,12 +85,7 @@ def _overrides(args: argparse.Namespace, **fixed) -> dict:
     return overrides
 
 
-def parser() -> argparse.ArgumentParser:
-    main_parser = argparse.ArgumentParser(
-        prog="kdistill", description="Distill a large pretrained image classifier into a small, fast student.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = main_parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_run(commands) -> None:
     run = commands.add_parser("run", help="prepare data, train teacher, student and baseline, report, predict, export",
                               description="From DATA/train/<class>/, DATA/val/<class>/ (optional) and DATA/test/ "
                                           "(optional) to a distilled student, a report and predictions in OUT.",
@@ -94,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
     _add_force_flag(run)
     _add_print_config_flag(run)
 
+
+def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
         "sweep", help="one run per point of a grid of settings, sharing the data, teacher and baseline",
         description="Run every combination of the --grid values as its own run folder OUT/points/<values>; the "
@@ -109,12 +117,13 @@ def parser() -> argparse.ArgumentParser:
     _add_setting_flags(sweep)
     _add_force_flag(sweep)
 
+
+def _add_demo_and_config(commands) -> None:
     demo = commands.add_parser("demo", help="run the whole pipeline on the built-in digits dataset (no download)")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     _add_setting_flags(demo)
     _add_force_flag(demo)
     _add_print_config_flag(demo)
-
     config = commands.add_parser("config", help="print the resolved settings, each described, without running",
                                  description="Print the settings that run would use, as YAML with a comment "
                                              "describing each one; the output is a valid --config file.")
@@ -122,22 +131,40 @@ def parser() -> argparse.ArgumentParser:
     config.add_argument("--out", default="", help="run folder (may be left out here)")
     _add_setting_flags(config)
 
-    predict = commands.add_parser("predict", help="label new images with a finished run's student")
-    predict.add_argument("--run", required=True,
+
+def _add_student_reader_flags(command, verb: str) -> None:
+    command.add_argument("--run", required=True,
                          help="a finished run folder (uses its student.pt), or a student file: student.pt, "
                               "student.onnx or student-int8.onnx (ONNX Runtime, on the CPU)")
+    command.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when present)")
+    command.add_argument("--trust-arch", action="store_true",
+                         help=f"build an architecture outside torchvision, timm and kdistill.zoo named by the {verb} "
+                              "(runs that module's code: only for files from people you trust)")
+
+
+def _add_predict_and_evaluate(commands) -> None:
+    predict = commands.add_parser("predict", help="label new images with a finished run's student")
+    _add_student_reader_flags(predict, "bundle")
     predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
     predict.add_argument("--output", help="CSV to write (default predictions-<folder name>.csv in the run folder, "
                                            "or beside the student file --run names)")
-    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: cuda when present)")
+    predict.add_argument("--top-k", type=int, default=1, metavar="K",
+                         help="also write the next K-1 most probable classes and their probabilities (default 1)")
     predict.add_argument("--strict", action="store_true",
                          help="stop at the first file that is not a usable image (default: skip such files "
                               "with one warning)")
-    predict.add_argument("--trust-arch", action="store_true",
-                         help="build an architecture outside torchvision and kdistill.zoo named by the bundle "
-                              "(runs that module's code: only for bundles from people you trust)")
+    evaluate = commands.add_parser(
+        "evaluate", help="score a finished run's student (and teacher) on another labelled folder",
+        description="Accuracy, top-k accuracy, per-class precision, recall and F1 and the confusion matrix of the "
+                    "student, and of the run's teacher where its folder has one, on DATA/<class>/<images>.")
+    _add_student_reader_flags(evaluate, "run")
+    evaluate.add_argument("--data", required=True, help="labelled folder: <class>/<images>, classes the student's")
+    evaluate.add_argument("--output", help="JSON to write (default evaluate-<folder name>.json in the run folder)")
+    evaluate.add_argument("--top-k", type=int, default=5, metavar="K", help="top-k accuracy's k (default 5)")
 
+
+def _add_compare_export_cache(commands) -> None:
     compare = commands.add_parser("compare", help="finished runs side by side in one markdown table",
                                   description="One row per model (teacher, student, baseline) per run: the "
                                               "settings that differ between the runs, best val accuracy and its "
@@ -156,9 +183,8 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--repeats", type=int, default=30,
                         help="timed runs per latency at batch 1, per round (a fifth at batch 32; default 30)")
     export.add_argument("--trust-arch", action="store_true",
-                        help="build architectures outside torchvision and kdistill.zoo named by the run "
+                        help="build architectures outside torchvision, timm and kdistill.zoo named by the run "
                              "(runs that module's code: only for runs from people you trust)")
-
     cache = commands.add_parser("cache", help="list or remove the decoded data caches",
                                 description="Each entry is one dataset decoded at one image size, with its "
                                             "teacher-signal caches; a run rebuilds a removed entry.")
@@ -167,6 +193,16 @@ def parser() -> argparse.ArgumentParser:
     action.add_argument("--clear", nargs="*", metavar="KEY",
                         help="remove these entries (keys from --list), or every entry when no key is given")
     cache.add_argument("--cache-dir", help="the cache folder (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
+
+
+def parser() -> argparse.ArgumentParser:
+    main_parser = argparse.ArgumentParser(
+        prog="kdistill", description="Distill a large pretrained image classifier into a small, fast student.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    main_parser.add_argument("--version", action="version", version=f"kdistill {version('kdistill')}")
+    commands = main_parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_run, _add_sweep, _add_demo_and_config, _add_predict_and_evaluate, _add_compare_export_cache):
+        add(commands)
     return main_parser
 
 
@@ -202,71 +238,99 @@ def _launch(processes: int, argv: list[str] | None) -> int | None:
     return 0
 
 
+def _say(message: str) -> None:
+    print(printable(message))
+
+
+def _predict(args) -> None:
+    from .predict import default_output, predict_folder
+
+    output = args.output or default_output(args.run, args.images)
+    count = predict_folder(args.run, args.images, output, args.batch_size, strict=args.strict, device=args.device,
+                           log=_say, trust_arch=args.trust_arch, top_k=args.top_k)
+    print(f"wrote {count} predictions to {output}")
+
+
+def _evaluate(args) -> None:
+    from .evaluate_folder import evaluate_folder, summary_lines
+
+    name = os.path.basename(os.path.normpath(args.data)) or "data"
+    folder = args.run if os.path.isdir(args.run) else os.path.dirname(args.run) or "."
+    output = args.output or os.path.join(folder, f"evaluate-{name}.json")
+    results = evaluate_folder(args.run, args.data, output, args.top_k, args.batch_size, args.device,
+                              args.trust_arch, log=_say)
+    _say("\n".join([*summary_lines(results), f"wrote {output}"]))
+
+
+def _compare(args) -> None:
+    from .compare import compare_runs
+
+    print(printable(compare_runs(args.runs, args.html)), end="")
+
+
+def _export(args) -> None:
+    from .deploy import EXPORT_TIMING, export_run
+
+    if args.repeats < 1:
+        raise KdistillError(f"--repeats must be >= 1, got {args.repeats}")
+    export_run(args.run, args.trust_arch, dataclasses.replace(EXPORT_TIMING, repeats=args.repeats), log=_say)
+    print(f"wrote {os.path.join(args.run, 'student.onnx')} and student-int8.onnx; the deployment table "
+          f"is in {os.path.join(args.run, 'report.md')} and metrics.json")
+
+
+def _cache(args) -> None:
+    from .cache import clear_cache, list_cache
+
+    cache_dir = Config(cache_dir=args.cache_dir or "").resolved_cache_dir()
+    _say("\n".join(list_cache(cache_dir) if args.clear is None else clear_cache(cache_dir, args.clear)))
+
+
+def _sweep(args) -> None:
+    from .sweep import run_sweep
+
+    run_sweep(args.out, args.grid, args.preset, tuple(args.config), _overrides(args, data=args.data), args.sets,
+              force=args.force)
+
+
+def _run(args, argv: list[str] | None) -> int:
+    """run, demo and config: build the settings, then print them or run."""
+    printing = args.command == "config" or args.print_config
+    if args.command == "demo":
+        from .demo import write_digits
+        from .fileio import claim_folder
+
+        data = os.path.join(args.out, "data")
+        if not printing:
+            claim_folder(args.out, args.force)  # before the digits go in
+            data = write_digits(data)
+        cfg = build_config(args.preset or "demo", tuple(args.config), _overrides(args, data=data, out=args.out),
+                           args.sets)
+    else:
+        cfg = build_config(args.preset, tuple(args.config), _overrides(args, data=args.data, out=args.out), args.sets)
+    if printing:
+        print(printable(render_config(cfg)), end="")
+        return 0
+    if args.command == "run" and args.nproc is not None:  # the settings are checked once, here
+        status = _launch(args.nproc, argv)
+        if status is not None:
+            return status
+    from .pipeline import run
+
+    run(cfg, force=args.force)
+    return 0
+
+
+COMMANDS = {"predict": _predict, "evaluate": _evaluate, "compare": _compare, "export": _export, "cache": _cache,
+            "sweep": _sweep}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "predict":
-            from .predict import default_output, predict_folder
-
-            output = args.output or default_output(args.run, args.images)
-            count = predict_folder(args.run, args.images, output, args.batch_size, strict=args.strict,
-                                   device=args.device, log=lambda message: print(printable(message)),
-                                   trust_arch=args.trust_arch)
-            print(f"wrote {count} predictions to {output}")
+        if args.command in COMMANDS:
+            COMMANDS[args.command](args)
             return 0
-        if args.command == "compare":
-            from .compare import compare_runs
-
-            print(printable(compare_runs(args.runs, args.html)), end="")
-            return 0
-        if args.command == "export":
-            from .deploy import EXPORT_TIMING, export_run
-
-            if args.repeats < 1:
-                raise KdistillError(f"--repeats must be >= 1, got {args.repeats}")
-            export_run(args.run, args.trust_arch, dataclasses.replace(EXPORT_TIMING, repeats=args.repeats),
-                       log=lambda message: print(printable(message)))
-            print(f"wrote {os.path.join(args.run, 'student.onnx')} and student-int8.onnx; the deployment table "
-                  f"is in {os.path.join(args.run, 'report.md')} and metrics.json")
-            return 0
-        if args.command == "cache":
-            from .cache import clear_cache, list_cache
-
-            cache_dir = Config(cache_dir=args.cache_dir or "").resolved_cache_dir()
-            lines = list_cache(cache_dir) if args.clear is None else clear_cache(cache_dir, args.clear)
-            print(printable("\n".join(lines)))
-            return 0
-        if args.command == "sweep":
-            from .sweep import run_sweep
-
-            run_sweep(args.out, args.grid, args.preset, tuple(args.config), _overrides(args, data=args.data),
-                      args.sets, force=args.force)
-            return 0
-        printing = args.command == "config" or args.print_config
-        if args.command == "demo":
-            from .demo import write_digits
-            from .fileio import claim_folder
-
-            data = os.path.join(args.out, "data")
-            if not printing:
-                claim_folder(args.out, args.force)  # before the digits go in
-                data = write_digits(data)
-            cfg = build_config(args.preset or "demo", tuple(args.config), _overrides(args, data=data, out=args.out),
-                               args.sets)
-        else:
-            cfg = build_config(args.preset, tuple(args.config), _overrides(args, data=args.data, out=args.out),
-                               args.sets)
-        if printing:
-            print(printable(render_config(cfg)), end="")
-            return 0
-        if args.command == "run" and args.nproc is not None:  # the settings are checked once, here
-            status = _launch(args.nproc, argv)
-            if status is not None:
-                return status
-        from .pipeline import run
-
-        run(cfg, force=args.force)
-        return 0
+        return _run(args, argv)
     except KdistillError as e:
         print(printable(f"kdistill: error: {e}"), file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -30,14 +31,15 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .config import Config, upsampled_side
+from .config import Config
 from .data import PreparedData, list_images, prepare, scan_dataset
 from .data_key import same_data
 from .compare import read_metrics
 from .errors import KdistillError
 from .export import export_onnx, load_bundle, load_onnx_student
-from .fileio import atomic_write, atomic_write_text, load_torch
-from .models import Standardized, build_model, is_trusted_arch
+from .fileio import atomic_write, atomic_write_text
+from .given_teacher import load_given_teacher
+from .models import Standardized, is_trusted_arch
 from .report import markdown
 from .settings import apply_settings, read_yaml
 
@@ -325,19 +327,18 @@ def run_teacher(run_dir: str, cfg: Config, classes: list[str], trust_arch: bool,
     if not os.path.exists(path):
         log(f"export: {path} not found; the table has no teacher row")
         return None
-    arch = cfg.teacher.arch
+    # A finished teacher given as a bundle (teacher.epochs 0) has its own architecture: metrics.json says which.
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    teacher_row = read_metrics(metrics_path).get("models", {}).get("teacher") if os.path.exists(metrics_path) else None
+    arch = teacher_row.get("arch") if isinstance(teacher_row, dict) else None
+    arch = arch if isinstance(arch, str) and arch else cfg.teacher.arch
     if not (trust_arch or is_trusted_arch(arch)):
         log(f"export: the teacher's architecture {arch} would run that module's code; the table has no teacher "
             f"row (pass --trust-arch if you trust the run)")
         return None
-    model, _ = build_model(arch, len(classes), cfg.teacher.dropout)
-    # The statistics and the size it resizes to are in the weights.
-    teacher = Standardized(model, [0.0] * 3, [1.0] * 3, upsampled_side(cfg.teacher, cfg.image_size))
-    try:
-        teacher.load_state_dict(load_torch(path, what="teacher weights"))
-    except RuntimeError as e:
-        raise KdistillError(f"{path}: weights do not fit {arch} ({str(e).splitlines()[0]})") from None
-    return teacher.eval()
+    # The weights hold the input statistics, the size it resizes to and the head's shape.
+    given = dataclasses.replace(cfg.teacher, arch=arch, weights=path)
+    return load_given_teacher(given, classes, [0.0] * 3, [1.0] * 3, 0, lambda message: None)[0].eval()
 
 
 def export_run(run_dir: str, trust_arch: bool = False, timing: Timing = EXPORT_TIMING, log=print) -> dict:

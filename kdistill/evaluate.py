@@ -61,20 +61,23 @@ def spreadsheet_safe(cell: str) -> str:
 
 
 def write_predictions(path: str, files: list[str], logits: torch.Tensor, classes: list[str],
-                      model: str = "the student") -> None:
-    """predictions.csv: file name, predicted class, its probability. Refuses non-finite logits: a
-    broken model would label every image its first class."""
+                      model: str = "the student", top_k: int = 1) -> None:
+    """predictions.csv: file name, predicted class, its probability (with top_k > 1, the next classes
+    and theirs: label_2, confidence_2, ...). Refuses non-finite logits: a broken model would label
+    every image its first class."""
     if not torch.isfinite(logits).all():
         raise KdistillError(f"{model} gives non-finite outputs (NaN or infinity): its weights are broken; {path} "
                             f"was not written")
-    probabilities = logits.softmax(dim=1)
-    confidence, index = probabilities.max(dim=1)
+    confidence, index = logits.softmax(dim=1).topk(top_k, dim=1)
+    header = ["filename", "label", "confidence"]
+    header += [f"{column}_{rank}" for rank in range(2, top_k + 1) for column in ("label", "confidence")]
 
     def write(tmp: str) -> None:
         # Non-UTF-8 file names are kept readable as backslash escapes rather than failing the run.
         with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
             writer = csv.writer(f)
-            writer.writerow(["filename", "label", "confidence"])
-            for name, i, p in zip(files, index.tolist(), confidence.tolist()):
-                writer.writerow([spreadsheet_safe(name), spreadsheet_safe(classes[i]), f"{p:.4f}"])
+            writer.writerow(header)
+            for name, ranked, probabilities in zip(files, index.tolist(), confidence.tolist()):
+                writer.writerow([spreadsheet_safe(name), *(cell for i, p in zip(ranked, probabilities)
+                                                           for cell in (spreadsheet_safe(classes[i]), f"{p:.4f}"))])
     atomic_write(path, write, "predictions")

@@ -89,38 +89,56 @@ def load_student(path: str, device: str, trust_arch: bool):
     return forward_torch, bundle
 
 
+def student_path(run: str) -> tuple[str, str]:
+    """(the run folder, the student file) that --run names: a run folder (its student.pt) or a file."""
+    if os.path.isdir(run):
+        model_path = os.path.join(run, "student.pt")
+        if not os.path.exists(model_path):
+            raise KdistillError(f"{model_path} not found: is {run} a finished kdistill run?")
+        return run, model_path
+    if os.path.isfile(run):
+        return os.path.dirname(run) or ".", run
+    raise KdistillError(f"--run {run} does not exist (a run folder or a student .pt / .onnx file)")
+
+
 def predict_folder(run: str, images_dir: str, output: str, batch_size: int = 64, workers: int = 0,
-                   strict: bool = False, device: str = "auto", log=print, trust_arch: bool = False) -> int:
+                   strict: bool = False, device: str = "auto", log=print, trust_arch: bool = False,
+                   top_k: int = 1) -> int:
     """Write filename,label,confidence for every usable image under images_dir; return how many.
 
     run: a run folder (its student.pt) or a student file (.pt or .onnx; the run's settings, if
     any, are read from its folder). Files that are not usable images are skipped with one warning
-    line, or with strict, the first one stops everything with one line naming it.
+    line, or with strict, the first one stops everything with one line naming it. top_k > 1 adds
+    the next most probable classes and their probabilities (label_2, confidence_2, ...).
     """
     if batch_size < 1:
         raise KdistillError(f"--batch-size must be >= 1, got {batch_size}")
-    if os.path.isdir(run):
-        run_dir, model_path = run, os.path.join(run, "student.pt")
-        if not os.path.exists(model_path):
-            raise KdistillError(f"{model_path} not found: is {run} a finished kdistill run?")
-    elif os.path.isfile(run):
-        run_dir, model_path = os.path.dirname(run) or ".", run
-    else:
-        raise KdistillError(f"--run {run} does not exist (a run folder or a student .pt / .onnx file)")
+    if top_k < 1:
+        raise KdistillError(f"--top-k must be >= 1, got {top_k}")
+    run_dir, model_path = student_path(run)
     if not os.path.isdir(images_dir):
         raise KdistillError(f"image folder {images_dir} does not exist")
     check_output(output)
     max_pixels = run_max_pixels(run_dir)
     forward, description = load_student(model_path, device, trust_arch)
+    if top_k > len(description["classes"]):
+        raise KdistillError(f"--top-k {top_k} is more than the student's {len(description['classes'])} classes")
     files, rejected = list_images(images_dir)
     if rejected and strict:
         raise _refuse(*rejected[0])
-    size = description["image_size"]
+    kept, logits = folder_logits(images_dir, files, forward, description["image_size"], max_pixels, batch_size,
+                                 workers, strict, rejected, log)
+    write_predictions(output, kept, logits, description["classes"], top_k=top_k)
+    return len(kept)
+
+
+def folder_logits(images_dir: str, files: list[str], forward, size: int, max_pixels: int, batch_size: int,
+                  workers: int, strict: bool, rejected: list, log) -> tuple[list[str], torch.Tensor]:
+    """(the usable files, their logits), the files decoded by a pool of workers batch by batch."""
     tasks = [(i, os.path.join(images_dir, f), size, max_pixels) for i, f in enumerate(files)]
     kept, logits = [], []
-    workers = workers or os.cpu_count() or 1
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    with multiprocessing.get_context(method).Pool(workers or os.cpu_count() or 1) as pool:
         for start in range(0, len(tasks), batch_size):
             results = pool.map(decode_task, tasks[start:start + batch_size])
             bad = [(tasks[i][1], reason) for i, array, reason in results if array is None]
@@ -136,5 +154,4 @@ def predict_folder(run: str, images_dir: str, output: str, batch_size: int = 64,
             f"{rejected[0][0]} ({rejected[0][1]})")
     if not kept:
         raise KdistillError(f"no usable image in {images_dir}")
-    write_predictions(output, kept, torch.cat(logits), description["classes"])
-    return len(kept)
+    return kept, torch.cat(logits)

@@ -1,0 +1,80 @@
+"""The commands people expect: evaluate on another labelled folder, predict --top-k, --version, and
+the student's flags."""
+import csv
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+
+import kdistill
+from kdistill import cli
+
+from conftest import tiny_settings
+
+
+@pytest.fixture(scope="module")
+def finished(digits_dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("workflow")
+    settings = tiny_settings(digits_dataset, str(folder / "run"), str(folder / "cache"), baseline=False,
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 2},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 2})
+    return str(folder / "run"), kdistill.run(settings)
+
+
+def test_evaluate_scores_student_and_teacher_as_the_run_measured_them(finished, digits_dataset, tmp_path, capsys):
+    run, metrics = finished
+    out = tmp_path / "scores.json"
+    assert cli.main(["evaluate", "--run", run, "--data", os.path.join(digits_dataset, "val"), "--output", str(out),
+                     "--top-k", "2", "--trust-arch"]) == 0
+    results = json.loads(out.read_text())
+    for name in ("student", "teacher"):
+        scored = results["models"][name]
+        # The run's val images, decoded as predict decodes them: the accuracy the run measured.
+        assert scored["images"] == 24
+        assert scored["accuracy"] == pytest.approx(metrics["models"][name]["best_val_acc"], abs=1e-6)
+        assert scored["accuracy"] <= scored["top2_accuracy"] <= 1
+        assert sum(map(sum, scored["confusion"]["matrix"])) == 24
+        assert [row["class"] for row in scored["per_class"]] == ["one", "two", "zero"]
+    printed = capsys.readouterr().out
+    assert "student: accuracy" in printed and "lowest F1" in printed
+
+
+def test_evaluate_refuses_a_class_the_student_does_not_know_in_one_line(finished, digits_dataset, tmp_path, capsys):
+    run, _ = finished
+    data = tmp_path / "labelled"
+    shutil.copytree(os.path.join(digits_dataset, "val", "one"), data / "one")
+    shutil.copytree(os.path.join(digits_dataset, "val", "two"), data / "seven")
+    assert cli.main(["evaluate", "--run", run, "--data", str(data), "--output", str(tmp_path / "x.json"),
+                     "--trust-arch"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "class folders the student does not know: seven" in error
+
+
+def test_predict_top_k_writes_the_next_classes_in_order(finished, digits_dataset, tmp_path):
+    run, _ = finished
+    out = tmp_path / "top.csv"
+    assert cli.main(["predict", "--run", run, "--images", os.path.join(digits_dataset, "test"), "--output", str(out),
+                     "--top-k", "3", "--trust-arch"]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["filename", "label", "confidence", "label_2", "confidence_2", "label_3", "confidence_3"]
+    for row in rows:
+        assert {row["label"], row["label_2"], row["label_3"]} == {"zero", "one", "two"}
+        probabilities = [float(row[k]) for k in ("confidence", "confidence_2", "confidence_3")]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1, abs=2e-4)
+    assert cli.main(["predict", "--run", run, "--images", os.path.join(digits_dataset, "test"), "--output",
+                     str(out), "--top-k", "4", "--trust-arch"]) == 2
+
+
+def test_version_and_the_students_flags(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main(["--version"])
+    assert exit_code.value.code == 0 and capsys.readouterr().out.startswith("kdistill 0.")
+    assert cli.main(["config", "--preset", "recommended", "--epochs", "7", "--image-size", "48",
+                     "--batch-size", "32"]) == 0
+    settings = yaml.safe_load(capsys.readouterr().out)
+    assert settings["image_size"] == 48
+    assert (settings["student"]["epochs"], settings["student"]["batch_size"]) == (7, 32)
+    assert settings["teacher"]["epochs"] == 15 and settings["teacher"]["batch_size"] == 64  # the preset's
