@@ -43,3 +43,15 @@ def test_the_docs_site_builds_strictly(tmp_path):
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "site" / "models" / "index.html").is_file()
+
+
+def test_the_sites_home_page_is_the_readme():
+    """docs/index.md is README.md with the links made relative to docs/ (regenerate it when the README changes)."""
+    with open(README, encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "docs", "index.md"), encoding="utf-8") as f:
+        home = f.read()
+    expected = re.sub(r"\]\(docs/([^)]+)\)", r"](\1)", readme).replace(
+        "The docs site (`pip install mkdocs-material && mkdocs serve`, or read the files in `docs/`):",
+        "The pages of this site:").replace("`benchmarks/RESULTS.md`", "`benchmarks/RESULTS.md` in the repository")
+    assert home == expected
