@@ -30,6 +30,8 @@ class Session:
     precision: str = "fp32"
     ranks: Ranks = ONE_PROCESS
     callbacks: list = field(default_factory=list)  # more Callbacks (loggers), after fit's own
+    # False: once training ends, last.pt keeps the history alone (no optimizer state, no older copy).
+    keep_checkpoints: bool = True
     name: str = ""  # the run name (teacher, student, baseline, student-seed1, ...), set by fit
 
 
@@ -46,6 +48,7 @@ class FitState:
     best_val_acc: float = -1.0
     best_weights: dict | None = None  # set in the epoch that improved on best_val_acc, else None
     stop: bool = False  # a callback's request: no further epoch
+    finished_before: bool = False  # loaded from a finished model's record: nothing trained, nothing to write
 
 
 class Callback:
@@ -100,9 +103,29 @@ class Checkpointer(Callback):
 
     def on_fit_end(self, state: FitState) -> None:
         self.saver.wait()  # a failed write is an error of this run
+        dropping = not (state.session.keep_checkpoints or state.finished_before)
+        if state.session.ranks.main and state.history and dropping:
+            slim(state.session.checkpoint_dir, finished_record(state))
 
     def close(self, state: FitState) -> None:
         self.saver.close()  # an interrupted run keeps the epoch in flight
+
+
+def finished_record(state: FitState) -> dict:
+    """What a finished model's last.pt keeps without its training state: enough to report and to
+    know, on a rerun, that nothing is left to train (train._finished)."""
+    return {"finished": True, "history": state.history, "epoch": state.history[-1]["epoch"],
+            "best_val_acc": state.best_val_acc, "computed_on": state.computed_on}
+
+
+def slim(checkpoint_dir: str, record: dict) -> int:
+    """Replace checkpoint_dir/last.pt by record and remove its older copy; the bytes freed."""
+    last = os.path.join(checkpoint_dir, "last.pt")
+    before = sum(os.path.getsize(p) for p in (last, last + ".prev") if os.path.exists(p))
+    save_torch(record, last)
+    if os.path.exists(last + ".prev"):
+        os.remove(last + ".prev")
+    return before - os.path.getsize(last)
 
 
 class EpochLog(Callback):

@@ -1,4 +1,4 @@
-"""Command line: kdistill run | sweep | demo | predict | evaluate | export | compare | config | cache.
+"""Command line: kdistill run | sweep | demo | predict | evaluate | export | compare | config | cache | clean.
 
 Errors the user can fix print one line, no traceback."""
 from __future__ import annotations
@@ -49,6 +49,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="the student's batch size (student.batch_size)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every model's whole training state once it finished (to train on later)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="don't train the comparison student without a teacher")
 
@@ -80,6 +82,8 @@ def _overrides(args: argparse.Namespace, **fixed) -> dict:
         overrides["device"] = args.device
     if args.skip_bad:
         overrides["skip_bad"] = True
+    if args.keep_checkpoints:
+        overrides["keep_checkpoints"] = True
     if args.no_baseline:
         overrides["baseline"] = False
     return overrides
@@ -193,6 +197,11 @@ def _add_compare_export_cache(commands) -> None:
     action.add_argument("--clear", nargs="*", metavar="KEY",
                         help="remove these entries (keys from --list), or every entry when no key is given")
     cache.add_argument("--cache-dir", help="the cache folder (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
+    clean = commands.add_parser("clean", help="make a finished run or sweep folder lean",
+                                description="Drop each finished model's training state (optimizer, weight average, "
+                                            "the older copy of last.pt), as runs do by default now; best weights, "
+                                            "exports, reports and histories stay.")
+    clean.add_argument("run", metavar="RUN", help="a finished run or sweep folder")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -285,6 +294,12 @@ def _cache(args) -> None:
     _say("\n".join(list_cache(cache_dir) if args.clear is None else clear_cache(cache_dir, args.clear)))
 
 
+def _clean(args) -> None:
+    from .clean import clean
+
+    clean(args.run, log=_say)
+
+
 def _sweep(args) -> None:
     from .sweep import run_sweep
 
@@ -321,7 +336,7 @@ def _run(args, argv: list[str] | None) -> int:
 
 
 COMMANDS = {"predict": _predict, "evaluate": _evaluate, "compare": _compare, "export": _export, "cache": _cache,
-            "sweep": _sweep}
+            "clean": _clean, "sweep": _sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,6 +140,9 @@ class Config:
                                      "AMX), else fp32; fp32 turns it off", choices=("auto", "fp32", "bf16"))
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
     skip_bad: bool = setting(False, "skip unreadable images with a warning instead of stopping")
+    keep_checkpoints: bool = setting(False, "keep each model's whole training state (optimizer, weight average, an "
+                                            "older copy) after it finished, so a run can later train on; false: "
+                                            "last.pt keeps the history only, a fraction of the size")
     loggers: list = setting([], "where each epoch's numbers also go: tensorboard (event files in "
                                 "OUT/tensorboard/<model>/); log.txt and history/ always", item_kind=str)
     augment: str = setting("none", "none, flip (random horizontal flip), crop_flip (random crop of the image "
@@ -225,7 +228,7 @@ class Config:
 MAX_SEED = 2**32 - 1
 MAX_BATCH_SIZE = 65536
 MIN_TEMPERATURE = 0.01  # distill.temperature's floor (see check)
-NON_RESULT_KEYS = {"out", "device", "workers", "loggers", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
+NON_RESULT_KEYS = {"out", "device", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
                    "ddp_timeout_s"}
 
 

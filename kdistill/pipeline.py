@@ -81,7 +81,7 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
         student.compile()
     history = fit(name, student, student, train, val, objective, s, Session(
         checkpoint_dir or os.path.join(cfg.out, "checkpoints", name), compute.device, seed + 1, log,
-        compute.precision, ranks, make_loggers(cfg.loggers, cfg.out) if ranks.main else []))
+        compute.precision, ranks, make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints))
     return student.eval(), normalize, history
 
 

@@ -100,7 +100,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     checkpoint_dir = checkpoint_dir or os.path.join(cfg.out, "checkpoints", name)
     train, val = data.splits["train"], data.splits["val"]
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
-                      make_loggers(cfg.loggers, cfg.out) if ranks.main else [])
+                      make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints)
     features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and

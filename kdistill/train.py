@@ -243,6 +243,9 @@ def _start(name: str, model: nn.Module, trainable: nn.Module, train: Batches, ob
         if isinstance(saved, dict):  # anything else is refused by _resume
             _check_same_computation(name, saved.get("computed_on", {"device": "cpu", "precision": "fp32"}),
                                     state.computed_on, session.checkpoint_dir)
+        if isinstance(saved, dict) and saved.get("finished"):  # trained to its end, its training state dropped
+            _finished(name, saved, state, last_path)
+            return state, student_taps
         state.history, state.start_epoch, state.best_val_acc = _resume(last_path, saved, state.parts,
                                                                        state.generators, ranks)
         if state.start_epoch <= cfg.epochs:
@@ -250,6 +253,22 @@ def _start(name: str, model: nn.Module, trainable: nn.Module, train: Batches, ob
     elif ranks.joined:  # dropout masks and a method's draws of its own differ from process to process
         torch.manual_seed(session.seed + RANK_SEED_STRIDE * ranks.rank)
     return state, student_taps
+
+
+def _finished(name: str, saved: dict, state: FitState, path: str) -> None:
+    """A model that finished and kept only its history (keep_checkpoints off): nothing to train."""
+    try:
+        state.history, epoch, state.best_val_acc = list(saved["history"]), int(saved["epoch"]), float(
+            saved["best_val_acc"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise KdistillError(f"checkpoint {path} is not a checkpoint of this training ({first_line(e)[:160]}); remove "
+                            f"it to start this model again, or use another --out") from None
+    stopped_early = state.cfg.patience and epoch < state.cfg.epochs
+    if epoch < state.cfg.epochs and not stopped_early:
+        raise KdistillError(f"{name}: finished at epoch {epoch} and its training state was dropped to save space "
+                            f"(keep_checkpoints false), so it cannot train on to epoch {state.cfg.epochs}; use another "
+                            f"--out (or keep_checkpoints: true for runs you may extend)")
+    state.start_epoch, state.stop, state.finished_before = epoch + 1, True, True
 
 
 def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train: Batches,

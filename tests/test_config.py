@@ -256,6 +256,7 @@ CASES = {
     "seed": ("-1", "1_000", 1000),
     "seeds": ("1,1", "[0, 1, 2]", [0, 1, 2]),
     "loggers": ("[wandb]", "[tensorboard]", ["tensorboard"]),
+    "keep_checkpoints": ("maybe", "true", True),
     "device": ("cuda:x", "cuda:1", "cuda:1"),
     "precision": ("fp16", "bf16", "bf16"),
     "baseline": ("maybe", "no", False),

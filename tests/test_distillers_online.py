@@ -226,6 +226,7 @@ def test_born_again_trains_generations_each_taught_by_the_one_before_and_a_rerun
 def test_dml_in_the_pipeline_sees_the_baselines_batches_and_exports_no_peer(digits_dataset, tmp_path, monkeypatch):
     calls = record_students(monkeypatch)
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="flip",
+                             keep_checkpoints=True,  # the peer's checkpointed state is read below
                              teacher={"mode": "head", "epochs": 1}, student={"epochs": 1, "lr_step": 0},
                              distill={"method": "dml"})
     metrics = kdistill.run(settings, log=lambda m: None)

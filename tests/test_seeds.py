@@ -120,8 +120,10 @@ def test_the_report_says_whether_the_gain_is_larger_than_the_noise():
 def two_seed_run(digits_dataset, tmp_path_factory):
     base = tmp_path_factory.mktemp("seeds")
     # A small architecture: every epoch writes its checkpoints, and there are nine.
+    # keep_checkpoints: a test below turns a finished model back into one killed mid-training.
     settings = tiny_settings(digits_dataset, str(base / "run"), str(base / "cache"), seeds=[0, 1],
-                             teacher={"arch": ARCH, "epochs": 1}, student={"arch": ARCH, "epochs": 2})
+                             keep_checkpoints=True, teacher={"arch": ARCH, "epochs": 1},
+                             student={"arch": ARCH, "epochs": 2})
     messages = []
     metrics = kdistill.run(settings, log=messages.append)
     return str(base / "run"), metrics, messages
