@@ -144,7 +144,8 @@ class Config:
                                             "older copy) after it finished, so a run can later train on; false: "
                                             "last.pt keeps the history only, a fraction of the size")
     loggers: list = setting([], "where each epoch's numbers also go: tensorboard (event files in "
-                                "OUT/tensorboard/<model>/); log.txt and history/ always", item_kind=str)
+                                "OUT/tensorboard/<model>/), mlflow ($MLFLOW_TRACKING_URI, else OUT/mlruns); log.txt "
+                                "and history/ always", item_kind=str)
     augment: str = setting("none", "none, flip (random horizontal flip), crop_flip (random crop of the image "
                                    "reflect-padded by image_size/8, then flip) or rrc_flip (random-resized crop, "
                                    "then flip); done on the device", choices=AUGMENTATIONS)

@@ -94,5 +94,24 @@ def test_tensorboard_logger_writes_each_models_epochs(digits_dataset, tmp_path):
 
 
 def test_an_unknown_logger_is_a_setting_error():
-    with pytest.raises(KdistillError, match=r"setting loggers must list distinct loggers of tensorboard"):
+    with pytest.raises(KdistillError, match=r"setting loggers must list distinct loggers of tensorboard, mlflow"):
         kdistill.build_config(overrides={"loggers": ["wandb"]})
+
+
+def test_mlflow_logger_records_each_models_epochs_and_settings(digits_dataset, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    metrics = kdistill.run(tiny_settings(digits_dataset, str(out), str(tmp_path / "cache"), loggers=["mlflow"],
+                                         baseline=False, teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                                         student={"arch": "tiny_nets:tiny_student", "epochs": 2}))
+    client = MlflowClient(f"file://{out / 'mlruns'}")
+    runs = {run.info.run_name: run for run in client.search_runs(
+        [client.get_experiment_by_name("kdistill").experiment_id])}
+    assert sorted(runs) == ["run/student", "run/teacher"]
+    student = runs["run/student"]
+    history = client.get_metric_history(student.info.run_id, "val_acc")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+    assert max(m.value for m in history) == pytest.approx(metrics["models"]["student"]["best_val_acc"])
+    assert student.data.params["epochs"] == "2" and student.info.status == "FINISHED"

@@ -6,10 +6,12 @@ A new one is one file here plus one line in LOGGERS.
 from __future__ import annotations
 
 from ..callbacks import Callback
+from .mlflow import MlflowLogger
 from .tensorboard import TensorBoardLogger
 
 LOGGERS = {
     "tensorboard": TensorBoardLogger,  # OUT/tensorboard/<model>/ event files
+    "mlflow": MlflowLogger,  # $MLFLOW_TRACKING_URI, else OUT/mlruns
 }
 
 
