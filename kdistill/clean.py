@@ -31,8 +31,9 @@ def clean(folder: str, log=print) -> int:
                 log(f"clean: {root}/last.pt is not a kdistill checkpoint; left as it is")
                 continue
             if not state.get("finished"):
+                computed_on = state.get("computed_on", {"device": "cpu", "precision": "fp32"})  # before it was saved
                 state = {"finished": True, "history": state["history"], "epoch": state["epoch"],
-                         "best_val_acc": state["best_val_acc"], "computed_on": state.get("computed_on", {"device": "cpu", "precision": "fp32"})}
+                         "best_val_acc": state["best_val_acc"], "computed_on": computed_on}
             freed += slim(root, state)
     log(f"clean: {folder}: {freed / 2**20:.1f} MiB freed")
     return freed

@@ -223,7 +223,7 @@ def check_same_experiment(ranks: Ranks, settings: dict, data_identity: dict) -> 
     rank 0's, so all of them stop alike, in one line naming the first difference."""
     if not ranks.joined:
         return
-    from .config import result_differences
+    from .config_diff import result_differences
 
     # The data is compared by content: nodes may mount the same images at different paths.
     settings = {key: value for key, value in settings.items() if key != "data"}

@@ -20,8 +20,15 @@ from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
 from .loggers import LOGGERS
 from .sources import CALLABLE, source_of
-from .settings import (apply_settings, convert, leaves, parse_set, parse_yaml, read_yaml, redefault, render_config,
-                       section, setting)
+from .settings import (apply_settings, bound_problem, convert, leaves, parse_set, parse_yaml, read_yaml, redefault,
+                       render_config, section, setting)
+
+
+# Seeds offset by a few constants still fit torch's 64-bit generators. No recipe uses batches this
+# large; a value such as 1e12 would otherwise fail inside torch's allocator with a traceback.
+MAX_SEED = 2**32 - 1
+MAX_BATCH_SIZE = 65536
+MIN_TEMPERATURE = 0.01  # distill.temperature's floor (below it logits / T overflow: the loss would be NaN)
 
 
 @dataclass
@@ -33,32 +40,32 @@ class TrainConfig:
                                    "timm's default), none (random init, or whatever a module:callable returns) or a "
                                    "local .pth/.safetensors state_dict; a teacher with epochs 0 loads it whole, head "
                                    "included, or a kdistill student.pt bundle")
-    dropout: float = setting(0.0, "> 0: the head is Dropout(p) + Linear, else a plain Linear")
-    epochs: int = setting(10, "training epochs")
+    dropout: float = setting(0.0, "> 0: the head is Dropout(p) + Linear, else a plain Linear", ge=0, lt=1)
+    epochs: int = setting(10, "training epochs", ge=0)
     patience: int = setting(0, "stop training when this many epochs bring no better val accuracy than the best "
-                               "(the best epoch's weights are kept, as always); 0: train every epoch")
+                               "(the best epoch's weights are kept, as always); 0: train every epoch", ge=0)
     steps: int = setting(0, "optimizer steps to train for (0: epochs decides); > 0 sets epochs to the fewest whole "
                             "epochs that reach it on the run's training images (the student's: with the transfer "
-                            "set), so a recipe fits datasets of any size")
-    batch_size: int = setting(64, "images per training step")
+                            "set), so a recipe fits datasets of any size", ge=0)
+    batch_size: int = setting(64, "images per training step", ge=1, le=MAX_BATCH_SIZE)
     optimizer: str = setting("adam", "adam, adamw (decoupled weight decay) or sgd (Nesterov, with momentum)",
                              choices=("adam", "adamw", "sgd"))
-    momentum: float = setting(0.9, "momentum of sgd (unused by adam and adamw)")
-    lr: float = setting(1e-3, "learning rate (the peak of cosine and onecycle)")
+    momentum: float = setting(0.9, "momentum of sgd (unused by adam and adamw)", ge=0, lt=1)
+    lr: float = setting(1e-3, "learning rate (the peak of cosine and onecycle)", gt=0)
     schedule: str = setting(
         "step", "step: StepLR every lr_step epochs; cosine: linear warmup over warmup_epochs from lr/100, then "
                 "cosine annealing to 0; onecycle: OneCycleLR peaking at lr; cosine and onecycle step every batch",
         choices=("step", "cosine", "onecycle"))
-    lr_step: int = setting(0, "StepLR step size in epochs (schedule step); 0 keeps the learning rate constant")
-    lr_gamma: float = setting(0.1, "factor applied to the learning rate every lr_step epochs")
+    lr_step: int = setting(0, "StepLR step size in epochs (schedule step); 0 keeps the learning rate constant", ge=0)
+    lr_gamma: float = setting(0.1, "factor applied to the learning rate every lr_step epochs", gt=0, le=1)
     warmup_epochs: int = setting(0, "epochs of rising learning rate: cosine's linear warmup, onecycle's rise "
-                                    "(0: OneCycleLR's default 30% of training)")
-    weight_decay: float = setting(0.0, "weight decay (L2 in adam and sgd, decoupled in adamw)")
+                                    "(0: OneCycleLR's default 30% of training)", ge=0)
+    weight_decay: float = setting(0.0, "weight decay (L2 in adam and sgd, decoupled in adamw)", ge=0)
     decay_norm_and_bias: bool = setting(True, "false: biases and norm weights (every parameter with ndim <= 1) "
                                               "get no weight decay")
-    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy term, in [0, 1)")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy term, in [0, 1)", ge=0, lt=1)
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, updated every step and "
-                              "evaluated beside them (the better is kept as best); 0: off")
+                              "evaluated beside them (the better is kept as best); 0: off", ge=0, lt=1)
     normalize: str = setting(
         "auto", "input standardization: imagenet statistics, the training set's, or auto (imagenet for "
                 "pretrained weights, the training set's for a model trained from scratch)",
@@ -95,10 +102,11 @@ class StudentConfig(TrainConfig):
 
 @dataclass
 class _DistillSettings:
-    method: str = setting("kd", "distillation method (kd: alpha*T^2*KL + (1-alpha)*CE; the others: see docs/methods.md)",
+    method: str = setting("kd", "distillation method (kd: alpha*T^2*KL + (1-alpha)*CE; the others: see "
+                                "docs/methods.md)",
                           choices=DISTILLERS)
-    temperature: float = setting(4.0, "softmax temperature T of both teacher and student")
-    alpha: float = setting(0.5, "weight of the teacher's term; 1 - alpha goes to the labels")
+    temperature: float = setting(4.0, "softmax temperature T of both teacher and student", ge=MIN_TEMPERATURE)
+    alpha: float = setting(0.5, "weight of the teacher's term; 1 - alpha goes to the labels", ge=0, le=1)
     teacher_signal: str = setting(
         "auto", "cached: teacher logits (and the features a method reads) computed once per image (exact "
                 "without augmentation); views: those of `views` stored augmented views per image; online: "
@@ -106,13 +114,13 @@ class _DistillSettings:
                 "when views >= student.epochs (else online), online for any mix and teacher features above "
                 "max_signal_memory_gb",
         choices=("auto", "cached", "views", "online"))
-    views: int = setting(8, "stored augmented views per image when teacher_signal is views (or auto picks them)")
+    views: int = setting(8, "stored augmented views per image when teacher_signal is views (or auto picks them)", ge=1)
     max_signal_memory_gb: float = setting(4.0, "most memory (GB) the stored teacher features of a method reading "
                                                "them may take (cached or views); above it auto runs the teacher "
-                                               "online and cached or views is refused")
+                                               "online and cached or views is refused", gt=0)
     ensemble_weights: list = setting([], "weight of each teacher (teacher, then the ensemble's in order) in the "
                                          "average of their softened probabilities; empty: equal",
-                                     item_kind=float)
+                                     item_kind=float, ge=0)
     unlabeled: str = setting("", "transfer set: test (the run's DATA/test images) or a folder of images, "
                                  "labelled by the teacher and learned through the teacher's terms only; "
                                  "empty: none")
@@ -130,11 +138,12 @@ DistillConfig = dataclasses.make_dataclass(
 class Config:
     data: str = setting("", "image folder: train/<class>/, val/<class>/ (optional), test/ (optional)")
     out: str = setting("", "run folder; the same folder resumes a run")
-    image_size: int = setting(224, "side in pixels that images are resized to")
-    val_fraction: float = setting(0.2, "share of train/ held out for validation when DATA/val is absent")
-    seed: int = setting(0, "random seed; the same seed repeats a run on the same machine")
+    image_size: int = setting(224, "side in pixels that images are resized to", ge=8, le=MAX_IMAGE_SIZE)
+    val_fraction: float = setting(0.2, "share of train/ held out for validation when DATA/val is absent", gt=0, lt=1)
+    seed: int = setting(0, "random seed; the same seed repeats a run on the same machine", ge=0, le=MAX_SEED)
     seeds: list = setting([], "train the student and the baseline once per seed (e.g. [0, 1, 2]), one teacher "
-                              "trained with seed; reports mean ± std and a paired test; empty: once, with seed")
+                              "trained with seed; reports mean ± std and a paired test; empty: once, with seed",
+                          ge=0, le=MAX_SEED)
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, mps, cuda or cuda:N")
     precision: str = setting("auto", "auto: bf16 autocast on CUDA and on CPUs with bfloat16 units (AVX-512 BF16, "
                                      "AMX), else fp32; fp32 turns it off", choices=("auto", "fp32", "bf16"))
@@ -153,11 +162,11 @@ class Config:
     rrc_ratio: list = setting(list(RRC_RATIO), "rrc_flip: [low, high] range of the crop's width/height")
     mix: str = setting("none", "mixup, cutmix, or both (one of the two at random per batch) of the student's and "
                                "baseline's training batches, after augment; needs an online teacher", choices=MIXES)
-    mixup_alpha: float = setting(0.2, "mixup: the mixing weight is drawn from Beta(alpha, alpha)")
-    cutmix_alpha: float = setting(1.0, "cutmix: the pasted box's share is drawn from Beta(alpha, alpha)")
+    mixup_alpha: float = setting(0.2, "mixup: the mixing weight is drawn from Beta(alpha, alpha)", gt=0)
+    cutmix_alpha: float = setting(1.0, "cutmix: the pasted box's share is drawn from Beta(alpha, alpha)", gt=0)
     cache_dir: str = setting("", "decoded-image cache; empty: $KDISTILL_CACHE or ~/.cache/kdistill")
-    workers: int = setting(0, "decode processes; 0 = all cores")
-    max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs")
+    workers: int = setting(0, "decode processes; 0 = all cores", ge=0)
+    max_image_pixels: int = setting(DEFAULT_MAX_PIXELS, "larger images are refused as decompression bombs", gt=0)
     compile: bool = setting(False, "torch.compile the student (CUDA only)")
     ensemble: list = setting([], "more teachers (teacher-2, teacher-3, ...), each a mapping of teacher settings; "
                                  "unset ones are the teacher section's; the student learns from the weighted "
@@ -168,7 +177,7 @@ class Config:
     sync_bn: bool = setting(True, "with several processes (torchrun, --nproc): BatchNorm statistics over the global "
                                   "batch (SyncBatchNorm), as one process computes them; false: each process's share")
     ddp_timeout_s: int = setting(600, "with several processes: seconds one waits for the others in a training step "
-                                      "before stopping with an error (a process that died or hangs)")
+                                      "before stopping with an error (a process that died or hangs)", ge=1)
     teacher: TeacherConfig = section(TeacherConfig, "the large model, trained first")
     student: StudentConfig = section(StudentConfig, "the small model, distilled from the teacher")
     distill: DistillConfig = section(DistillConfig, "how the teacher's knowledge reaches the student")
@@ -223,37 +232,6 @@ class Config:
         return "views" if self.distill.views >= self.student.epochs else "online"
 
 
-# Settings that change where or how fast a run goes, never its numbers.
-# Seeds offset by a few constants still fit torch's 64-bit generators. No recipe uses batches this
-# large; a value such as 1e12 would otherwise fail inside torch's allocator with a traceback.
-MAX_SEED = 2**32 - 1
-MAX_BATCH_SIZE = 65536
-MIN_TEMPERATURE = 0.01  # distill.temperature's floor (see check)
-NON_RESULT_KEYS = {"out", "device", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "compile", "deploy_check",
-                   "ddp_timeout_s"}
-
-
-def _unused_method_section(section: str, *methods: str | None) -> bool:
-    """Whether distill.<section> holds the settings of a method none of methods is: they change no number."""
-    return section in DISTILLERS and section not in methods
-
-
-def missing_setting_keeps_results(name: str, cfg: "Config") -> bool:
-    """Whether a run folder saved before setting `name` existed resumes unchanged under cfg: the setting
-    changes no numbers, or belongs to a method cfg does not use, or holds the value that reproduces what
-    kdistill did before it (several processes and several teachers came later; stored features too)."""
-    top, _, rest = name.partition(".")
-    if top in NON_RESULT_KEYS or top == "sync_bn":  # sync_bn acts only with several processes
-        return True
-    if top == "distill" and "." in rest:
-        return _unused_method_section(rest.split(".")[0], cfg.distill.method)
-    return ((name == "ensemble" and not cfg.ensemble)
-            or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
-            or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features())
-            or (name == "teacher.input_size" and not upsampled_side(cfg.teacher, cfg.image_size))
-            or (name == "student.input_size" and not upsampled_side(cfg.student, cfg.image_size)))
-
-
 def preset_names() -> list[str]:
     files = importlib.resources.files("kdistill") / "presets"
     return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
@@ -291,83 +269,97 @@ def config_from_dict(values: dict) -> Config:
     return cfg
 
 
-def _check_arch(key: str, arch: str, image_size: int, size_key: str = "image_size") -> None:
+def _arch_problem(arch: str, image_size: int, size_key: str) -> str | None:
     from .models import arch_problem
 
     problem = arch_problem(arch, image_size)
-    if problem is not None:
-        raise KdistillError(f"setting {key}: {problem}" + (f" (raise {size_key})" if problem.endswith(" px") else ""))
+    return None if problem is None else problem + (f" (raise {size_key})" if problem.endswith(" px") else "")
 
 
 def validate(cfg: Config) -> None:
+    """Refuse a config with any invalid setting: one line listing every problem, each naming its setting."""
+    problems: list[str] = []
+
     def require(ok: bool, key: str, message: str) -> None:
         if not ok:
-            raise KdistillError(f"setting {key} {message}")
+            problems.append(f"setting {key} {message}")
 
-    # Types and fixed sets of values, also for a Config built in Python rather than read.
+    # Types and fixed sets of values first (the checks below compare numbers), also for a Config built in Python.
     for name, f, owner in leaves(cfg):
-        setattr(owner, f.name, convert(name, getattr(owner, f.name), f))
-    require(8 <= cfg.image_size <= MAX_IMAGE_SIZE, "image_size",
-            f"must be in [8, {MAX_IMAGE_SIZE}], got {cfg.image_size}")
-    require(0 < cfg.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {cfg.val_fraction}")
-    require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}], got {cfg.seed}")
-    require(all(0 <= seed <= MAX_SEED for seed in cfg.seeds), "seeds", f"must be in [0, {MAX_SEED}], got {cfg.seeds}")
+        try:
+            setattr(owner, f.name, convert(name, getattr(owner, f.name), f))
+        except KdistillError as e:
+            problems.append(str(e))
+    _raise_all(problems)
+    members = list(cfg.teachers().values())[1:]  # an unknown or ill-typed member setting fails here, named
+    cfg.ensemble = [{key: getattr(member, key) for key in changes} for changes, member in zip(cfg.ensemble, members)]
+    method_sections = {id(getattr(cfg.distill, name)) for name in DISTILLERS if hasattr(cfg.distill, name)}
+    for name, f, owner in [*leaves(cfg), *(leaf for i, member in enumerate(members)
+                                           for leaf in leaves(member, f"ensemble[{i}]."))]:
+        if id(owner) in method_sections:  # checked with the method's own problems, below
+            continue
+        problem = bound_problem(getattr(owner, f.name), f)
+        require(problem is None, name, problem or "")
+    _check_top(cfg, require)
+    for name, part in [("teacher", cfg.teacher), *((f"ensemble[{i}]", m) for i, m in enumerate(members)),
+                       ("student", cfg.student)]:
+        _check_model(cfg, name, part, require)
+    _check_distill(cfg, require)
+    _raise_all(problems)
+
+
+def _raise_all(problems: list[str]) -> None:
+    if problems:
+        raise KdistillError("; ".join(problems) if len(problems) <= 3 else
+                            "; ".join(problems[:3]) + f"; and {len(problems) - 3} more")
+
+
+def _check_top(cfg: Config, require) -> None:
     require(len(set(cfg.seeds)) == len(cfg.seeds), "seeds", f"must not repeat a seed, got {cfg.seeds}")
     require(len(cfg.seeds) != 1, "seeds", f"must list two or more seeds, got {cfg.seeds} (for one run set seed)")
     require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None, "device",
             f"must be auto, cpu, mps, cuda or cuda:N, got {cfg.device!r}")
-    require(cfg.workers >= 0, "workers", f"must be >= 0, got {cfg.workers}")
     unknown = [name for name in cfg.loggers if name not in LOGGERS]
     require(not unknown and len(set(cfg.loggers)) == len(cfg.loggers), "loggers",
             f"must list distinct loggers of {', '.join(LOGGERS)}, got {cfg.loggers}")
-    require(cfg.max_image_pixels > 0, "max_image_pixels", f"must be > 0, got {cfg.max_image_pixels}")
-    require(cfg.ddp_timeout_s >= 1, "ddp_timeout_s", f"must be >= 1, got {cfg.ddp_timeout_s}")
-    members = list(cfg.teachers().values())[1:]  # an unknown or ill-typed member setting fails here, named
-    cfg.ensemble = [{key: getattr(member, key) for key in changes} for changes, member in zip(cfg.ensemble, members)]
-    parts = [("teacher", cfg.teacher), *((f"ensemble[{i}]", member) for i, member in enumerate(members)),
-             ("student", cfg.student)]
-    for name, part in parts:
-        require(part.input_size == 0 or part.input_size >= 8, f"{name}.input_size",
-                f"must be 0 (image_size) or >= 8, got {part.input_size}")
-        size_key = f"{name}.input_size" if upsampled_side(part, cfg.image_size) else "image_size"
-        _check_arch(f"{name}.arch", part.arch, input_side(part, cfg.image_size), size_key)
-        given = name != "student" and part.epochs == 0  # a finished teacher, used as it is
-        require(part.epochs >= (0 if name != "student" else 1), f"{name}.epochs",
-                f"must be >= {0 if name != 'student' else 1}, got {part.epochs}")
-        require(not given or part.weights not in ("none", "imagenet"), f"{name}.epochs",
-                f"may be 0 (a finished teacher, used as it is) only with {name}.weights a file: a state_dict with "
-                f"its head, a .safetensors file or a kdistill student.pt; got {name}.weights={part.weights}")
-        require(1 <= part.batch_size <= MAX_BATCH_SIZE, f"{name}.batch_size",
-                f"must be in [1, {MAX_BATCH_SIZE}], got {part.batch_size}")
-        require(part.lr > 0, f"{name}.lr", f"must be > 0, got {part.lr}")
-        require(part.lr_step >= 0, f"{name}.lr_step", f"must be >= 0, got {part.lr_step}")
-        require(0 < part.lr_gamma <= 1, f"{name}.lr_gamma", f"must be in (0, 1], got {part.lr_gamma}")
-        require(0 <= part.dropout < 1, f"{name}.dropout", f"must be in [0, 1), got {part.dropout}")
-        require(part.weight_decay >= 0, f"{name}.weight_decay", f"must be >= 0, got {part.weight_decay}")
-        require(0 <= part.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {part.momentum}")
-        require(not (part.lr_step and part.schedule != "step"), f"{name}.lr_step",
-                f"applies to schedule step only, got {part.lr_step} with schedule {part.schedule}")
-        require(part.warmup_epochs >= 0, f"{name}.warmup_epochs", f"must be >= 0, got {part.warmup_epochs}")
-        require(not (part.warmup_epochs and part.schedule == "step"), f"{name}.warmup_epochs",
-                "applies to schedule cosine or onecycle, not step")
-        require(part.steps >= 0, f"{name}.steps", f"must be >= 0 (0: epochs decides), got {part.steps}")
-        require(part.patience >= 0, f"{name}.patience", f"must be >= 0 (0: off), got {part.patience}")
-        require(given or part.steps or part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
-                f"must be below {name}.epochs ({part.epochs}), got {part.warmup_epochs}")
-        require(0 <= part.label_smoothing < 1, f"{name}.label_smoothing",
-                f"must be in [0, 1), got {part.label_smoothing}")
-        require(0 <= part.ema < 1, f"{name}.ema", f"must be in [0, 1) (0: off), got {part.ema}")
-        if part.weights not in ("imagenet", "none"):
-            require(os.path.isfile(part.weights), f"{name}.weights",
-                    f"must be imagenet, none or an existing file, got {part.weights!r}")
-        if part.weights == "imagenet":
-            require(source_of(part.arch)[0] is not CALLABLE, f"{name}.weights",
-                    "imagenet applies to torchvision and timm architectures; a module:callable loads its own "
-                    "weights (use none) or takes a local file")
-    # Below this, logits / T overflow float32 (and bf16) to infinity: the loss would be NaN.
-    require(MIN_TEMPERATURE <= cfg.distill.temperature < math.inf, "distill.temperature",
-            f"must be a finite number >= {MIN_TEMPERATURE}, got {cfg.distill.temperature}")
-    require(0 <= cfg.distill.alpha <= 1, "distill.alpha", f"must be in [0, 1], got {cfg.distill.alpha}")
+    for key in ("rrc_scale", "rrc_ratio"):
+        require(len(getattr(cfg, key)) == 2, key, f"must be two numbers [low, high], got {getattr(cfg, key)}")
+    if len(cfg.rrc_scale) == 2 and len(cfg.rrc_ratio) == 2:
+        (scale_low, scale_high), (ratio_low, ratio_high) = cfg.rrc_scale, cfg.rrc_ratio
+        require(0 < scale_low <= scale_high <= 1, "rrc_scale", f"must be [low, high] with 0 < low <= high <= 1, "
+                f"got {cfg.rrc_scale}")
+        require(0 < ratio_low <= ratio_high, "rrc_ratio",
+                f"must be [low, high] with 0 < low <= high, got {cfg.rrc_ratio}")
+
+
+def _check_model(cfg: Config, name: str, part: TrainConfig, require) -> None:
+    """One model's settings beyond their declared bounds: what depends on another setting."""
+    require(part.input_size == 0 or part.input_size >= 8, f"{name}.input_size",
+            f"must be 0 (image_size) or >= 8, got {part.input_size}")
+    size_key = f"{name}.input_size" if upsampled_side(part, cfg.image_size) else "image_size"
+    problem = _arch_problem(part.arch, input_side(part, cfg.image_size), size_key)
+    require(problem is None, f"{name}.arch", f"names no model kdistill can build: {problem}")
+    given = name != "student" and part.epochs == 0  # a finished teacher, used as it is
+    require(name != "student" or part.epochs >= 1, f"{name}.epochs", f"must be >= 1, got {part.epochs}")
+    require(not given or part.weights not in ("none", "imagenet"), f"{name}.epochs",
+            f"may be 0 (a finished teacher, used as it is) only with {name}.weights a file: a state_dict with "
+            f"its head, a .safetensors file or a kdistill student.pt; got {name}.weights={part.weights}")
+    require(not (part.lr_step and part.schedule != "step"), f"{name}.lr_step",
+            f"applies to schedule step only, got {part.lr_step} with schedule {part.schedule}")
+    require(not (part.warmup_epochs and part.schedule == "step"), f"{name}.warmup_epochs",
+            "applies to schedule cosine or onecycle, not step")
+    require(given or part.steps or part.epochs < 1 or part.warmup_epochs < part.epochs, f"{name}.warmup_epochs",
+            f"must be below {name}.epochs ({part.epochs}), got {part.warmup_epochs}")
+    if part.weights not in ("imagenet", "none"):
+        require(os.path.isfile(part.weights), f"{name}.weights",
+                f"must be imagenet, none or an existing file, got {part.weights!r}")
+    if part.weights == "imagenet":
+        require(source_of(part.arch)[0] is not CALLABLE, f"{name}.weights",
+                "imagenet applies to torchvision and timm architectures; a module:callable loads its own "
+                "weights (use none) or takes a local file")
+
+
+def _check_distill(cfg: Config, require) -> None:
     require(cfg.mix == "none" or cfg.distill.teacher_signal in ("auto", "online"), "distill.teacher_signal",
             f"cannot be {cfg.distill.teacher_signal} with mix={cfg.mix}: the teacher's logits on mixed images "
             "cannot be stored (use online or auto)")
@@ -376,17 +368,13 @@ def validate(cfg: Config) -> None:
             "student's augmented view (use views or online)")
     require(not (cfg.distill.teacher_signal == "views" and cfg.augment == "none"), "distill.teacher_signal",
             "views needs augmentation (set augment); without it, cached is exact")
-    require(cfg.distill.views >= 1, "distill.views", f"must be >= 1, got {cfg.distill.views}")
     for name, method in DISTILLERS.items():
         if hasattr(cfg.distill, name):
-            for key, message in method.problems(getattr(cfg.distill, name)):
+            for key, message in method.settings_problems(getattr(cfg.distill, name)):
                 require(False, f"distill.{name}.{key}", message)
-    require(cfg.distill.max_signal_memory_gb > 0, "distill.max_signal_memory_gb",
-            f"must be > 0, got {cfg.distill.max_signal_memory_gb}")
     weights, teachers = cfg.distill.ensemble_weights, 1 + len(cfg.ensemble)
     require(not weights or len(weights) == teachers, "distill.ensemble_weights",
             f"must give one weight per teacher ({teachers}: teacher, then the ensemble's), got {len(weights)}")
-    require(all(weight >= 0 for weight in weights), "distill.ensemble_weights", f"must be >= 0, got {weights}")
     require(not weights or sum(weights) > 0, "distill.ensemble_weights", f"must not all be zero, got {weights}")
     require(not (cfg.ensemble and cfg.distiller().teacher_features()), "ensemble",
             f"cannot be used with distill.method {cfg.distill.method}: it reads one teacher's features at module "
@@ -396,38 +384,12 @@ def validate(cfg: Config) -> None:
             f"must be empty, test or an existing folder, got {unlabeled!r}")
     require(not (unlabeled and cfg.mix != "none"), "distill.unlabeled",
             f"cannot be combined with mix={cfg.mix}: a mixed image of a labelled and an unlabelled one has no label")
-    for key in ("rrc_scale", "rrc_ratio"):
-        require(len(getattr(cfg, key)) == 2, key, f"must be two numbers [low, high], got {getattr(cfg, key)}")
-    (scale_low, scale_high), (ratio_low, ratio_high) = cfg.rrc_scale, cfg.rrc_ratio
-    require(0 < scale_low <= scale_high <= 1, "rrc_scale", f"must be [low, high] with 0 < low <= high <= 1, "
-            f"got {cfg.rrc_scale}")
-    require(0 < ratio_low <= ratio_high, "rrc_ratio", f"must be [low, high] with 0 < low <= high, got {cfg.rrc_ratio}")
-    require(cfg.mixup_alpha > 0, "mixup_alpha", f"must be > 0, got {cfg.mixup_alpha}")
-    require(cfg.cutmix_alpha > 0, "cutmix_alpha", f"must be > 0, got {cfg.cutmix_alpha}")
 
 
 def save_config(cfg: Config, path: str) -> None:
     from .fileio import atomic_write_text
 
     atomic_write_text(path, render_config(cfg))
-
-
-def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ between two resolved configs, ignoring settings that don't change results:
-    those in NON_RESULT_KEYS, and the section distill.<method> of a method neither config uses."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        name = f"{prefix}{key}"
-        if not prefix and key in NON_RESULT_KEYS:
-            continue
-        if prefix == "distill." and _unused_method_section(key, old.get("method"), new.get("method")):
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += result_differences(a, b, prefix=f"{name}.")
-        elif a != b:
-            diffs.append(f"{name} ({a!r} -> {b!r})")
-    return diffs
 
 
 def resolve_steps(cfg: Config, train_images: int, transfer_images: int) -> Config:

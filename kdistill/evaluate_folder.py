@@ -25,8 +25,9 @@ def labelled_files(data_dir: str, classes: list[str]) -> tuple[list[str], np.nda
         raise KdistillError(f"{data_dir} has no class folders: expected {data_dir}/<class>/<images>")
     unknown = [name for name in folders if name not in classes]
     if unknown:
-        raise KdistillError(f"{data_dir} has class folders the student does not know: {', '.join(map(printable, unknown[:5]))}"
-                            f" (the student's classes: {', '.join(map(printable, classes))})")
+        raise KdistillError(f"{data_dir} has class folders the student does not know: "
+                            f"{', '.join(map(printable, unknown[:5]))} (the student's classes: "
+                            f"{', '.join(map(printable, classes))})")
     files, labels, rejected = [], [], []
     for name in folders:
         found, bad = list_images(os.path.join(data_dir, name))
@@ -102,6 +103,7 @@ def summary_lines(results: dict) -> list[str]:
         lines.append(f"{name}: accuracy {result['accuracy']:.2%}, top-{results['top_k']} {result[top]:.2%} on "
                      f"{result['images']} images")
         worst = sorted(result["per_class"], key=lambda row: row["f1"])[:3]
-        lines.append("  lowest F1: " + ", ".join(f"{printable(row['class'])} {row['f1']:.2f} (precision "
-                                                 f"{row['precision']:.2f}, recall {row['recall']:.2f})" for row in worst))
+        lines.append("  lowest F1: " + ", ".join(
+            f"{printable(row['class'])} {row['f1']:.2f} (precision {row['precision']:.2f}, recall {row['recall']:.2f})"
+            for row in worst))
     return lines

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import os
 
-from .config import Config, missing_setting_keeps_results, result_differences
+from .config import Config
+from .config_diff import missing_setting_keeps_results, result_differences
 from .data_key import same_data
 from .errors import KdistillError
 from .scan import DatasetFiles

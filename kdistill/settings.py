@@ -5,6 +5,7 @@ fixed set of values makes sense, those values. Read from YAML (safe, YAML 1.2 bo
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -19,12 +20,16 @@ from .errors import KdistillError
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def setting(default: Any, help: str, choices: Any = None, item_kind: type | None = None) -> Any:
+def setting(default: Any, help: str, choices: Any = None, item_kind: type | None = None, *, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
     """A field with its description and, for a fixed set of values, the allowed ones (any container;
     DISTILLERS is passed itself, so methods registered later count). A list default is copied per
     instance; its items' type is item_kind, else that of the default's items (whole numbers for an
-    empty default); dict items are mappings of settings that their owner checks."""
-    metadata = {"help": help, "choices": choices, "item_kind": item_kind}
+    empty default); dict items are mappings of settings that their owner checks. ge, gt, le, lt:
+    the bounds of a number (of each item of a list), checked by bound_problem."""
+    metadata = {"help": help, "choices": choices, "item_kind": item_kind,
+                "bounds": {key: value for key, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+                           if value is not None}}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -43,9 +48,36 @@ def _item_kind(f: dataclasses.Field) -> type:
     return type(items[0]) if items else int
 
 
+def _number_text(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _bounds_text(bounds: dict) -> str:
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{_number_text(low[1])}, {_number_text(high[1])}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {_number_text(low[1])}"
+    return f"{'<=' if high[0] == ']' else '<'} {_number_text(high[1])}"
+
+
+def bound_problem(value: Any, f: dataclasses.Field) -> str | None:
+    """'must be ...' where value (a converted number, or list of numbers) is outside f's declared bounds."""
+    bounds = f.metadata.get("bounds") or {}
+    if not bounds:
+        return None
+    checks = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+    values = value if isinstance(value, list) else [value]
+    if all(check(v, bounds[key]) for v in values for key, check in checks.items() if key in bounds):
+        return None
+    return f"must be {_bounds_text(bounds)}{' (each)' if isinstance(value, list) else ''}, got {excerpt(value)}"
+
+
 def redefault(base: type, name: str, default: Any) -> Any:
     """The field `name` of dataclass `base` with another default; description and choices kept."""
-    return setting(default, **base.__dataclass_fields__[name].metadata)
+    metadata = dict(base.__dataclass_fields__[name].metadata)
+    return setting(default, metadata["help"], metadata["choices"], metadata["item_kind"], **metadata["bounds"])
 
 
 def section(factory: type, help: str) -> Any:
@@ -234,7 +266,9 @@ def apply_settings(target: Any, updates: dict, prefix: str = "") -> None:
     for key, value in updates.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            raise KdistillError(f"unknown setting {excerpt(name)}")
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            raise KdistillError(f"unknown setting {excerpt(name)}" + (f" (did you mean {prefix}{close[0]}?)"
+                                                                        if close else ""))
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):

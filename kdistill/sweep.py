@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, build_config, result_differences
+from .config import Config, build_config
+from .config_diff import result_differences
 from .data import scan_dataset
 from .data_key import cache_key, dated_key
 from .errors import KdistillError, printable
@@ -32,11 +33,12 @@ NOT_GRIDDED = {"out": "the sweep names each point's folder", "seeds": "--seeds a
 # val_fraction and seed through the data, augment for its batches, device and precision for its
 # numbers). Every other setting counts, so a setting added later splits teachers rather than
 # sharing one wrongly.
-NOT_TEACHER = {"out", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "compile", "seeds", "mix", "mixup_alpha",
-               "cutmix_alpha", "student", "distill"}
+NOT_TEACHER = {"out", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "compile", "seeds",
+               "mix", "mixup_alpha", "cutmix_alpha", "student", "distill"}
 # Settings the baseline never reads; of distill.*, it reads only what shapes the batches it shares
 # with the distilled student (see baseline_settings).
-NOT_BASELINE = {"out", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "teacher", "distill"}
+NOT_BASELINE = {"out", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "teacher",
+                "distill"}
 POINT_NAME_CHARACTERS = r"[^\w.=,+-]"  # anything else in a value becomes _ in the folder name
 MAX_POINT_NAME = 120
 

@@ -6,8 +6,8 @@ import torch
 import yaml
 
 from kdistill import cli
-from kdistill.config import (Config, NON_RESULT_KEYS, build_config, load_preset, preset_names, result_differences,
-                             input_side, save_config, upsampled_side)
+from kdistill.config import Config, build_config, input_side, load_preset, preset_names, save_config, upsampled_side
+from kdistill.config_diff import NON_RESULT_KEYS, result_differences
 from kdistill.errors import KdistillError
 from kdistill.features import output_shapes, resolve_auto_layers
 from kdistill.models import build_model, trainable_part

@@ -83,3 +83,20 @@ def test_a_long_bad_value_is_quoted_as_a_short_excerpt(tmp_path, capsys):
     assert main(["config", "--config", str(path)]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and len(lines[0]) < 300 and "setting seed must be a whole number" in lines[0], lines
+
+
+def test_every_invalid_setting_is_reported_at_once_with_a_close_match_for_a_typo():
+    """Declared bounds (setting(..., ge=0)) and the cross-checks all report, in one line."""
+    from kdistill.config import build_config
+    from kdistill.errors import KdistillError
+
+    with pytest.raises(KdistillError) as error:
+        build_config(sets=["student.lr=-1", "teacher.dropout=2", "distill.alpha=3", "distill.dkd.nckd_weight=-1"])
+    message = str(error.value)
+    assert "\n" not in message
+    for named in ("setting student.lr must be > 0", "setting teacher.dropout must be in [0, 1)",
+                  "setting distill.alpha must be in [0, 1]"):
+        assert named in message
+    assert "and 1 more" in message  # the fourth, distill.dkd.nckd_weight, is counted
+    with pytest.raises(KdistillError, match=r"unknown setting 'student.epoch' \(did you mean student.epochs\?\)"):
+        build_config(sets=["student.epoch=3"])

@@ -278,7 +278,7 @@ def test_defaults_are_valid_and_registered():
     (PEFD, "student_layer", ""), (PEFD, "teacher_layer", " "), (PEFD, "projectors", 0), (PEFD, "weight", -0.5),
 ])
 def test_problems_reject_a_bad_value_of_each_setting(method, name, value):
-    found = method.problems(method.Settings(**{name: value}))
+    found = method.settings_problems(method.Settings(**{name: value}))
     assert found and found[0][0] == name, found  # an empty student_layers also mismatches teacher_layers
     assert all(message for _, message in found)
 

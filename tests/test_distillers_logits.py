@@ -206,7 +206,7 @@ def test_registered_by_name_with_valid_defaults(name):
 def test_problems_rejects_a_bad_value_of_each_setting(name):
     method, bad_values = METHODS[name]
     for field_name, bad in bad_values.items():
-        problems = method.problems(method.Settings(**{field_name: bad}))
+        problems = method.settings_problems(method.Settings(**{field_name: bad}))
         assert [problem[0] for problem in problems] == [field_name]
         assert str(bad) in problems[0][1]
 

@@ -96,7 +96,7 @@ def test_settings_problems_name_the_bad_value():
     assert [name for name, _ in DML.problems(DML.Settings(peer="no_such_module:fn"))] == ["peer"]
     assert BornAgain.problems(BornAgain.Settings()) == []
     assert BornAgain.problems(BornAgain.Settings(base="dkd")) == []
-    assert [name for name, _ in BornAgain.problems(BornAgain.Settings(generations=0))] == ["generations"]
+    assert [name for name, _ in BornAgain.settings_problems(BornAgain.Settings(generations=0))] == ["generations"]
     for base in ("at", "dml", "born_again", "nope"):  # features, no teacher, itself, unknown
         assert [name for name, _ in BornAgain.problems(BornAgain.Settings(base=base))] == ["base"], base
     with pytest.raises(KdistillError, match="distill.born_again.base must be a method that reads the teacher's logits"):

@@ -330,7 +330,7 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize("method, name, value", BAD_SETTINGS)
 def test_problems_names_each_bad_setting(method, name, value):
     assert method.problems(method.Settings()) == []
-    found = method.problems(method.Settings(**{name: value}))
+    found = method.settings_problems(method.Settings(**{name: value}))
     assert [field for field, _ in found] == [name]
     assert repr(value) in found[0][1] or "module" in found[0][1]
 

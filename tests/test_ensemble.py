@@ -38,7 +38,7 @@ def test_softmax_of_the_served_logits_at_t_is_the_weighted_average_of_the_soften
 
 @pytest.mark.parametrize("weights, message", [
     ("[1, 2, 3]", "must give one weight per teacher \\(2: teacher, then the ensemble's\\), got 3"),
-    ("[1, -1]", "must be >= 0, got \\[1.0, -1.0\\]"),
+    ("[1, -1]", "must be >= 0 \\(each\\), got \\[1.0, -1.0\\]"),
     ("[0, 0]", "must not all be zero"),
 ])
 def test_bad_ensemble_weights_fail_in_one_line_naming_the_setting(weights, message):

@@ -26,9 +26,9 @@ def logit_batch(seed=0):
 
 def test_dkd_warms_up_over_mdistillers_share_of_training_by_default():
     assert DKD.Settings().warmup_fraction == pytest.approx(20 / 240)  # configs/cifar100/dkd: 20 of 240 epochs
-    assert DKD.problems(DKD.Settings()) == []
+    assert DKD.settings_problems(DKD.Settings()) == []
     for bad in (-0.1, 1.5):
-        problems = DKD.problems(DKD.Settings(warmup_fraction=bad))
+        problems = DKD.settings_problems(DKD.Settings(warmup_fraction=bad))
         assert [name for name, _ in problems] == ["warmup_fraction"] and str(bad) in problems[0][1]
 
 

@@ -88,3 +88,24 @@ def test_out_inside_the_data_folder_is_refused(digits_dataset, tmp_path):
     with pytest.raises(KdistillError, match="inside the data folder"):
         kdistill.run(settings, log=lambda m: None)
     assert not os.path.exists(os.path.join(digits_dataset, "runs"))
+
+
+def test_a_run_folder_saved_before_steps_and_patience_existed_resumes(digits_dataset, tmp_path):
+    """Settings added later (steps, patience) at the values that reproduce the old behaviour do not
+    make an older run folder "another experiment"; other values do."""
+    import yaml
+
+    import kdistill
+    from kdistill.errors import KdistillError
+
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"),
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 1})
+    kdistill.run(settings)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    for part in ("teacher", "student"):
+        del saved[part]["steps"], saved[part]["patience"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    kdistill.run(settings)  # the same experiment: resumes (finds everything finished)
+    with pytest.raises(KdistillError, match="holds a run with other settings"):
+        kdistill.run({**settings, "student": {**settings["student"], "patience": 3}})

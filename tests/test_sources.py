@@ -29,7 +29,9 @@ def test_a_timm_model_gets_a_head_for_the_data():
 def test_unknown_timm_names_are_one_line_setting_errors():
     with pytest.raises(KdistillError) as error:
         kdistill.build_config(overrides={"student": {"arch": "timm:resnet10"}})
-    assert str(error.value).startswith("setting student.arch: timm has no model 'resnet10'") and "\n" not in str(error.value)
+    message = str(error.value)
+    assert message.startswith("setting student.arch names no model kdistill can build: timm has no model 'resnet10'")
+    assert "\n" not in message
 
 
 def test_timm_pretrained_weights_offline_say_which_file_to_get(monkeypatch):

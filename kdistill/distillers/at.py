@@ -51,9 +51,9 @@ class AT(Distiller):
                                        "layer1 to layer4 of a ResNet)")
         teacher_layers: list = setting(["layer1", "layer2", "layer3", "layer4"],
                                        "teacher modules matched to student_layers, in the same order")
-        p: float = setting(2.0, "exponent of |f| in the attention map (paper: 2)")
+        p: float = setting(2.0, "exponent of |f| in the attention map (paper: 2)", gt=0)
         weight: float = setting(1000.0, "weight of the summed attention terms (beta; paper code and "
-                                        "mdistiller: 1000)")
+                                        "mdistiller: 1000)", ge=0)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
@@ -62,10 +62,6 @@ class AT(Distiller):
         if len(settings.student_layers) != len(settings.teacher_layers):
             counts = f"({len(settings.student_layers)}), got {len(settings.teacher_layers)}"
             found.append(("teacher_layers", f"must list as many modules as student_layers {counts}"))
-        if settings.p <= 0:
-            found.append(("p", f"must be > 0, got {settings.p}"))
-        if settings.weight < 0:
-            found.append(("weight", f"must be >= 0, got {settings.weight}"))
         return found
 
     def student_features(self):

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..settings import bound_problem
 
 
 @dataclass
@@ -71,8 +73,15 @@ class Distiller(nn.Module):
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        """(setting name, what is wrong) for each invalid value of this method's settings."""
+        """(setting name, what is wrong) for each invalid value that the settings' declared bounds
+        (setting(..., ge=0)) cannot say: module paths, values that depend on each other."""
         return []
+
+    @classmethod
+    def settings_problems(cls, settings) -> list[tuple[str, str]]:
+        """Every problem of this method's settings: their declared bounds, then problems()."""
+        found = [(f.name, bound_problem(getattr(settings, f.name), f)) for f in fields(settings)]
+        return [(name, problem) for name, problem in found if problem] + cls.problems(settings)
 
     def student_features(self) -> tuple[str, ...]:
         return ()

@@ -26,7 +26,7 @@ class BornAgain(Distiller):
         # The paper trains sequences of up to three generations (BAN-1 to BAN-3); two keep the cost at
         # three trainings of the student per seed (the baseline is generation 0).
         generations: int = setting(2, "distilled generations after generation 0 (the baseline); the last is the "
-                                      "reported student")
+                                      "reported student", ge=1)
         base: str = setting("kd", "the logit method each generation is distilled with (kd, dkd, dist, lskd, ...; "
                                   "its settings are its own section distill.<base>)")
 
@@ -34,7 +34,7 @@ class BornAgain(Distiller):
     def problems(settings) -> list[tuple[str, str]]:
         from . import DISTILLERS  # registered after this module is imported
 
-        found = [] if settings.generations >= 1 else [("generations", f"must be >= 1, got {settings.generations}")]
+        found = []
         method = DISTILLERS.get(settings.base)
         if not (method is not None and issubclass(method, LogitDistiller) and method.needs_teacher):
             logit_methods = [name for name, m in DISTILLERS.items()

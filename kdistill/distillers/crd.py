@@ -56,21 +56,16 @@ class CRD(LayerPairDistiller):
     class Settings:
         student_layer: str = setting("avgpool", "student module whose output (flattened) is embedded")
         teacher_layer: str = setting("avgpool", "teacher module whose output (flattened) is embedded")
-        weight: float = setting(0.8, "weight of the contrastive term (paper and RepDistiller: 0.8)")
-        feat_dim: int = setting(128, "width of the embedding heads and the memory banks (paper: 128)")
-        nce_k: int = setting(16384, "negatives per sample (paper: 16384; capped at training images - 1)")
-        nce_temperature: float = setting(0.07, "temperature of the contrastive scores (paper: 0.07)")
-        momentum: float = setting(0.5, "weight of a memory bank entry's old value in its update (paper: 0.5)")
+        weight: float = setting(0.8, "weight of the contrastive term (paper and RepDistiller: 0.8)", ge=0)
+        feat_dim: int = setting(128, "width of the embedding heads and the memory banks (paper: 128)", ge=1)
+        nce_k: int = setting(16384, "negatives per sample (paper: 16384; capped at training images - 1)", ge=1)
+        nce_temperature: float = setting(0.07, "temperature of the contrastive scores (paper: 0.07)", gt=0)
+        momentum: float = setting(0.5, "weight of a memory bank entry's old value in its update (paper: 0.5)",
+                                  ge=0, lt=1)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = LayerPairDistiller.layer_problems(settings)
-        checks = [("weight", settings.weight >= 0, "must be >= 0"),
-                  ("feat_dim", settings.feat_dim >= 1, "must be >= 1"),
-                  ("nce_k", settings.nce_k >= 1, "must be >= 1"),
-                  ("nce_temperature", settings.nce_temperature > 0, "must be > 0"),
-                  ("momentum", 0 <= settings.momentum < 1, "must be in [0, 1)")]
-        return found + [(name, f"{rule}, got {getattr(settings, name)}") for name, ok, rule in checks if not ok]
+        return LayerPairDistiller.layer_problems(settings)
 
     def build(self, student_probe, teacher_probe, num_samples):
         if num_samples < 2:

@@ -39,18 +39,10 @@ class DIST(LogitDistiller):
         # resnet_dist.yaml): beta = gamma = 1 inside the loss times kd_loss_weight 2, CE weight 1; but
         # tau 4, its CIFAR-100 recipe's (hunto/DIST_KD), where ImageNet's is 1: kdistill's runs (few
         # classes, tens of epochs) are nearer CIFAR's.
-        ce_weight: float = setting(1.0, "weight of the labels' cross-entropy")
-        beta: float = setting(2.0, "weight of the inter-class relation term (per image, across classes)")
-        gamma: float = setting(2.0, "weight of the intra-class relation term (per class, across images)")
-        tau: float = setting(4.0, "softmax temperature of both teacher and student")
-
-    @staticmethod
-    def problems(settings) -> list[tuple[str, str]]:
-        found = [(name, f"must be >= 0, got {getattr(settings, name)}")
-                 for name in ("ce_weight", "beta", "gamma") if getattr(settings, name) < 0]
-        if settings.tau <= 0:
-            found.append(("tau", f"must be > 0, got {settings.tau}"))
-        return found
+        ce_weight: float = setting(1.0, "weight of the labels' cross-entropy", ge=0)
+        beta: float = setting(2.0, "weight of the inter-class relation term (per image, across classes)", ge=0)
+        gamma: float = setting(2.0, "weight of the intra-class relation term (per class, across images)", ge=0)
+        tau: float = setting(4.0, "softmax temperature of both teacher and student", gt=0)
 
     def logit_terms(self, student_logits, labels, teacher_logits=None):
         tau = self.settings.tau

@@ -43,21 +43,10 @@ class DKD(LogitDistiller):
     class Settings:
         # Defaults: mdistiller's CIFAR-100 setting (configs/cifar100/dkd: warmup 20 of 240 epochs).
         # Its ImageNet ResNet34 -> ResNet18 config uses nckd_weight 0.5, a 1-epoch warmup and T 1.
-        tckd_weight: float = setting(1.0, "weight of TCKD, the target-class term (the paper's alpha)")
-        nckd_weight: float = setting(8.0, "weight of NCKD, the non-target-class term (the paper's beta)")
+        tckd_weight: float = setting(1.0, "weight of TCKD, the target-class term (the paper's alpha)", ge=0)
+        nckd_weight: float = setting(8.0, "weight of NCKD, the non-target-class term (the paper's beta)", ge=0)
         warmup_fraction: float = setting(20 / 240, "share of the run's epochs over which the KD terms ramp up "
-                                                   "linearly, rounded to whole epochs (0: none)")
-
-    @staticmethod
-    def problems(settings) -> list[tuple[str, str]]:
-        found = []
-        for name in ("tckd_weight", "nckd_weight"):
-            value = getattr(settings, name)
-            if value < 0:
-                found.append((name, f"must be >= 0, got {value}"))
-        if not 0 <= settings.warmup_fraction <= 1:
-            found.append(("warmup_fraction", f"must be in [0, 1], got {settings.warmup_fraction}"))
-        return found
+                                                   "linearly, rounded to whole epochs (0: none)", ge=0, le=1)
 
     def ramp(self) -> float:
         """The KD terms' weight in the current epoch: linear up to 1 over the warmup's epochs."""

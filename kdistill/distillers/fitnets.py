@@ -49,16 +49,13 @@ class FitNets(LayerPairDistiller):
                                                "second stage of a ResNet)")
         teacher_layer: str = setting("layer2", "teacher module whose output guides the hint (auto: the "
                                                "shallowest one whose map is nearest in size to the hint's)")
-        hint_weight: float = setting(100.0, "weight of the hint's mean squared error (mdistiller: 100)")
+        hint_weight: float = setting(100.0, "weight of the hint's mean squared error (mdistiller: 100)", ge=0)
         kd: bool = setting(False, "also distill the logits: KD's alpha*T^2*KL + (1-alpha)*CE (distill.alpha and "
                                   "distill.temperature) in place of the plain CE")
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = LayerPairDistiller.layer_problems(settings)
-        if settings.hint_weight < 0:
-            found.append(("hint_weight", f"must be >= 0, got {settings.hint_weight}"))
-        return found
+        return LayerPairDistiller.layer_problems(settings)
 
     def build(self, student_probe, teacher_probe, num_samples):
         student_channels = conv_map_channels(student_probe, self.settings.student_layer,

@@ -41,17 +41,9 @@ class LSKD(LogitDistiller):
         # --base-temp 2 --kd-weight 9 on configs/imagenet/r34_r18/kd.yaml), but CE weight 0.1, that of
         # its CIFAR-100 command (the same flags on configs/cifar100/kd/*.yaml; ImageNet's is 1):
         # kdistill's runs (few classes, tens of epochs) are nearer CIFAR's.
-        ce_weight: float = setting(0.1, "weight of the labels' cross-entropy")
-        kd_weight: float = setting(9.0, "weight of the KL between the standardized logits")
-        base_temperature: float = setting(2.0, "softmax temperature applied to the z-scored logits")
-
-    @staticmethod
-    def problems(settings) -> list[tuple[str, str]]:
-        found = [(name, f"must be >= 0, got {getattr(settings, name)}")
-                 for name in ("ce_weight", "kd_weight") if getattr(settings, name) < 0]
-        if settings.base_temperature <= 0:
-            found.append(("base_temperature", f"must be > 0, got {settings.base_temperature}"))
-        return found
+        ce_weight: float = setting(0.1, "weight of the labels' cross-entropy", ge=0)
+        kd_weight: float = setting(9.0, "weight of the KL between the standardized logits", ge=0)
+        base_temperature: float = setting(2.0, "softmax temperature applied to the z-scored logits", gt=0)
 
     def logit_terms(self, student_logits, labels, teacher_logits=None):
         t = self.settings.base_temperature

@@ -35,17 +35,12 @@ class PEFD(LayerPairDistiller):
         student_layer: str = setting("avgpool", "student module whose output is projected (the penultimate "
                                                 "features)")
         teacher_layer: str = setting("avgpool", "teacher module whose output the projection is aligned with")
-        projectors: int = setting(3, "linear projectors in the ensemble (paper: 3)")
-        weight: float = setting(25.0, "weight of the 1 - cosine term (paper: 25)")
+        projectors: int = setting(3, "linear projectors in the ensemble (paper: 3)", ge=1)
+        weight: float = setting(25.0, "weight of the 1 - cosine term (paper: 25)", ge=0)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = LayerPairDistiller.layer_problems(settings)
-        if settings.projectors < 1:
-            found.append(("projectors", f"must be >= 1, got {settings.projectors}"))
-        if settings.weight < 0:
-            found.append(("weight", f"must be >= 0, got {settings.weight}"))
-        return found
+        return LayerPairDistiller.layer_problems(settings)
 
     def build(self, student_probe, teacher_probe, num_samples):
         student_dim = student_probe[self.settings.student_layer].shape[1]

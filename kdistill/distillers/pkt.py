@@ -33,12 +33,11 @@ class PKT(LayerPairDistiller):
     class Settings:
         student_layer: str = setting("avgpool", "student module whose output (flattened) is transferred")
         teacher_layer: str = setting("avgpool", "teacher module whose output (flattened) is transferred")
-        weight: float = setting(30000.0, "weight of the PKT term (RepDistiller and mdistiller: 30000)")
+        weight: float = setting(30000.0, "weight of the PKT term (RepDistiller and mdistiller: 30000)", ge=0)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = LayerPairDistiller.layer_problems(settings)
-        return found + ([("weight", f"must be >= 0, got {settings.weight}")] if settings.weight < 0 else [])
+        return LayerPairDistiller.layer_problems(settings)
 
     def forward(self, student, labels, teacher=None, index=None):
         ce = self.cross_entropy(student.logits, labels)

@@ -43,14 +43,12 @@ class RKD(LayerPairDistiller):
     class Settings:
         student_layer: str = setting("avgpool", "student module whose output (flattened) holds the relations")
         teacher_layer: str = setting("avgpool", "teacher module whose output (flattened) holds the relations")
-        distance_weight: float = setting(25.0, "weight of the distance-wise term (paper: 25)")
-        angle_weight: float = setting(50.0, "weight of the angle-wise term (paper: 50)")
+        distance_weight: float = setting(25.0, "weight of the distance-wise term (paper: 25)", ge=0)
+        angle_weight: float = setting(50.0, "weight of the angle-wise term (paper: 50)", ge=0)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = LayerPairDistiller.layer_problems(settings)
-        return found + [(name, f"must be >= 0, got {getattr(settings, name)}")
-                        for name in ("distance_weight", "angle_weight") if getattr(settings, name) < 0]
+        return LayerPairDistiller.layer_problems(settings)
 
     def forward(self, student, labels, teacher=None, index=None):
         ce = self.cross_entropy(student.logits, labels)

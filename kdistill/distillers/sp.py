@@ -31,12 +31,11 @@ class SP(LayerPairDistiller):
     class Settings:
         student_layer: str = setting("layer4", "student module whose activations' similarities are kept")
         teacher_layer: str = setting("layer4", "teacher module whose activations' similarities are kept")
-        weight: float = setting(3000.0, "weight of the similarity term (paper's gamma and mdistiller: 3000)")
+        weight: float = setting(3000.0, "weight of the similarity term (paper's gamma and mdistiller: 3000)", ge=0)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
-        found = LayerPairDistiller.layer_problems(settings)
-        return found + ([("weight", f"must be >= 0, got {settings.weight}")] if settings.weight < 0 else [])
+        return LayerPairDistiller.layer_problems(settings)
 
     def forward(self, student, labels, teacher=None, index=None):
         ce = self.cross_entropy(student.logits, labels)

@@ -1,0 +1,53 @@
+"""Which settings change a run's numbers: what a resumed run, a sweep point and the processes of a
+distributed run must agree on, and what a run folder saved before a setting existed may lack."""
+from __future__ import annotations
+
+from .config import Config, upsampled_side
+from .distillers import DISTILLERS
+
+# Settings that change where or how fast a run goes, never its numbers.
+NON_RESULT_KEYS = {"out", "device", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline",
+                   "compile", "deploy_check", "ddp_timeout_s"}
+# Model settings added later whose value then reproduces what kdistill did before them.
+LATER_MODEL_SETTINGS = {"steps": 0, "patience": 0}
+
+
+def _unused_method_section(section: str, *methods: str | None) -> bool:
+    """Whether distill.<section> holds the settings of a method none of methods is: they change no number."""
+    return section in DISTILLERS and section not in methods
+
+
+def missing_setting_keeps_results(name: str, cfg: Config) -> bool:
+    """Whether a run folder saved before setting `name` existed resumes unchanged under cfg: the setting
+    changes no numbers, or belongs to a method cfg does not use, or holds the value that reproduces what
+    kdistill did before it (several processes and several teachers came later; stored features too)."""
+    top, _, rest = name.partition(".")
+    if top in NON_RESULT_KEYS or top == "sync_bn":  # sync_bn acts only with several processes
+        return True
+    if top == "distill" and "." in rest:
+        return _unused_method_section(rest.split(".")[0], cfg.distill.method)
+    if rest in LATER_MODEL_SETTINGS and (top in ("teacher", "student") or top.startswith("ensemble")):
+        return getattr(cfg.student if top == "student" else cfg.teacher, rest) == LATER_MODEL_SETTINGS[rest]
+    return ((name == "ensemble" and not cfg.ensemble)
+            or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
+            or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features())
+            or (name == "teacher.input_size" and not upsampled_side(cfg.teacher, cfg.image_size))
+            or (name == "student.input_size" and not upsampled_side(cfg.student, cfg.image_size)))
+
+
+def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two resolved configs, ignoring settings that don't change results:
+    those in NON_RESULT_KEYS, and the section distill.<method> of a method neither config uses."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        if not prefix and key in NON_RESULT_KEYS:
+            continue
+        if prefix == "distill." and _unused_method_section(key, old.get("method"), new.get("method")):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += result_differences(a, b, prefix=f"{name}.")
+        elif a != b:
+            diffs.append(f"{name} ({a!r} -> {b!r})")
+    return diffs
