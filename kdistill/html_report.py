@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from .errors import printable  # noqa: E402
 from .fileio import atomic_write_text  # noqa: E402
 from .report import LABELS, plot_label, seen_size  # noqa: E402
+from .run_verdict import run_verdict  # noqa: E402
 from .significance import verdict  # noqa: E402
 
 CALIBRATION_BINS = 15
@@ -30,6 +31,7 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1220px; color: #222; }
 h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; }
 ul.warnings li { color: #8a4b00; margin: 4px 0; }
+p.verdict { font-size: 17px; font-weight: 600; margin: 10px 0 14px; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
@@ -245,6 +247,7 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>kdistill report</title>",
         f"<style>{STYLE}</style></head><body><h1>kdistill report</h1>",
+        f"<p class='verdict'>{html.escape(run_verdict(metrics))}</p>",
         f"<p class='note'>Data {_text(config['data'])}: {len(classes)} classes, "
         + ", ".join(f"{count:,} {split}" for split, count in metrics["images"].items())
         + f" images; image size {config['image_size']} px; device {html.escape(metrics['device'])} "

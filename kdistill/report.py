@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .errors import printable  # noqa: E402
 from .fileio import atomic_write, atomic_write_text, refuse_link  # noqa: E402
+from .run_verdict import run_verdict  # noqa: E402
 from .significance import EXACT_BELOW, SIGNIFICANCE_LEVEL, verdict  # noqa: E402
 
 LABELS = {"teacher": "Teacher", "student": "Distilled student", "baseline": "Student without teacher"}
@@ -179,7 +180,7 @@ def markdown(metrics: dict, config: dict) -> str:
     seed_text = (f"seed {config['seed']} (data split, teacher), students over seeds {', '.join(map(str, seeds))}"
                  if seeds else f"seed {config['seed']}")
     lines = [
-        "# kdistill report", "",
+        "# kdistill report", "", f"**{run_verdict(metrics)}**", "",
         f"Data: `{config['data']}` ({metrics['classes']} classes; {metrics['images']['train']} train, "
         f"{metrics['images']['val']} val, {metrics['images'].get('test', 0)} test images; "
         f"{metrics['skipped_files']} skipped), image size {config['image_size']}, {seed_text}, "

@@ -54,4 +54,23 @@ def test_a_run_writes_its_warnings_to_the_log_metrics_and_reports(digits_dataset
     assert [line for line in lines if line.startswith("warning: ")] == [f"warning: {w}" for w in metrics["warnings"]]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Warnings" in report and report.index("## Warnings") < report.index("| Model |")
+    assert report.splitlines()[2].startswith("**The distilled student (tiny_nets:tiny_teacher) reaches ")
     assert "no larger than its student" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_the_verdict_states_student_teacher_baseline_significance_and_deployed_cost():
+    from kdistill.run_verdict import run_verdict
+
+    metrics = {"models": {"teacher": {"best_val_acc": 0.86, "best_epoch": 12, "arch": "resnet34"},
+                          "student": {"best_val_acc": 0.8485, "best_epoch": 30, "arch": "resnet18",
+                                      "size_mb": 42.7, "params": 11.2e6},
+                          "baseline": {"best_val_acc": 0.7588, "best_epoch": 26, "arch": "resnet18"}},
+               "mcnemar": {"b": 340, "c": 105, "p_value": 1e-28, "test": "exact"},
+               "deployment": {"student_onnx_int8": {"size_mb": 10.8, "latency_ms_b1": 1.25, "threads": 2}}}
+    assert run_verdict(metrics) == (
+        "The distilled student (resnet18) reaches 84.85% (epoch 30) val accuracy, 1.1 points under its teacher "
+        "(86.00%) and +9.0 points against the same student without a teacher (McNemar p = 1e-28: the gain is "
+        "larger than the noise); deployed as int8 ONNX it is 10.8 MiB and takes 1.25 ms per image on this CPU "
+        "(2 threads).")
+    del metrics["deployment"], metrics["models"]["baseline"], metrics["mcnemar"]
+    assert run_verdict(metrics).endswith("under its teacher (86.00%); it is 42.7 MiB with 11.2M parameters.")
