@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from kdistill.config import build_config
+from kdistill.config import SignalPlan, build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy, build_distiller
 from kdistill.models import standardized_model
@@ -67,6 +67,8 @@ from kdistill.pipeline import train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches, train_teacher
 from kdistill.batches import Batches
 from kdistill.train import predict_logits
+
+VIEWS, ONLINE = SignalPlan("views", "benchmark"), SignalPlan("online", "benchmark")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-seedlike"
@@ -284,11 +286,11 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
     views_batches, views_seconds = None, None
     if "kd_views" in args.only:
         started = time.perf_counter()
-        views_batches = distillation_batches("views", augmented_cfg, data, {"teacher": trained_teacher}, augmented,
+        views_batches = distillation_batches(VIEWS, augmented_cfg, data, {"teacher": trained_teacher}, augmented,
                                                COMPUTE, quiet)[0]
         views_seconds = time.perf_counter() - started
         print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
-    online_batches, _ = distillation_batches("online", augmented_cfg, data, {"teacher": trained_teacher}, augmented,
+    online_batches, _ = distillation_batches(ONLINE, augmented_cfg, data, {"teacher": trained_teacher}, augmented,
                                              COMPUTE, quiet)
     distiller = build_distiller(cfg.distill.method, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
 

@@ -2,7 +2,7 @@
 
 Every registered method (kdistill.distillers.DISTILLERS) trains one student epoch through kdistill's
 own pipeline.train_student (student.epochs=1), with the teacher's signal served the way a run serves
-it for that method (cfg.signal_mode(): cached logits without augmentation; a method that reads
+it for that method (cfg.signal_plan(): cached logits without augmentation; a method that reads
 teacher features gets what the run gives it, cached or online, and the table says which). The
 reference is a plain epoch (cross-entropy only, no teacher) on the same batches. Each epoch is timed
 as fit's pass over the training batches; the variants are interleaved and rotated over --repeats,
@@ -68,9 +68,9 @@ def main() -> None:
         runs = {"plain": (base, batcher("train"), lambda: CrossEntropy(), "none")}
         for method in args.methods:
             cfg = dataclasses.replace(base, distill=dataclasses.replace(base.distill, method=method))
-            batches, served = distillation_batches(cfg.signal_mode(), cfg, data, {"teacher": trained}, batcher,
+            batches, served = distillation_batches(cfg.signal_plan(), cfg, data, {"teacher": trained}, batcher,
                                                    compute, quiet)
-            runs[method] = (cfg, batches, cfg.distiller, served)
+            runs[method] = (cfg, batches, cfg.distiller, served.kind)
         n = len(data.splits["train"].files)
         print(f"{n} training images at {args.size} px, teacher resnet34, student resnet18, batch "
               f"{base.student.batch_size}, precision {compute.precision}, augment none")

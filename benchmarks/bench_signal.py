@@ -33,7 +33,7 @@ import torchvision
 from bench_epoch import TimedBatches, cpu_model, make_subset, quiet
 
 from kdistill.batcher import ImageBatcher
-from kdistill.config import build_config
+from kdistill.config import SignalPlan, build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy
 from kdistill.features import resolve_auto_layers
@@ -41,6 +41,8 @@ from kdistill.models import standardized_model
 from kdistill.compute import Compute, resolve_precision
 from kdistill.pipeline import train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches
+
+VIEWS, ONLINE = SignalPlan("views", "benchmark"), SignalPlan("online", "benchmark")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-seedlike"
@@ -101,16 +103,16 @@ def main() -> None:
         plain_batcher, mixed_batcher = ImageBatcher(data, base, compute.device), ImageBatcher(data, mixed,
                                                                                                 compute.device)
         started = time.perf_counter()
-        views, _ = distillation_batches("views", base, data, {"teacher": trained}, plain_batcher, compute, quiet)
+        views, _ = distillation_batches(VIEWS, base, data, {"teacher": trained}, plain_batcher, compute, quiet)
         views_seconds = time.perf_counter() - started
         kd = base.distiller
         runs = {
             "plain": (base, plain_batcher, plain_batcher("train", augment=True), CrossEntropy),
             "views": (base, plain_batcher, views, kd),
-            "online": (base, plain_batcher, distillation_batches("online", base, data, {"teacher": trained},
+            "online": (base, plain_batcher, distillation_batches(ONLINE, base, data, {"teacher": trained},
                                                                  plain_batcher, compute, quiet)[0], kd),
             "plain_mix": (mixed, mixed_batcher, mixed_batcher("train", augment=True, mix=True), CrossEntropy),
-            "online_mix": (mixed, mixed_batcher, distillation_batches("online", mixed, data, {"teacher": trained},
+            "online_mix": (mixed, mixed_batcher, distillation_batches(ONLINE, mixed, data, {"teacher": trained},
                                                                       mixed_batcher, compute, quiet)[0], kd),
         }
         n = len(data.splits["train"].files)

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS, Distiller, build_distiller
@@ -29,6 +29,11 @@ from .settings import (apply_settings, bound_problem, convert, leaves, parse_set
 MAX_SEED = 2**32 - 1
 MAX_BATCH_SIZE = 65536
 MIN_TEMPERATURE = 0.01  # distill.temperature's floor (below it logits / T overflow: the loss would be NaN)
+
+
+class SignalPlan(NamedTuple):
+    kind: str  # cached, views or online
+    reason: str  # why, for the log and the report
 
 
 @dataclass
@@ -215,21 +220,32 @@ class Config:
         weights = self.distill.ensemble_weights or [1.0] * (1 + len(self.ensemble))
         return [weight / sum(weights) for weight in weights]
 
-    def signal_mode(self) -> str:
-        """The teacher signal before any memory limit (see teacher.distillation_batches)."""
-        if self.distill.teacher_signal != "auto":
-            return self.distill.teacher_signal
-        # For logits and the teacher features a method reads alike: flip has just two views per
-        # image, so both are stored (exact). Random crops are stored as FKD does when there are at
-        # least as many views per image as student epochs; with fewer, views repeat, and a teacher
-        # that sees fewer views than the student teaches worse (Beyer et al. 2022, "patient and
-        # consistent"), so it runs online on each fresh crop.
+    def signal_plan(self) -> SignalPlan:
+        """How the student gets the teacher's output, and why, decided here once for the run, its
+        baseline and sweep (teacher.distillation_batches may only turn a stored signal online, under
+        auto, where the teacher features a method reads would not fit in memory)."""
+        chosen = self.distill.teacher_signal
+        if chosen != "auto":
+            return SignalPlan(chosen, f"distill.teacher_signal={chosen}")
         # Mixed images pair images anew in every batch: only an online teacher sees them.
         if self.mix != "none":
-            return "online"
-        if self.augment in ("none", "flip"):
-            return {"none": "cached", "flip": "views"}[self.augment]
-        return "views" if self.distill.views >= self.student.epochs else "online"
+            return SignalPlan("online", f"mix={self.mix}: mixed images are paired anew in every batch")
+        if self.augment == "none":
+            return SignalPlan("cached", "no augmentation: one exact output per image")
+        # Flip has just two views per image, so both are stored (exact). Random crops are stored as
+        # FKD does when there are at least as many views per image as student epochs; with fewer,
+        # views repeat, and a teacher that sees fewer views than the student teaches worse (Beyer et
+        # al. 2022, "patient and consistent"), so it runs online on each fresh crop.
+        if self.augment == "flip":
+            return SignalPlan("views", "augment=flip: both views of every image stored")
+        if self.distill.views >= self.student.epochs:
+            return SignalPlan("views", f"augment={self.augment} with distill.views={self.distill.views} stored views "
+                                       f"per image, at least student.epochs={self.student.epochs}")
+        return SignalPlan("online", f"augment={self.augment} with distill.views={self.distill.views} stored views "
+                                    f"per image, fewer than student.epochs={self.student.epochs}")
+
+    def signal_mode(self) -> str:
+        return self.signal_plan().kind
 
 
 def preset_names() -> list[str]:

@@ -261,7 +261,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     if transfer:
         log(f"teacher signal: {len(data.splits[transfer].files)} unlabelled images of {cfg.distill.unlabeled} "
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
-    student_train, signal = distillation_batches(cfg.signal_mode(), cfg, data, teachers, batcher, compute, log,
+    student_train, signal = distillation_batches(cfg.signal_plan(), cfg, data, teachers, batcher, compute, log,
                                                  transfer, ranks)
     lap("teacher_signal")
     students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap,
@@ -313,7 +313,8 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     metrics = {"classes": len(data.classes), "class_names": data.classes,
                "images": {name: len(split.files) for name, split in data.splits.items()},
                "skipped_files": len(data.skipped), "device": str(device), "precision": compute.precision,
-               "teacher_signal": signal if cfg.mix == "none" else f"{signal} (mixed batches)",
+               "teacher_signal": signal.kind if cfg.mix == "none" else f"{signal.kind} (mixed batches)",
+               "teacher_signal_reason": signal.reason,
                "transfer_set": {"source": cfg.distill.unlabeled, "images": len(data.splits[transfer].files)}
                if transfer else None, "ensemble": ensemble,
                "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}

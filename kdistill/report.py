@@ -212,7 +212,8 @@ def markdown(metrics: dict, config: dict) -> str:
     d = config["distill"]
     lines += [
         "", f"Distillation: method {d['method']}, T={d['temperature']}, alpha={d['alpha']}, teacher signal "
-            f"{metrics['teacher_signal']} ({SIGNALS[metrics['teacher_signal'].split()[0]]})."
+            f"{metrics['teacher_signal']} ({SIGNALS[metrics['teacher_signal'].split()[0]]}"
+            f"{'; ' + metrics['teacher_signal_reason'] if metrics.get('teacher_signal_reason') else ''})."
             f"{_ensemble_text(metrics)}{_transfer_text(metrics)} GFLOPs count a multiply-add as two FLOPs, for "
             f"one {config['image_size']} px image{_resized_text(models, config['image_size'])}. Latency: median of "
             f"20 forward passes on {metrics['device']}.",

@@ -16,7 +16,7 @@ from .augment import stored_views
 from .batcher import ImageBatcher
 from .callbacks import Session
 from .compute import ONE_PROCESS, Compute, Ranks
-from .config import Config, upsampled_side
+from .config import Config, SignalPlan, upsampled_side
 from .data import PreparedData
 from .distillers import CrossEntropy
 from .features import OnlineTeacher
@@ -154,16 +154,17 @@ def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batc
             "val_acc": accuracy}
 
 
-def distillation_batches(signal: str, cfg: Config, data: PreparedData, teachers: dict[str, TrainedTeacher],
+def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teachers: dict[str, TrainedTeacher],
                          batcher: ImageBatcher, compute: Compute, log,
-                         transfer: str | None = None, ranks: Ranks = ONE_PROCESS) -> tuple[Batches, str]:
-    """The student's training batches with the teachers' signal: cached, stored views, or online;
-    and the signal served (auto turns to online where stored teacher features would not fit in
-    distill.max_signal_memory_gb).
+                         transfer: str | None = None, ranks: Ranks = ONE_PROCESS) -> tuple[Batches, SignalPlan]:
+    """The student's training batches with the teachers' signal as planned (Config.signal_plan:
+    cached, stored views, or online), and the plan served: under auto, a stored signal turns online
+    where the teacher features a method reads would not fit in distill.max_signal_memory_gb.
 
     transfer: the split of unlabelled images the teacher labels, served after the training images
     (labels -1: they reach the student through the teacher's terms only). A stored signal is
     computed once per node, by its first process; the others read it."""
+    signal = plan.kind
     served = batcher.join("train", transfer) if transfer else "train"
     count = len(batcher.splits[served].files)
     paths = cfg.distiller().teacher_features()
@@ -177,14 +178,16 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, teachers:
     if paths and signal != "online" and not _features_fit(cfg, members[0], paths, batcher(served), signal,
                                                           count * (1 if views is None else views.shape[1]),
                                                           compute, log):
-        signal = "online"
+        plan = SignalPlan("online", f"its features would not fit in distill.max_signal_memory_gb="
+                                    f"{cfg.distill.max_signal_memory_gb}")
+        signal = plan.kind
     if signal == "online":  # the teachers see each freshly drawn (and mixed) view
         log(f"teacher signal: online, the teacher{'s run' if len(members) > 1 else ' runs'} on every training "
-            f"batch ({_online_reason(cfg)})")
+            f"batch ({plan.reason})")
         teacher = (OnlineTeacher(members[0].model, paths) if len(members) == 1 else
                    EnsembleTeacher([member.model for member in members], cfg.teacher_weights(),
                                    cfg.distill.temperature))
-        return batcher(served, augment=True, mix=True, teacher=teacher), signal
+        return batcher(served, augment=True, mix=True, teacher=teacher), plan
     # A method reading features gets them and its first teacher's logits from one pass of that teacher.
     first_pass = _first_pass(members[0], paths, cfg, batcher, served, views, compute) if paths else None
     logits = [_stored_logits(member, cfg, data, batcher, served, transfer, views, compute, log, ranks,
@@ -195,18 +198,7 @@ def distillation_batches(signal: str, cfg: Config, data: PreparedData, teachers:
         extras.update({TEACHER_FEATURES + path: value for path, value in _stored_features(
             members[0], paths, cfg, data, batcher, served, transfer, views, compute, log, ranks,
             first_pass).items()})
-    return batcher(served, views=views, extras=extras), signal
-
-
-def _online_reason(cfg: Config) -> str:
-    if cfg.mix != "none":
-        return f"mix={cfg.mix}: mixed images are paired anew in every batch"
-    if cfg.distill.teacher_signal == "online":
-        return "distill.teacher_signal=online"
-    if cfg.signal_mode() == "online":  # under auto, past mix: random crops with fewer views than epochs
-        return (f"augment={cfg.augment} with distill.views={cfg.distill.views} stored views per image, fewer than "
-                f"student.epochs={cfg.student.epochs}")
-    return f"its features would not fit in distill.max_signal_memory_gb={cfg.distill.max_signal_memory_gb}"
+    return batcher(served, views=views, extras=extras), plan
 
 
 def _features_fit(cfg: Config, teacher: TrainedTeacher, paths, batches: Batches, signal: str, samples: int,

@@ -225,3 +225,13 @@ def test_student_and_baseline_see_identical_mixed_inputs(digits_dataset, tmp_pat
     labels = torch.cat([y for _, y, _ in student])
     assert labels.shape[1] == 3 and (labels.max(1).values < 1).any()  # mixed: probabilities, some not one-hot
     assert all(y.dim() == 1 for _, y, _ in seen["teacher"])  # the teacher trains on unmixed labels
+
+
+def test_the_signal_plan_says_why_in_one_place():
+    """Config.signal_plan decides the kind and its reason once; the log and metrics.json repeat it."""
+    assert build_config().signal_plan().reason == "no augmentation: one exact output per image"
+    assert build_config(sets=["augment=rrc_flip"]).signal_plan() == (
+        "online", "augment=rrc_flip with distill.views=8 stored views per image, fewer than student.epochs=40")
+    assert build_config(sets=["mix=cutmix"]).signal_plan().reason.startswith("mix=cutmix")
+    assert build_config(sets=["augment=flip", "distill.teacher_signal=online"]).signal_plan() == (
+        "online", "distill.teacher_signal=online")
