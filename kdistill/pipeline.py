@@ -45,12 +45,14 @@ ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
 
 
 def make_logger(out: str):
+    """Each message on stdout and in OUT/log.txt, stamped with the time (and, in the file, the date)."""
     log_path = os.path.join(out, "log.txt")
 
     def log(message: str) -> None:
         message = printable(message)
-        print(message, flush=True)
-        append_text(log_path, message + "\n")  # not through a link planted in a received run folder
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+        # Not through a link planted in a received run folder.
+        append_text(log_path, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
     return log
 
 

@@ -33,7 +33,7 @@ def tiny_net():
                          nn.Flatten(), nn.Linear(8, 10))
 '''
 ARCH = "sweep_nets:tiny_net"
-EPOCH_LINE = re.compile(r"^(teacher|student|baseline)(?:-seed\d+)? epoch \d+/\d+:", re.MULTILINE)
+EPOCH_LINE = re.compile(r"^(?:[\d-]+ [\d:]+ )?(teacher|student|baseline)(?:-seed\d+)? epoch \d+/\d+:", re.MULTILINE)
 GRID = ["--grid", "distill.temperature=1,4", "--grid", "distill.alpha=0.25,0.9"]
 
 
