@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from kdistill.augment import stored_views
+from kdistill.augmentations import stored_views, view_params
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute, resolve_device, resolve_precision
 from kdistill.config import build_config
@@ -42,7 +42,7 @@ def main() -> None:
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     # The views a views-mode run stores for its student, which its baseline replays (teacher.py).
     views = stored_views(cfg.augment, len(data.splits["train"].files), cfg.distill.views, cfg.image_size, cfg.seed,
-                         cfg.rrc_scale, cfg.rrc_ratio)
+                         view_params(cfg))
     log(f"baseline alone: {compute.precision} on {device}, label smoothing {cfg.student.label_smoothing}, "
         f"{views.shape[1]} stored views per image")
     _, _, history = train_student("baseline", cfg.seed, cfg, data, batcher("train", views=views), batcher("val"),

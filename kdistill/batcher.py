@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views
+from .augment import BatchMixer
+from .augmentations import AUGMENTATIONS, view_params
 from .config import Config
 from .data import PreparedData, SplitData, to_unit_range
 from .batches import Batches
@@ -42,10 +43,9 @@ class ImageBatcher:
     def __init__(self, data: PreparedData, cfg: Config, device: torch.device, resident: bool | None = None,
                  channels_last: bool | None = None):
         self.splits = dict(data.splits)
-        self.augmentation = cfg.augment
+        self.augmentation = AUGMENTATIONS.get(cfg.augment)  # None: no augmentation
         self.image_size = cfg.image_size
-        self.pad = crop_padding(cfg.augment, cfg.image_size)
-        self.rrc_scale, self.rrc_ratio = cfg.rrc_scale, cfg.rrc_ratio
+        self.view_params = view_params(cfg)
         self.mixer = (BatchMixer(cfg.mix, len(data.classes), cfg.mixup_alpha, cfg.cutmix_alpha)
                       if cfg.mix != "none" else None)
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
@@ -74,12 +74,10 @@ class ImageBatcher:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _apply_view(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        if self.augmentation == "rrc_flip":
-            return self._memory_format(apply_boxes(x, views, self.image_size))
-        return self._memory_format(apply_views(x, views, self.pad))
+        return self._memory_format(self.augmentation.apply(x, views, self.image_size))
 
     def _draw_views(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        return draw_views(self.augmentation, count, self.image_size, generator, self.rrc_scale, self.rrc_ratio)
+        return self.augmentation.draw(count, self.image_size, generator, self.view_params)
 
     def _mix(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None):
         x, labels = self.mixer(x, labels, generator)
@@ -91,7 +89,7 @@ class ImageBatcher:
         replay; mix: mixup/cutmix as set (after the view), labels served as class probabilities."""
         split = self.splits[name]
         labels = split.labels if split.labels is not None else torch.zeros(len(split.files), dtype=torch.int64)
-        fresh = augment and self.augmentation != "none" and views is None
+        fresh = augment and self.augmentation is not None and views is None
         viewed = fresh or views is not None
 
         def to_model_input(batch: torch.Tensor) -> torch.Tensor:

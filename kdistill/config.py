@@ -14,7 +14,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .augment import AUGMENTATIONS, MIXES, RRC_RATIO, RRC_SCALE
+from .augment import MIXES
+from .augmentations import AUGMENTATIONS, CHOICES as AUGMENT_CHOICES
+from .augmentations.rrc_flip import RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS, Distiller, build_distiller
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
@@ -162,7 +164,7 @@ class Config:
                                 "and history/ always", item_kind=str)
     augment: str = setting("none", "none, flip (random horizontal flip), crop_flip (random crop of the image "
                                    "reflect-padded by image_size/8, then flip) or rrc_flip (random-resized crop, "
-                                   "then flip); done on the device", choices=AUGMENTATIONS)
+                                   "then flip); done on the device", choices=AUGMENT_CHOICES)
     rrc_scale: list = setting(list(RRC_SCALE), "rrc_flip: [low, high] range of the crop's share of the image area")
     rrc_ratio: list = setting(list(RRC_RATIO), "rrc_flip: [low, high] range of the crop's width/height")
     mix: str = setting("none", "mixup, cutmix, or both (one of the two at random per batch) of the student's and "
@@ -236,8 +238,9 @@ class Config:
         # FKD does when there are at least as many views per image as student epochs; with fewer,
         # views repeat, and a teacher that sees fewer views than the student teaches worse (Beyer et
         # al. 2022, "patient and consistent"), so it runs online on each fresh crop.
-        if self.augment == "flip":
-            return SignalPlan("views", "augment=flip: both views of every image stored")
+        if AUGMENTATIONS[self.augment].distinct_views:
+            return SignalPlan("views", f"augment={self.augment}: all {AUGMENTATIONS[self.augment].distinct_views} "
+                                       f"views of every image stored")
         if self.distill.views >= self.student.epochs:
             return SignalPlan("views", f"augment={self.augment} with distill.views={self.distill.views} stored views "
                                        f"per image, at least student.epochs={self.student.epochs}")

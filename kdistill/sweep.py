@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .augmentations import AUGMENTATIONS, VIEW_SETTINGS, view_params
 from .config import Config, build_config
 from .config_diff import result_differences
 from .data import scan_dataset
@@ -118,12 +119,15 @@ def point_name(assignments: list[tuple[str, str]]) -> str:
     return f"{name[:MAX_POINT_NAME]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def _unread_view_settings(cfg: Config) -> set[str]:
+    """The settings of other augmentations' views (rrc_scale without rrc_flip): they change nothing here."""
+    return VIEW_SETTINGS - set(view_params(cfg))
+
+
 def teacher_settings(cfg: Config) -> dict:
-    """The settings the teacher's training reads; the crop ranges only for rrc_flip (see augment.draw_views)."""
-    settings = {key: value for key, value in cfg.to_dict().items() if key not in NOT_TEACHER}
-    if cfg.augment != "rrc_flip":
-        del settings["rrc_scale"], settings["rrc_ratio"]
-    return settings
+    """The settings the teacher's training reads; of the views' settings, its augmentation's only."""
+    ignored = NOT_TEACHER | _unread_view_settings(cfg)
+    return {key: value for key, value in cfg.to_dict().items() if key not in ignored}
 
 
 def baseline_settings(cfg: Config) -> dict:
@@ -131,12 +135,12 @@ def baseline_settings(cfg: Config) -> dict:
     the teacher (pipeline.without_teacher): with augmentation, the teacher signal's kind picks stored
     views (distill.views of them; flip always stores its two) or fresh ones; without, every kind serves
     the same batches."""
-    settings = {key: value for key, value in cfg.to_dict().items() if key not in NOT_BASELINE}
-    if cfg.augment != "rrc_flip":
-        del settings["rrc_scale"], settings["rrc_ratio"]
+    ignored = NOT_BASELINE | _unread_view_settings(cfg)
+    settings = {key: value for key, value in cfg.to_dict().items() if key not in ignored}
     signal = cfg.signal_mode() if cfg.augment != "none" else "unaugmented"
+    every_view_stored = signal == "views" and AUGMENTATIONS[cfg.augment].distinct_views  # views does not matter
     settings["distill"] = {"batches": signal, "unlabeled": cfg.distill.unlabeled,
-                           **({"views": cfg.distill.views} if signal == "views" and cfg.augment != "flip" else {})}
+                           **({"views": cfg.distill.views} if signal == "views" and not every_view_stored else {})}
     return settings
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .augment import stored_views
+from .augmentations import stored_views, view_params
 from .batcher import ImageBatcher
 from .callbacks import Session
 from .compute import ONE_PROCESS, Compute, Ranks
@@ -171,8 +171,7 @@ def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teac
     members = list(teachers.values())
     views = None
     if signal == "views":  # FKD: K stored augmented views per image
-        views = stored_views(cfg.augment, count, cfg.distill.views, cfg.image_size, cfg.seed,
-                             cfg.rrc_scale, cfg.rrc_ratio)
+        views = stored_views(cfg.augment, count, cfg.distill.views, cfg.image_size, cfg.seed, view_params(cfg))
         if views.shape[1] != cfg.distill.views:
             log(f"teacher signal: augment={cfg.augment} has {views.shape[1]} distinct views per image; storing those")
     if paths and signal != "online" and not _features_fit(cfg, members[0], paths, batcher(served), signal,

@@ -10,7 +10,11 @@ from torchvision.transforms.v2 import functional as TF
 import kdistill
 from conftest import tiny_settings
 from kdistill import pipeline, teacher
-from kdistill.augment import BatchMixer, apply_boxes, apply_views, crop_padding, draw_views, stored_views
+from kdistill.augment import BatchMixer
+from kdistill.augmentations import draw_views, stored_views
+from kdistill.augmentations.crop_flip import crop_padding
+from kdistill.augmentations.flip import apply_views
+from kdistill.augmentations.rrc_flip import apply_boxes
 from kdistill.config import build_config
 from kdistill.distillers import KD, CrossEntropy
 from kdistill.errors import KdistillError
@@ -20,13 +24,13 @@ from kdistill.train import predict_logits
 
 CPU = torch.device("cpu")
 quiet = lambda message: None  # noqa: E731
-APPLY = {"crop_flip": lambda x, v: apply_views(x, v, crop_padding("crop_flip", 16)),
+APPLY = {"crop_flip": lambda x, v: apply_views(x, v, crop_padding(16)),
          "rrc_flip": lambda x, v: apply_boxes(x, v, 16)}
 
 
 def test_a_view_is_the_crop_of_the_padded_image_then_the_flip():
     x = torch.randn(3, 3, 16, 16)
-    pad = crop_padding("crop_flip", 16)
+    pad = crop_padding(16)
     views = torch.tensor([[0, pad, pad], [1, 0, 4], [0, 2 * pad, 1]])
     out = apply_views(x, views, pad)
     padded = F.pad(x, (pad,) * 4, mode="reflect")
@@ -54,9 +58,10 @@ def test_a_resized_crop_view_is_torchvisions_resized_crop_then_the_flip():
 
 def test_drawn_boxes_respect_the_scale_and_ratio_ranges():
     size, scale, ratio = 64, (0.2, 0.6), (0.5, 2.0)
-    views = draw_views("rrc_flip", 4000, size, torch.Generator().manual_seed(0), scale, ratio)
+    params = {"rrc_scale": scale, "rrc_ratio": ratio}
+    views = draw_views("rrc_flip", 4000, size, torch.Generator().manual_seed(0), params)
     assert views.shape == (4000, 5) and views[:, 0].unique().tolist() == [0, 1]
-    assert torch.equal(views, draw_views("rrc_flip", 4000, size, torch.Generator().manual_seed(0), scale, ratio))
+    assert torch.equal(views, draw_views("rrc_flip", 4000, size, torch.Generator().manual_seed(0), params))
     top, left, height, width = views[:, 1:].double().unbind(1)
     assert top.min() == 0 and left.min() == 0 and (top + height).max() == size and (left + width).max() == size
     assert ((top + height) <= size).all() and ((left + width) <= size).all()
@@ -68,14 +73,15 @@ def test_drawn_boxes_respect_the_scale_and_ratio_ranges():
     assert ((width + 0.5) / (height - 0.5) >= ratio[0]).all() and ((width - 0.5) / (height + 0.5) <= ratio[1]).all()
     assert (width / height).min() < 0.55 and (width / height).max() > 1.8
     # No box fits (too wide for the scale): torchvision's fallback, a centred box of the nearest ratio.
-    fallback = draw_views("rrc_flip", 5, size, torch.Generator().manual_seed(0), (0.95, 1.0), (1.5, 2.0))
+    fallback = draw_views("rrc_flip", 5, size, torch.Generator().manual_seed(0),
+                          {"rrc_scale": (0.95, 1.0), "rrc_ratio": (1.5, 2.0)})
     expected = torchvision.transforms.RandomResizedCrop.get_params(torch.zeros(3, size, size), [0.95, 1.0], [1.5, 2.0])
     assert fallback[:, 1:].tolist() == [list(expected)] * 5
 
 
 def test_drawn_views_stay_inside_the_padded_image_and_vary():
     views = draw_views("crop_flip", 2000, 32, torch.Generator().manual_seed(0))
-    pad = crop_padding("crop_flip", 32)
+    pad = crop_padding(32)
     assert views.shape == (2000, 3) and views[:, 0].unique().tolist() == [0, 1]
     assert views[:, 1:].min() == 0 and views[:, 1:].max() == 2 * pad
     assert draw_views("flip", 50, 32)[:, 1:].abs().sum() == 0
@@ -235,3 +241,28 @@ def test_the_signal_plan_says_why_in_one_place():
     assert build_config(sets=["mix=cutmix"]).signal_plan().reason.startswith("mix=cutmix")
     assert build_config(sets=["augment=flip", "distill.teacher_signal=online"]).signal_plan() == (
         "online", "distill.teacher_signal=online")
+
+
+def test_an_augmentation_is_one_file_and_a_registry_line(digits_dataset, tmp_path, monkeypatch):
+    """A vertical flip added the way docs/extending.md says: it is a valid `augment`, its views are
+    drawn, applied on the device and stored for the teacher like the built-in ones."""
+    import kdistill
+    from kdistill import augmentations, config
+    from kdistill.augmentations.flip import Flip
+
+    class VerticalFlip(Flip):
+        def apply(self, x, views, image_size):
+            return torch.where(views[:, 0].view(-1, 1, 1, 1).bool(), x.flip(2), x)
+
+    monkeypatch.setitem(augmentations.AUGMENTATIONS, "vflip", VerticalFlip())
+    monkeypatch.setattr(config.Config.__dataclass_fields__["augment"], "metadata",
+                        {**config.Config.__dataclass_fields__["augment"].metadata,
+                         "choices": ("none", *augmentations.AUGMENTATIONS)})
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    out = augmentations.AUGMENTATIONS["vflip"].apply(x, torch.tensor([[1, 0, 0], [0, 0, 0]]), 4)
+    assert torch.equal(out[0], x[0].flip(1)) and torch.equal(out[1], x[1])
+    lines = []
+    metrics = kdistill.run(tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), augment="vflip",
+                                         teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                                         student={"arch": "tiny_nets:tiny_student", "epochs": 2}), log=lines.append)
+    assert metrics["teacher_signal"] == "views" and "all 2 views of every image stored" in metrics["teacher_signal_reason"]

@@ -112,7 +112,9 @@ def test_under_auto_features_above_the_limit_make_the_teacher_run_online(digits_
     assert ("teacher signal: online, the teacher runs on every training batch (its features would not fit in "
             "distill.max_signal_memory_gb=0.0001)") in messages
     with open(tmp_path / "run" / "report.md") as f:
-        assert "teacher signal online (the teacher ran on every training batch)" in f.read()
+        assert ("teacher signal online (the teacher ran on every training batch; its features would not fit in "
+                "distill.max_signal_memory_gb=0.0001)") in f.read()
+    assert metrics["teacher_signal_reason"] == "its features would not fit in distill.max_signal_memory_gb=0.0001"
 
 
 def test_auto_stores_random_crops_with_a_view_per_epoch_and_features_that_fit(digits_dataset, tmp_path, monkeypatch):

@@ -97,14 +97,14 @@ def test_stored_views_are_keyed_by_the_views_themselves():
     the views and so the key: no stale signal can be served for other crops."""
     from types import SimpleNamespace
 
-    from kdistill.augment import stored_views
+    from kdistill.augmentations import stored_views
     from kdistill.teacher import _signal_parts
 
     teacher = SimpleNamespace(model=torch.nn.Linear(2, 2))
     data, compute = SimpleNamespace(key="data"), SimpleNamespace(key=lambda: "cpu-fp32")
 
     def key(augment, scale, seed=0):
-        views = stored_views(augment, 10, 4, 32, seed, scale, (3 / 4, 4 / 3))
+        views = stored_views(augment, 10, 4, 32, seed, {"rrc_scale": scale, "rrc_ratio": (3 / 4, 4 / 3)})
         return _signal_parts(SimpleNamespace(augment=augment), teacher, data, None, views, compute)
     assert key("rrc_flip", (0.35, 1.0)) == key("rrc_flip", (0.35, 1.0))
     assert key("rrc_flip", (0.35, 1.0)) != key("rrc_flip", (0.25, 1.0))
