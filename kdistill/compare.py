@@ -16,7 +16,7 @@ from .fileio import atomic_write_text
 from .settings import read_yaml
 
 _ABSENT = object()  # a setting a run's config.yaml does not have (an older kdistill)
-# Columns from metrics.json's models entries (see pipeline.summarize and evaluate.profile).
+# Columns from metrics.json's models entries (see finish.summarize and evaluate.profile).
 COST_COLUMNS = (("params (M)", "params", lambda value: f"{value / 1e6:.2f}"),
                 ("size (MiB)", "size_mb", lambda value: f"{value:.1f}"),
                 ("GFLOPs", "gflops", lambda value: f"{value:.2f}"),

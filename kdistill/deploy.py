@@ -36,7 +36,7 @@ from .data import PreparedData, list_images, prepare, scan_dataset
 from .data_key import same_data
 from .compare import read_metrics
 from .errors import KdistillError
-from .export import export_onnx, load_bundle, load_onnx_student
+from .export import ONNX_PROBE_IMAGES, export_onnx, load_bundle, load_onnx_student
 from .fileio import atomic_write, atomic_write_text
 from .given_teacher import load_given_teacher
 from .models import Standardized, is_trusted_arch
@@ -47,7 +47,6 @@ CALIBRATION_IMAGES = 256  # training images the int8 activation ranges are calib
 CALIBRATION_SEED = 0
 BATCH_SIZES = (1, 32)
 ACCURACY_BATCH = 64
-ONNX_PROBE_IMAGES = 8  # val images the fp32 export is checked on (as in pipeline.py)
 # The rows of the table: model, engine and precision.
 ROWS = ("student_torch_fp32", "student_onnx_fp32", "student_onnx_int8", "teacher_torch_fp32")
 

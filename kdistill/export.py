@@ -26,6 +26,7 @@ from .models import Standardized, build_model, is_trusted_arch
 
 BUNDLE_KEYS = {"arch", "dropout", "classes", "image_size", "normalize", "mean", "std", "state_dict"}
 # ONNX Runtime and PyTorch must agree within atol + rtol * (largest |logit|) on every logit.
+ONNX_PROBE_IMAGES = 8  # val images an ONNX export is checked on against PyTorch
 ONNX_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 # What an ONNX student says about itself: enough to prepare its input and name its outputs.
 ONNX_METADATA_KEYS = ("arch", "classes", "image_size", "normalize", "mean", "std")

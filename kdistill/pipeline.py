@@ -21,28 +21,19 @@ from .compute import (ONE_PROCESS, Compute, Ranks, check_same_experiment, first_
                       lost_process, resolve_precision)
 from .callbacks import Session
 from .config import Config, input_side, resolve_steps, save_config, upsampled_side
-from .deploy import deployment_check
-from .data import DatasetFiles, PreparedData, prepare, scan_dataset, to_unit_range
+from .data import DatasetFiles, PreparedData, prepare, scan_dataset
 from .data_key import cache_key
 from .distillers import CrossEntropy
 from .errors import KdistillError, printable
-from .evaluate import profile, write_predictions
-from .export import export_onnx, save_bundle
 from .features import resolve_auto_layers
+from .finish import Stopwatch, Trained, best_and_final, finish_run, run_name
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
                      remove_stale_temporaries, save_torch)
-from .html_report import write_html_report
 from .loggers import make_loggers
 from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
-from .report import write_report, write_val_predictions
-from .diagnose import run_warnings
-from .significance import discordant_counts, mcnemar, summarize_seeds
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
-from .train import fit, offered_val_acc, predict_logits
-
-ONNX_PROBE_IMAGES = 8  # val images the ONNX export is checked on
-
+from .train import fit, predict_logits
 
 def make_logger(out: str):
     """Each message on stdout and in OUT/log.txt, stamped with the time (and, in the file, the date)."""
@@ -87,21 +78,6 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     return student.eval(), normalize, history
 
 
-def best_and_final(history: list[dict]) -> dict:
-    """The best epoch by val accuracy of the weights it offers (raw or EMA), and the last one's."""
-    best = max(history, key=offered_val_acc)  # the first epoch reaching the best
-    return {"best_val_acc": offered_val_acc(best), "best_epoch": best["epoch"],
-            "final_val_acc": offered_val_acc(history[-1])}
-
-
-def summarize(arch: str, seed: int, normalize: str, model: nn.Module, history: list[dict], weights_file: str,
-              image_size: int, device: torch.device) -> dict:
-    return {"arch": arch, "seed": seed, "input_standardization": normalize,
-            "input_size": getattr(model, "input_size", 0) or image_size, **best_and_final(history),
-            "epochs": history[-1]["epoch"], "train_seconds": sum(row["seconds"] for row in history),
-            **profile(model, weights_file, image_size, device)}
-
-
 class TrainedStudents(NamedTuple):
     """The student and the baseline trained once per seed."""
     first: dict[str, tuple[str, int, str, Standardized]]  # kind -> (run name, seed, input statistics, model)
@@ -110,11 +86,6 @@ class TrainedStudents(NamedTuple):
     val_predicted: dict[str, torch.Tensor]  # run name -> predicted class of each val image (best weights)
     first_val_logits: dict[str, torch.Tensor]  # kind -> the first seed's val logits, for report.html
     generations: list[dict]  # born again, per seed and generation: run name, best_val_acc, best_epoch, final_val_acc
-
-
-def run_name(kind: str, seed: int, cfg: Config) -> str:
-    """A single run keeps the plain names; with seeds each seed's checkpoints, weights and history get their own."""
-    return f"{kind}-seed{seed}" if cfg.seeds else kind
 
 
 def train_students(cfg: Config, data: PreparedData, student_train: Batches, val: Batches, compute: Compute,
@@ -214,6 +185,19 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None,
         leave_ranks(ranks)
 
 
+def _announce_and_check_models(cfg: Config, ranks: Ranks, log) -> None:
+    """Before any work: what steps make, third-party models that would crash, weights to download."""
+    for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
+        if part.steps and part.epochs:
+            log(f"{name}: {part.steps} steps of batch {part.batch_size} make {part.epochs} epochs on this data")
+        if part.epochs == 0:  # a finished teacher: loaded and checked with the data (given_teacher)
+            continue
+        if ":" in part.arch:  # a third-party model that would crash in training: say so now
+            check_train_output(part.arch, input_side(part, cfg.image_size), f"{name}.arch")
+        if part.weights == "imagenet":  # offline? say so now, not after preparing the data
+            ranks.main_first(functools.partial(fetch_pretrained, part.arch))  # downloaded once per node
+
+
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
                 log, shared_checkpoints: dict[str, str] | None) -> dict:
     if ranks.main:
@@ -225,39 +209,23 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     else:
         log = silent
     compute = Compute(device, resolve_precision(cfg.precision, device))
-    for name, part in (*cfg.teachers().items(), ("student", cfg.student)):
-        if part.steps and part.epochs:
-            log(f"{name}: {part.steps} steps of batch {part.batch_size} make {part.epochs} epochs on this data")
-        if part.epochs == 0:  # a finished teacher: loaded and checked with the data (given_teacher)
-            continue
-        if ":" in part.arch:  # a third-party model that would crash in training: say so now
-            check_train_output(part.arch, input_side(part, cfg.image_size), f"{name}.arch")
-        if part.weights == "imagenet":  # offline? say so now, not after preparing the data
-            ranks.main_first(functools.partial(fetch_pretrained, part.arch))  # downloaded once per node
+    _announce_and_check_models(cfg, ranks, log)
     cfg = resolve_auto_layers(cfg, log)  # after the checks of the architectures, before any signal
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    started = last_lap = time.perf_counter()
-    stage_seconds: dict[str, float] = {}  # wall time of each stage in this invocation
-
-    def lap(stage: str) -> None:
-        nonlocal last_lap
-        now = time.perf_counter()
-        stage_seconds[stage] = round(now - last_lap, 2)
-        last_lap = now
+    stopwatch = Stopwatch()
 
     log(f"prepare: {cfg.data}")
     data = ranks.main_first(lambda: prepare(
         cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction, seed=cfg.seed,
         workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log, scanned=dataset))
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
-    lap("prepare")
+    stopwatch.lap("prepare")
     models_dir = os.path.join(cfg.out, "models")
-
     checkpoints = {kind: os.path.join(cfg.out, "checkpoints") for kind in ("teacher", "student", "baseline")}
     checkpoints |= shared_checkpoints or {}
     teachers = train_teachers(cfg, data, batcher, compute, models_dir, log, checkpoints["teacher"], ranks)
     ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log) if ranks.main else None
-    lap("teacher")
+    stopwatch.lap("teacher")
 
     transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
     if transfer:
@@ -265,88 +233,12 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
     student_train, signal = distillation_batches(cfg.signal_plan(), cfg, data, teachers, batcher, compute, log,
                                                  transfer, ranks)
-    lap("teacher_signal")
-    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, lap,
+    stopwatch.lap("teacher_signal")
+    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, stopwatch.lap,
                               checkpoints, lambda taught: distillation_batches(
                                   signal, cfg, data, {"teacher": taught}, batcher, compute, log, transfer, ranks)[0],
                               ranks)
     if not ranks.main:
         return {}
-    histories = {**{name: teacher.history for name, teacher in teachers.items()}, **students.histories}
-
-    log("report: measuring models, writing predictions, report and exports")
-    val = data.splits["val"]
-    write_val_predictions(os.path.join(cfg.out, "val_predictions.csv"), val.files, val.labels,
-                          students.val_predicted, data.classes)
-    trained = {**{name: (name, teacher.seed, teacher.normalize, teacher.model) for name, teacher in teachers.items()},
-               **students.first}
-    models = {}
-    for kind, (name, seed, normalize, model) in trained.items():
-        arch = teachers[kind].arch if kind in teachers else cfg.student.arch
-        models[kind] = summarize(arch, seed, normalize, model, histories[name],
-                                 os.path.join(models_dir, f"{name}.pt"), cfg.image_size, device)
-    counts = []  # per seed, (b, c): val images only the distilled student / only the baseline gets right
-    if "baseline" in students.rows:  # with born again, generation 0
-        for row in students.rows["student"]:
-            right = [(students.val_predicted[run_name(kind, row["seed"], cfg)] == val.labels).tolist()
-                     for kind in ("student", "baseline")]
-            counts.append(discordant_counts(*right))
-    student = students.first["student"][3]
-    # Every model in the report's comparison has its val logits (an ensemble's teacher-2, ... too).
-    val_logits = {**{name: predict_logits(teacher.model, batcher("val"), cfg.teachers()[name].batch_size, *compute)
-                     for name, teacher in teachers.items()}, **students.first_val_logits}
-
-    if "test" in data.splits and data.splits["test"].files:
-        test = data.splits["test"]
-        write_predictions(os.path.join(cfg.out, "predictions.csv"), test.files,
-                          predict_logits(student, batcher("test"), cfg.student.batch_size, *compute), data.classes)
-        log(f"predict: wrote {len(test.files)} predictions of the distilled student to "
-            f"{os.path.join(cfg.out, 'predictions.csv')}")
-
-    student_cpu = student.cpu()
-    described = save_bundle(os.path.join(cfg.out, "student.pt"), student_cpu, cfg.student.arch, cfg.student.dropout,
-                            data.classes, cfg.image_size, models["student"]["input_standardization"])
-    val_images = data.splits["val"].images[:ONNX_PROBE_IMAGES]
-    onnx_diff = export_onnx(os.path.join(cfg.out, "student.onnx"), student_cpu, to_unit_range(val_images), described)
-    log(f"export: student.pt and student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e} on "
-        f"{len(val_images)} val images)")
-
-    lap("report_predict_export")
-    metrics = {"classes": len(data.classes), "class_names": data.classes,
-               "images": {name: len(split.files) for name, split in data.splits.items()},
-               "skipped_files": len(data.skipped), "device": str(device), "precision": compute.precision,
-               "teacher_signal": signal.kind if cfg.mix == "none" else f"{signal.kind} (mixed batches)",
-               "teacher_signal_reason": signal.reason,
-               "transfer_set": {"source": cfg.distill.unlabeled, "images": len(data.splits[transfer].files)}
-               if transfer else None, "ensemble": ensemble,
-               "onnx_max_abs_diff": onnx_diff, "stage_seconds": stage_seconds, "models": models}
-    if students.generations:
-        metrics["generations"] = students.generations
-    if cfg.seeds:
-        metrics["seeds"] = students.rows
-        metrics["summary"] = summarize_seeds(students.rows, counts)
-    elif counts:
-        metrics["mcnemar"] = mcnemar(*counts[0])
-    metrics["warnings"] = run_warnings(metrics, histories, data.splits["train"].labels.numpy(), val.labels.numpy(),
-                                       data.classes, cfg.to_dict()["student"])
-    for warning in metrics["warnings"]:
-        log(f"warning: {warning}")
-    if cfg.deploy_check:
-        deployment_check(cfg.out, data, student_cpu, teachers["teacher"].model, metrics, log)
-    write_report(cfg.out, metrics, histories, cfg.to_dict())
-    write_html_report(cfg.out, metrics, cfg.to_dict(), val, data.classes, val_logits, log)
-    lines = [f"  {name:9s} best val acc {m['best_val_acc']:.2%} (epoch {m['best_epoch']}), "
-             f"{m['params'] / 1e6:.1f}M params, {m['gflops']:.2f} GFLOPs" for name, m in models.items()]
-    lines += [f"  born-again generation {row['generation']} ({row['run']}) best val acc {row['best_val_acc']:.2%} "
-              f"(epoch {row['best_epoch']})" for row in students.generations]
-    if cfg.seeds:
-        summary = metrics["summary"]
-        lines.append(f"  over seeds {', '.join(map(str, cfg.seeds))}, best val acc mean ± std: " + "; ".join(
-            f"{kind} {summary[kind]['best_val_acc']['mean']:.2%} ± {summary[kind]['best_val_acc']['std']:.2%}"
-            for kind in students.rows))
-        if counts:
-            lines.append(f"  McNemar pooled over seeds: b {summary['mcnemar']['pooled']['b']}, "
-                         f"c {summary['mcnemar']['pooled']['c']}, p = {summary['mcnemar']['pooled']['p_value']:.2g}")
-    log("done in {:.0f} s; report in {}\n{}".format(time.perf_counter() - started,
-                                                   os.path.join(cfg.out, "report.md"), "\n".join(lines)))
-    return metrics
+    return finish_run(Trained(cfg, data, batcher, compute, teachers, students, signal, ensemble, transfer), stopwatch,
+                      log)

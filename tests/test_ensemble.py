@@ -130,7 +130,7 @@ def test_the_student_learns_from_the_weighted_average_of_two_saved_teachers(digi
             f"weighted average of their probabilities at T=2.0, whose argmax scores {right / 24:.2%}") in report
     assert "| teacher-2 | tiny_nets:tiny_teacher |" in report
     assert os.path.exists(os.path.join(out, "checkpoints", "teacher-2", "best.pt"))
-    assert f"teacher signal {signal} ({SIGNALS[signal]})" in report
+    assert f"teacher signal {signal} ({SIGNALS[signal]}; {metrics['teacher_signal_reason']})" in report
     if signal == "online":
         assert any("teacher signal: online, the teachers run on every training batch (distill.teacher_signal" in m
                    for m in messages)
