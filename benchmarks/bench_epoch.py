@@ -57,7 +57,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from kdistill.config import SignalPlan, build_config
+from kdistill.config import build_config
+from kdistill.signal_plan import SignalPlan
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy, build_distiller
 from kdistill.models import standardized_model
@@ -66,7 +67,7 @@ from kdistill.compute import Compute, cpu_has_bf16
 from kdistill.pipeline import train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches, train_teacher
 from kdistill.batches import Batches
-from kdistill.train import predict_logits
+from kdistill.inference import predict_logits
 
 VIEWS, ONLINE = SignalPlan("views", "benchmark"), SignalPlan("online", "benchmark")
 

@@ -33,7 +33,8 @@ import torchvision
 from bench_epoch import TimedBatches, cpu_model, make_subset, quiet
 
 from kdistill.batcher import ImageBatcher
-from kdistill.config import SignalPlan, build_config
+from kdistill.config import build_config
+from kdistill.signal_plan import SignalPlan
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy
 from kdistill.features import resolve_auto_layers

@@ -217,26 +217,6 @@ class Ranks:
 ONE_PROCESS = Ranks()
 
 
-def check_same_experiment(ranks: Ranks, settings: dict, data_identity: dict) -> None:
-    """Processes started with other settings or other data would train together on different things
-    (or hang in a collective when their epochs differ): each process compares what it was given with
-    rank 0's, so all of them stop alike, in one line naming the first difference."""
-    if not ranks.joined:
-        return
-    from .config_diff import result_differences
-
-    # The data is compared by content: nodes may mount the same images at different paths.
-    settings = {key: value for key, value in settings.items() if key != "data"}
-    given = ranks.gather({"settings": settings, "data": data_identity})
-    for rank, theirs in enumerate(given[1:], 1):
-        differences = result_differences(given[0]["settings"], theirs["settings"])
-        if theirs["data"] != given[0]["data"]:
-            differences.append(f"the data (content key {given[0]['data'].get('key')} -> {theirs['data'].get('key')})")
-        if differences:
-            raise KdistillError(f"process {rank} of {ranks.world_size} was given another experiment than process 0: "
-                                f"{differences[0]}; start every process with the same settings and data")
-
-
 def join_ranks(device_setting: str, timeout_s: int, sync_bn: bool) -> tuple[Ranks, torch.device]:
     """Join the processes torchrun started (its environment: RANK, WORLD_SIZE, LOCAL_RANK and
     MASTER_ADDR/PORT) with their device: on CUDA each uses the GPU cuda:LOCAL_RANK and NCCL, on the

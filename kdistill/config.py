@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
-import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from .augment import MIXES
-from .augmentations import AUGMENTATIONS, CHOICES as AUGMENT_CHOICES
+from .augmentations import CHOICES as AUGMENT_CHOICES
 from .augmentations.rrc_flip import RRC_RATIO, RRC_SCALE
 from .distillers import DISTILLERS, Distiller, build_distiller
 from .errors import KdistillError
 from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
 from .loggers import LOGGERS
 from .sources import CALLABLE, source_of
+from .signal_plan import SignalPlan, plan_signal
 from .settings import (apply_settings, bound_problem, convert, leaves, parse_set, parse_yaml, read_yaml, redefault,
                        render_config, section, setting)
 
@@ -31,11 +31,6 @@ from .settings import (apply_settings, bound_problem, convert, leaves, parse_set
 MAX_SEED = 2**32 - 1
 MAX_BATCH_SIZE = 65536
 MIN_TEMPERATURE = 0.01  # distill.temperature's floor (below it logits / T overflow: the loss would be NaN)
-
-
-class SignalPlan(NamedTuple):
-    kind: str  # cached, views or online
-    reason: str  # why, for the log and the report
 
 
 @dataclass
@@ -223,29 +218,8 @@ class Config:
         return [weight / sum(weights) for weight in weights]
 
     def signal_plan(self) -> SignalPlan:
-        """How the student gets the teacher's output, and why, decided here once for the run, its
-        baseline and sweep (teacher.distillation_batches may only turn a stored signal online, under
-        auto, where the teacher features a method reads would not fit in memory)."""
-        chosen = self.distill.teacher_signal
-        if chosen != "auto":
-            return SignalPlan(chosen, f"distill.teacher_signal={chosen}")
-        # Mixed images pair images anew in every batch: only an online teacher sees them.
-        if self.mix != "none":
-            return SignalPlan("online", f"mix={self.mix}: mixed images are paired anew in every batch")
-        if self.augment == "none":
-            return SignalPlan("cached", "no augmentation: one exact output per image")
-        # Flip has just two views per image, so both are stored (exact). Random crops are stored as
-        # FKD does when there are at least as many views per image as student epochs; with fewer,
-        # views repeat, and a teacher that sees fewer views than the student teaches worse (Beyer et
-        # al. 2022, "patient and consistent"), so it runs online on each fresh crop.
-        if AUGMENTATIONS[self.augment].distinct_views:
-            return SignalPlan("views", f"augment={self.augment}: all {AUGMENTATIONS[self.augment].distinct_views} "
-                                       f"views of every image stored")
-        if self.distill.views >= self.student.epochs:
-            return SignalPlan("views", f"augment={self.augment} with distill.views={self.distill.views} stored views "
-                                       f"per image, at least student.epochs={self.student.epochs}")
-        return SignalPlan("online", f"augment={self.augment} with distill.views={self.distill.views} stored views "
-                                    f"per image, fewer than student.epochs={self.student.epochs}")
+        """How the student gets the teacher's output, and why: decided here once (see signal_plan.py)."""
+        return plan_signal(self)
 
     def signal_mode(self) -> str:
         return self.signal_plan().kind
@@ -409,24 +383,3 @@ def save_config(cfg: Config, path: str) -> None:
     from .fileio import atomic_write_text
 
     atomic_write_text(path, render_config(cfg))
-
-
-def resolve_steps(cfg: Config, train_images: int, transfer_images: int) -> Config:
-    """cfg with each model's epochs set from its steps, where > 0: the fewest whole epochs reaching them
-    on its training images (the distilled student's include the transfer set; the baseline trains as
-    many epochs). Refuses, naming the setting, a warmup_epochs that the resolved epochs don't exceed."""
-    def resolved(name: str, part, images: int):
-        if not part.steps or part.epochs == 0:
-            return part
-        epochs = math.ceil(part.steps / math.ceil(images / part.batch_size))
-        if part.warmup_epochs >= epochs:
-            raise KdistillError(f"setting {name}.warmup_epochs must be below the {epochs} epochs that {name}.steps="
-                                f"{part.steps} makes on {images} training images, got {part.warmup_epochs}")
-        return dataclasses.replace(part, epochs=epochs)
-
-    ensemble = [dict(changes) for changes in cfg.ensemble]
-    for position, (changes, member) in enumerate(zip(ensemble, list(cfg.teachers().values())[1:])):
-        if {"steps", "batch_size", "epochs"} & set(changes):  # else it inherits the teacher's resolved epochs
-            changes["epochs"] = resolved(f"ensemble[{position}]", member, train_images).epochs
-    return dataclasses.replace(cfg, teacher=resolved("teacher", cfg.teacher, train_images), ensemble=ensemble,
-                               student=resolved("student", cfg.student, train_images + transfer_images))

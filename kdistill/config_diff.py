@@ -2,8 +2,10 @@
 distributed run must agree on, and what a run folder saved before a setting existed may lack."""
 from __future__ import annotations
 
+from .compute import Ranks
 from .config import Config, upsampled_side
 from .distillers import DISTILLERS
+from .errors import KdistillError
 
 # Settings that change where or how fast a run goes, never its numbers.
 NON_RESULT_KEYS = {"out", "device", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline",
@@ -51,3 +53,21 @@ def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             diffs.append(f"{name} ({a!r} -> {b!r})")
     return diffs
+
+
+def check_same_experiment(ranks: Ranks, settings: dict, data_identity: dict) -> None:
+    """Processes started with other settings or other data would train together on different things
+    (or hang in a collective when their epochs differ): each process compares what it was given with
+    rank 0's, so all of them stop alike, in one line naming the first difference."""
+    if not ranks.joined:
+        return
+    # The data is compared by content: nodes may mount the same images at different paths.
+    settings = {key: value for key, value in settings.items() if key != "data"}
+    given = ranks.gather({"settings": settings, "data": data_identity})
+    for rank, theirs in enumerate(given[1:], 1):
+        differences = result_differences(given[0]["settings"], theirs["settings"])
+        if theirs["data"] != given[0]["data"]:
+            differences.append(f"the data (content key {given[0]['data'].get('key')} -> {theirs['data'].get('key')})")
+        if differences:
+            raise KdistillError(f"process {rank} of {ranks.world_size} was given another experiment than process 0: "
+                                f"{differences[0]}; start every process with the same settings and data")

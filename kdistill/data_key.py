@@ -16,13 +16,31 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, field
+from typing import Iterable
 
 from .errors import KdistillError
 from .fileio import atomic_write_text, file_sha256
 
-if TYPE_CHECKING:
-    from .scan import DatasetFiles, SplitFiles
+
+@dataclass
+class SplitFiles:
+    """One split's files as listed (scan.py), with what keys them."""
+    root: str  # the folder file names are relative to
+    files: list[str]
+    labels: list[int] | None  # None for the unlabelled test split
+    stats: list[tuple[int, int]] = field(default_factory=list)  # (size, mtime_ns) per file
+    digests: list[str] = field(default_factory=list)  # sha256 of each file's bytes
+
+
+@dataclass
+class DatasetFiles:
+    """A dataset's classes and splits as listed, before any image is decoded."""
+    classes: list[str]
+    splits: dict[str, SplitFiles]
+    rejected: list[tuple[str, str]]  # (path, reason): non-image or unreadable entries
+    notices: list[str]
+
 
 INDEX_FOLDER = "file-hashes"  # in the cache folder, beside the entries
 KEY_VERSION = 3  # 2: files by size and mtime; 3: by content

@@ -16,7 +16,7 @@ from torch import nn
 
 from .compute import Compute
 from .batches import Batches
-from .train import predict_logits
+from .inference import predict_logits
 
 
 def combined_logits(logits: Sequence[torch.Tensor], weights: Sequence[float], temperature: float) -> torch.Tensor:

@@ -10,7 +10,8 @@ from typing import Any
 
 from .batcher import ImageBatcher
 from .compute import Compute
-from .config import Config, SignalPlan
+from .config import Config
+from .signal_plan import SignalPlan
 from .data import PreparedData, to_unit_range
 from .deploy import deployment_check
 from .diagnose import run_warnings
@@ -19,7 +20,8 @@ from .export import ONNX_PROBE_IMAGES, export_onnx, save_bundle
 from .html_report import write_html_report
 from .report import write_report, write_val_predictions
 from .significance import discordant_counts, mcnemar, summarize_seeds
-from .train import offered_val_acc, predict_logits
+from .inference import predict_logits
+from .train import offered_val_acc
 
 
 

@@ -17,15 +17,17 @@ from torch import nn
 
 from .batcher import ImageBatcher
 from .batches import Batches
-from .compute import (ONE_PROCESS, Compute, Ranks, check_same_experiment, first_line, join_ranks, leave_ranks,
+from .compute import (ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks,
                       lost_process, resolve_precision)
 from .callbacks import Session
-from .config import Config, input_side, resolve_steps, save_config, upsampled_side
+from .config import Config, input_side, save_config, upsampled_side
+from .config_diff import check_same_experiment
 from .data import DatasetFiles, PreparedData, prepare, scan_dataset
 from .data_key import cache_key
 from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .features import resolve_auto_layers
+from .steps import resolve_steps
 from .finish import Stopwatch, Trained, best_and_final, finish_run, run_name
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
                      remove_stale_temporaries, save_torch)
@@ -33,7 +35,8 @@ from .loggers import make_loggers
 from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
-from .train import fit, predict_logits
+from .inference import predict_logits
+from .train import fit
 
 def make_logger(out: str):
     """Each message on stdout and in OUT/log.txt, stamped with the time (and, in the file, the date)."""

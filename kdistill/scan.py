@@ -8,32 +8,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data_key import fingerprint
+from .data_key import DatasetFiles, SplitFiles, fingerprint  # noqa: F401  (the listing's types)
 from .errors import KdistillError
 from .images import IGNORED_NAMES, entry_problem
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class SplitFiles:
-    root: str  # the folder file names are relative to
-    files: list[str]
-    labels: list[int] | None  # None for the unlabelled test split
-    stats: list[tuple[int, int]] = field(default_factory=list)  # (size, mtime_ns) per file
-    digests: list[str] = field(default_factory=list)  # sha256 of each file's bytes
-
-
-@dataclass
-class DatasetFiles:
-    classes: list[str]
-    splits: dict[str, SplitFiles]
-    rejected: list[tuple[str, str]]  # (path, reason): non-image or unreadable entries
-    notices: list[str]
 
 
 def _is_ignored(name: str) -> bool:

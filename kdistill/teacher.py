@@ -16,7 +16,8 @@ from .augmentations import stored_views, view_params
 from .batcher import ImageBatcher
 from .callbacks import Session
 from .compute import ONE_PROCESS, Compute, Ranks
-from .config import Config, SignalPlan, upsampled_side
+from .config import Config, upsampled_side
+from .signal_plan import SignalPlan
 from .data import PreparedData
 from .distillers import CrossEntropy
 from .features import OnlineTeacher
@@ -30,7 +31,8 @@ from .progress import progress_bar
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
                              hooked_outputs, signal_key)
 from .batches import TEACHER_FEATURES, Batches
-from .train import evaluate, fit, predict_logits
+from .inference import evaluate, predict_logits
+from .train import fit
 
 
 class TrainedTeacher(NamedTuple):

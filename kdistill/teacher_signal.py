@@ -31,7 +31,7 @@ from .features import FeatureTaps
 from .fileio import load_torch, save_torch, tensors_sha256
 from .progress import counted, progress_bar
 from .batches import Batches
-from .train import predict_logits
+from .inference import predict_logits
 
 FEATURE_DTYPE = torch.float16
 

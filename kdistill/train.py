@@ -12,55 +12,24 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.optim import lr_scheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
-from .batches import Batches, hard_labels, shard_size, share
+from .batches import Batches, hard_labels, shard_size
+from .inference import evaluate
 from .callbacks import Checkpointer, EarlyStopping, EpochLog, FitState, Session
 from .config import TrainConfig
 from .distillers import Distiller, Outputs
 from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import load_torch
-from .progress import counted, with_progress
-from .compute import ONE_PROCESS, Ranks, autocast, first_line
+from .progress import with_progress
+from .compute import Ranks, autocast, first_line
 
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
 RANK_SEED_STRIDE = 104729  # with several processes, each one's global random stream apart from the others'
 WARMUP_START_FACTOR = 0.01  # cosine's warmup starts at lr * this
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, batches: Batches, batch_size: int, device: torch.device,
-                   precision: str = "fp32", bar: tqdm | None = None, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """The logits of every sample in order (of this process's share of each batch, see share).
-
-    bar: a progress bar (progress.progress_bar) to count the images on."""
-    model.eval()
-    outputs = []
-    for x, *_ in counted(batches.iterate(batch_size, device, precision=precision, shard=shard), bar):
-        with autocast(device, precision):
-            outputs.append(model(x).float().cpu())
-    return torch.cat(outputs) if outputs else torch.empty(0)
-
-
-def evaluate(model: nn.Module, batches: Batches, batch_size: int, device: torch.device,
-             precision: str = "fp32", ranks: Ranks = ONE_PROCESS) -> tuple[float, float]:
-    """(cross-entropy loss, accuracy) over a labelled split, in eval mode. With several processes,
-    each evaluates its share of every batch and their sums are added: every image counts once."""
-    logits = predict_logits(model, batches, batch_size, device, precision, shard=ranks.shard)
-    labels = torch.cat([part[share(len(part), ranks.shard)] for part in batches.labels.cpu().split(batch_size)])
-    if not ranks.joined:
-        return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
-    totals = torch.zeros(3, dtype=torch.float64)  # loss, correct, images
-    if len(labels):
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="none").double().sum(),
-                               (logits.argmax(1) == labels).sum().double(), torch.tensor(len(labels)).double()])
-    totals = ranks.sum(totals.to(device)).cpu()
-    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
 
 
 def parameter_groups(trainable: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:

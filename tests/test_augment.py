@@ -20,7 +20,7 @@ from kdistill.distillers import KD, CrossEntropy
 from kdistill.errors import KdistillError
 from kdistill.models import build_model
 from kdistill.batches import Batches
-from kdistill.train import predict_logits
+from kdistill.inference import predict_logits
 
 CPU = torch.device("cpu")
 quiet = lambda message: None  # noqa: E731

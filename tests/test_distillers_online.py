@@ -16,7 +16,8 @@ from kdistill.distillers import DKD, DML, BornAgain, Outputs
 from kdistill.errors import KdistillError
 from kdistill.fileio import load_torch
 from kdistill.batches import Batches
-from kdistill.train import fit, predict_logits
+from kdistill.inference import predict_logits
+from kdistill.train import fit
 from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")

@@ -12,7 +12,8 @@ from kdistill.distillers import CrossEntropy
 from kdistill.fileio import load_torch
 from kdistill.progress import progress_bar, show_progress
 from kdistill.batches import Batches
-from kdistill.train import fit, predict_logits
+from kdistill.inference import predict_logits
+from kdistill.train import fit
 from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")

@@ -3,7 +3,8 @@ import pytest
 import yaml
 
 import kdistill
-from kdistill.config import build_config, resolve_steps
+from kdistill.config import build_config
+from kdistill.steps import resolve_steps
 from kdistill.errors import KdistillError
 
 from conftest import tiny_settings

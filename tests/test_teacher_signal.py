@@ -10,7 +10,8 @@ from kdistill.compute import Compute
 from kdistill.teacher import TrainedTeacher
 from kdistill.teacher_signal import cached_tensors, head_inputs
 from kdistill.batches import Batches
-from kdistill.train import fit, predict_logits
+from kdistill.inference import predict_logits
+from kdistill.train import fit
 from kdistill.callbacks import Session
 
 CPU = torch.device("cpu")

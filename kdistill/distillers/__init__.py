@@ -34,6 +34,7 @@ DISTILLERS: dict[str, type[Distiller]] = {
     "dml": DML,
     "born_again": BornAgain,
 }
+BornAgain.methods = DISTILLERS  # the methods a generation may be distilled with
 
 
 def build_distiller(method: str, *, temperature: float, alpha: float, label_smoothing: float = 0.0,

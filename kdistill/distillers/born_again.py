@@ -30,14 +30,14 @@ class BornAgain(Distiller):
         base: str = setting("kd", "the logit method each generation is distilled with (kd, dkd, dist, lskd, ...; "
                                   "its settings are its own section distill.<base>)")
 
-    @staticmethod
-    def problems(settings) -> list[tuple[str, str]]:
-        from . import DISTILLERS  # registered after this module is imported
+    methods: dict = {}  # the registry (distillers.DISTILLERS), handed over once it is complete
 
+    @classmethod
+    def problems(cls, settings) -> list[tuple[str, str]]:
         found = []
-        method = DISTILLERS.get(settings.base)
+        method = cls.methods.get(settings.base)
         if not (method is not None and issubclass(method, LogitDistiller) and method.needs_teacher):
-            logit_methods = [name for name, m in DISTILLERS.items()
+            logit_methods = [name for name, m in cls.methods.items()
                              if issubclass(m, LogitDistiller) and m.needs_teacher]
             found.append(("base", f"must be a method that reads the teacher's logits only "
                                   f"({', '.join(logit_methods)}), got {settings.base!r}"))
