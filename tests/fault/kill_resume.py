@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -61,6 +62,9 @@ def finished_epochs(out: str) -> int:
     return total
 
 
+TIME_STAMP = re.compile(r"^\d\d:\d\d:\d\d ")
+
+
 class Run:
     """`kdistill run` in a subprocess, with each output line's arrival time."""
 
@@ -76,7 +80,8 @@ class Run:
 
     def _read(self) -> None:
         for line in self.process.stdout:
-            self.lines.append((time.perf_counter(), line.rstrip("\n")))
+            # Without the time kdistill stamps on each line, so lines read as the stages name them.
+            self.lines.append((time.perf_counter(), TIME_STAMP.sub("", line.rstrip("\n"), count=1)))
 
     def stage_started(self, stage: str) -> float | None:
         return next((t for t, line in self.lines if line.startswith(f"{stage}:")), None)
