@@ -263,6 +263,27 @@ def save_torch(obj: Any, path: str, what: str = "checkpoint") -> None:
     atomic_write(path, write, what)
 
 
+def save_weights(state: dict[str, torch.Tensor], path: str, twin: str, what: str) -> None:
+    """save_torch(state, path), except where the file twin (a model's best.pt) holds the same tensors:
+    then path is a hard link to it, so a run folder keeps each model's weights once on disk."""
+    try:
+        saved = load_torch(twin, what=what) if os.path.exists(twin) else None
+    except KdistillError:
+        saved = None
+    if (isinstance(saved, dict) and saved.keys() == state.keys()
+            and all(torch.equal(saved[key], value.detach().cpu()) for key, value in state.items())):
+        temporary = os.path.join(os.path.dirname(path), temporary_name(os.path.basename(path)))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.link(twin, temporary)
+            os.replace(temporary, path)
+            return
+        except OSError:  # a file system without hard links: write the copy
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    save_torch(state, path, what=what)
+
+
 def snapshot(obj: Any) -> Any:
     """A copy of nested containers whose tensors are copied to the CPU: later in-place updates
     (an optimizer step) cannot change it."""

@@ -30,7 +30,7 @@ from .features import resolve_auto_layers
 from .steps import resolve_steps
 from .finish import Stopwatch, Trained, best_and_final, finish_run, run_name
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
-                     remove_stale_temporaries, save_torch)
+                     remove_stale_temporaries, save_weights)
 from .loggers import make_loggers
 from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
@@ -128,7 +128,8 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
                 previous = (name, TrainedTeacher(model, "", normalize, history, None))
             if not ranks.main:  # every process teaches the next generation; rank 0 alone saves and reports
                 continue
-            save_torch(model.state_dict(), os.path.join(models_dir, f"{name}.pt"), what=f"{name} weights")
+            save_weights(model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
+                         os.path.join(checkpoint_dir, "best.pt"), f"{name} weights")
             trained.histories[name] = history
             # For the paired test: the best weights' answer on each val image.
             val_logits = predict_logits(model, val, cfg.student.batch_size, *compute)

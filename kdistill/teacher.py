@@ -23,7 +23,7 @@ from .distillers import CrossEntropy
 from .features import OnlineTeacher
 from .ensemble import EnsembleTeacher, combined_logits, ensemble_val_acc
 from .errors import KdistillError
-from .fileio import save_torch, tensors_sha256
+from .fileio import save_weights, tensors_sha256
 from .given_teacher import load_given_teacher
 from .loggers import make_loggers
 from .models import Standardized, standardized_model, trainable_part, weights_source
@@ -74,8 +74,8 @@ def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, compu
         teachers[name] = train_teacher(cfg, data, batcher, compute, log, name, settings, cfg.seed + position,
                                        os.path.join(checkpoints_root, name), ranks)
         if ranks.main:
-            save_torch(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
-                       what=f"{name} weights")
+            save_weights(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
+                         os.path.join(checkpoints_root, name, "best.pt"), f"{name} weights")
     return teachers
 
 

@@ -31,6 +31,9 @@ def test_a_finished_run_keeps_histories_not_training_state_and_reruns_nothing(di
         state = load_torch(path)
         assert state["finished"] and "optimizer" not in state and "model" not in state
         assert [row["epoch"] for row in state["history"]] == [1, 2]
+    for model in ("teacher", "student", "baseline"):  # each model's best weights once on disk
+        assert os.path.samefile(os.path.join(run, "models", f"{model}.pt"),
+                                os.path.join(run, "checkpoints", model, "best.pt"))
     lines = []
     again = kdistill.run(settings(digits_dataset, tmp_path), log=lines.append)
     assert not any(" epoch " in line and "/2:" in line for line in lines)  # nothing trained again
