@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import KdistillError
 from .fileio import atomic_write_text
-from .settings import read_yaml
+from .run_folder import RunFolder
 
 _ABSENT = object()  # a setting a run's config.yaml does not have (an older kdistill)
 # Columns from metrics.json's models entries (see finish.summarize and evaluate.profile).
@@ -46,9 +46,8 @@ def read_run(folder: str) -> tuple[dict, dict]:
     """(metrics, settings) of a finished run folder."""
     if not os.path.isdir(folder):
         raise KdistillError(f"run folder {folder} does not exist")
-    metrics = read_metrics(os.path.join(folder, "metrics.json"))
-    config_path = os.path.join(folder, "config.yaml")
-    return metrics, read_yaml(config_path, f"run settings {config_path}")
+    run = RunFolder(folder)
+    return read_metrics(run.metrics), run.saved_settings("run settings")
 
 
 def flatten(settings: dict, prefix: str = "") -> dict[str, Any]:

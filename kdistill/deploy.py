@@ -41,7 +41,7 @@ from .fileio import atomic_write, atomic_write_text
 from .given_teacher import load_given_teacher
 from .models import Standardized, is_trusted_arch
 from .report import markdown
-from .settings import apply_settings, read_yaml
+from .run_folder import RunFolder
 
 CALIBRATION_IMAGES = 256  # training images the int8 activation ranges are calibrated on
 CALIBRATION_SEED = 0
@@ -200,7 +200,7 @@ def deployment_check(out: str, data: PreparedData, student: Standardized, teache
     ("deployment": row -> size_mb (MiB), val_acc, latency_ms_b1, latency_ms_b32, threads; and
     "deployment_setup": how it was measured), on torch's number of threads."""
     threads = torch.get_num_threads()
-    fp32_path, int8_path = os.path.join(out, "student.onnx"), os.path.join(out, "student-int8.onnx")
+    fp32_path, int8_path = RunFolder(out).student_onnx, RunFolder(out).student_int8
     try:
         quantize_int8(fp32_path, int8_path, data.splits["train"].images)
     except (AssertionError, ValueError, RuntimeError) as e:
@@ -209,12 +209,12 @@ def deployment_check(out: str, data: PreparedData, student: Standardized, teache
         log(f"deploy: int8 quantization failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             "the deployment table has no int8 row")
         int8_path = None
-    engines = {"student_torch_fp32": Engine(torch_engine(student), os.path.join(out, "student.pt"), True),
+    engines = {"student_torch_fp32": Engine(torch_engine(student), RunFolder(out).student_bundle, True),
                "student_onnx_fp32": Engine(onnx_engine(fp32_path, threads), fp32_path, False)}
     if int8_path:
         engines["student_onnx_int8"] = Engine(onnx_engine(int8_path, threads), int8_path, False)
     if teacher is not None:
-        engines["teacher_torch_fp32"] = Engine(torch_engine(teacher), os.path.join(out, "models", "teacher.pt"), True)
+        engines["teacher_torch_fp32"] = Engine(torch_engine(teacher), RunFolder(out).model_weights("teacher"), True)
     val = data.splits["val"]
     rows = measure(engines, val.images, val.labels, timing, threads)
     metrics["deployment"] = rows
@@ -236,19 +236,6 @@ def _run_file(run_dir: str, name: str) -> str:
     if not os.path.exists(path):
         raise KdistillError(f"{path} not found: is {run_dir} a finished kdistill run?")
     return path
-
-
-def run_settings(run_dir: str) -> tuple[Config, dict]:
-    """The run's settings as a Config (not validated again: a weights file or transfer folder it
-    named may have moved since; only the data settings are used) and as saved."""
-    path = _run_file(run_dir, "config.yaml")
-    saved = read_yaml(path, f"the run's settings {path}")
-    cfg = Config()
-    try:
-        apply_settings(cfg, saved)
-    except KdistillError as e:
-        raise KdistillError(f"{path}: {e}") from None
-    return cfg, saved
 
 
 def _listed_data(cfg: Config) -> tuple[list[str], dict[str, int]]:
@@ -346,15 +333,16 @@ def export_run(run_dir: str, trust_arch: bool = False, timing: Timing = EXPORT_T
     Returns the table."""
     if not os.path.isdir(run_dir):
         raise KdistillError(f"run folder {run_dir} does not exist")
+    folder = RunFolder(run_dir)
     metrics_path = _run_file(run_dir, "metrics.json")
     student, bundle = load_bundle(_run_file(run_dir, "student.pt"), trust_arch)
-    cfg, saved = run_settings(run_dir)
+    cfg, saved = folder.settings(), folder.saved_settings()
     metrics = read_metrics(metrics_path)  # checked before any file is rewritten
     data = run_data(run_dir, cfg, log)
     if data.classes != bundle["classes"] or cfg.image_size != bundle["image_size"]:
         raise KdistillError(f"{run_dir}/student.pt was not trained on this run's data (other classes or image size)")
     probe = torch.from_numpy(_to_unit_range(data.splits["val"].images[:ONNX_PROBE_IMAGES]))
-    difference = export_onnx(os.path.join(run_dir, "student.onnx"), student, probe, bundle)
+    difference = export_onnx(folder.student_onnx, student, probe, bundle)
     log(f"export: student.onnx (ONNX Runtime matches PyTorch within {difference:.1e} on {len(probe)} val images)")
     teacher = run_teacher(run_dir, cfg, data.classes, trust_arch, log)
     deployment_check(run_dir, data, student, teacher, metrics, log, timing)
@@ -365,5 +353,5 @@ def export_run(run_dir: str, trust_arch: bool = False, timing: Timing = EXPORT_T
         raise KdistillError(f"{metrics_path} holds fields of the wrong kind ({type(e).__name__}): the new ONNX "
                             f"files are written, metrics.json and report.md were left as they were") from None
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
-    atomic_write_text(os.path.join(run_dir, "report.md"), report)
+    atomic_write_text(folder.report, report)
     return metrics["deployment"]

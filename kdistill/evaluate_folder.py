@@ -12,6 +12,7 @@ import torch
 from .data import list_images, to_unit_range
 from .errors import KdistillError, printable
 from .fileio import atomic_write_text
+from .run_folder import RunFolder
 from .predict import check_output, folder_logits, load_student, run_max_pixels, student_path
 
 
@@ -55,11 +56,12 @@ def scores(logits: torch.Tensor, labels: np.ndarray, classes: list[str], top_k: 
 
 def _teacher_forward(run_dir: str, classes: list[str], trust_arch: bool, device, log):
     """The run's teacher as a forward on uint8 images, or None (no teacher file, or untrusted)."""
-    from .deploy import run_settings, run_teacher
+    from .deploy import run_teacher
 
-    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+    folder = RunFolder(run_dir)
+    if not os.path.exists(folder.config):
         return None
-    cfg, _ = run_settings(run_dir)
+    cfg = folder.settings()
     teacher = run_teacher(run_dir, cfg, classes, trust_arch, log)
     if teacher is None:
         return None

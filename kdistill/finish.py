@@ -3,7 +3,6 @@ metrics.json and both reports, then the closing summary. Everything here reads w
 stages made (Trained); nothing trains."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from .evaluate import profile, write_predictions
 from .export import ONNX_PROBE_IMAGES, export_onnx, save_bundle
 from .html_report import write_html_report
 from .report import write_report, write_val_predictions
+from .run_folder import RunFolder
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .inference import predict_logits
 from .train import offered_val_acc
@@ -77,10 +77,10 @@ def summarize(arch: str, seed: int, normalize: str, model, history: list[dict], 
 def _measure(run: Trained, histories: dict) -> tuple[dict, list]:
     """Each model's row of the comparison, and per seed the (b, c) counts of the paired test."""
     cfg, students = run.cfg, run.students
-    trained = {**{name: (name, teacher.seed, teacher.normalize, teacher.model) for name, teacher in run.teachers.items()},
-               **students.first}
+    trained = {**{name: (name, teacher.seed, teacher.normalize, teacher.model)
+                  for name, teacher in run.teachers.items()}, **students.first}
     models = {kind: summarize(run.teachers[kind].arch if kind in run.teachers else cfg.student.arch, seed, normalize,
-                              model, histories[name], os.path.join(cfg.out, "models", f"{name}.pt"), cfg.image_size,
+                              model, histories[name], RunFolder(cfg.out).model_weights(name), cfg.image_size,
                               run.compute.device)
               for kind, (name, seed, normalize, model) in trained.items()}
     counts = []  # per seed, (b, c): val images only the distilled student / only the baseline gets right
@@ -98,16 +98,16 @@ def _predict_and_export(run: Trained, input_standardization: str, log) -> tuple[
     cfg, data, student = run.cfg, run.data, run.students.first["student"][3]
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
-        write_predictions(os.path.join(cfg.out, "predictions.csv"), test.files,
+        write_predictions(RunFolder(cfg.out).predictions, test.files,
                           predict_logits(student, run.batcher("test"), cfg.student.batch_size, *run.compute),
                           data.classes)
         log(f"predict: wrote {len(test.files)} predictions of the distilled student to "
-            f"{os.path.join(cfg.out, 'predictions.csv')}")
+            f"{RunFolder(cfg.out).predictions}")
     student_cpu = student.cpu()
-    described = save_bundle(os.path.join(cfg.out, "student.pt"), student_cpu, cfg.student.arch, cfg.student.dropout,
+    described = save_bundle(RunFolder(cfg.out).student_bundle, student_cpu, cfg.student.arch, cfg.student.dropout,
                             data.classes, cfg.image_size, input_standardization)
     val_images = data.splits["val"].images[:ONNX_PROBE_IMAGES]
-    onnx_diff = export_onnx(os.path.join(cfg.out, "student.onnx"), student_cpu, to_unit_range(val_images), described)
+    onnx_diff = export_onnx(RunFolder(cfg.out).student_onnx, student_cpu, to_unit_range(val_images), described)
     log(f"export: student.pt and student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e} on "
         f"{len(val_images)} val images)")
     return student_cpu, onnx_diff
@@ -156,7 +156,7 @@ def finish_run(run: Trained, stopwatch: Stopwatch, log) -> dict:
     histories = {**{name: teacher.history for name, teacher in run.teachers.items()}, **run.students.histories}
     log("report: measuring models, writing predictions, report and exports")
     val = data.splits["val"]
-    write_val_predictions(os.path.join(cfg.out, "val_predictions.csv"), val.files, val.labels,
+    write_val_predictions(RunFolder(cfg.out).val_predictions, val.files, val.labels,
                           run.students.val_predicted, data.classes)
     models, counts = _measure(run, histories)
     # Every model in the report's comparison has its val logits (an ensemble's teacher-2, ... too).
@@ -176,6 +176,6 @@ def finish_run(run: Trained, stopwatch: Stopwatch, log) -> dict:
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     write_html_report(cfg.out, metrics, cfg.to_dict(), val, data.classes, val_logits, log)
     log("done in {:.0f} s; report in {}\n{}".format(time.perf_counter() - stopwatch.started,
-                                                   os.path.join(cfg.out, "report.md"),
+                                                   RunFolder(cfg.out).report,
                                                    "\n".join(_closing_lines(run, metrics))))
     return metrics

@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from .errors import printable  # noqa: E402
 from .fileio import atomic_write_text  # noqa: E402
 from .report import LABELS, plot_label, seen_size  # noqa: E402
+from .run_folder import RunFolder  # noqa: E402
 from .run_verdict import run_verdict  # noqa: E402
 from .significance import verdict  # noqa: E402
 
@@ -301,6 +302,6 @@ def write_html_report(out: str, metrics: dict, config: dict, val, classes: list[
     for name in ("loss.png", "accuracy.png"):
         with open(os.path.join(out, name), "rb") as f:
             curves.append(f.read())
-    path = os.path.join(out, "report.html")
+    path = RunFolder(out).html_report
     atomic_write_text(path, page(metrics, config, val, classes, probabilities, curves))
     log(f"report: {path} written in {time.perf_counter() - started:.1f} s")

@@ -13,7 +13,7 @@ from .config_diff import missing_setting_keeps_results, result_differences
 from .data_key import same_data
 from .errors import KdistillError
 from .scan import DatasetFiles
-from .settings import read_yaml
+from .run_folder import RunFolder
 
 
 def describe_data(dataset: DatasetFiles, key: str) -> dict:
@@ -38,11 +38,10 @@ def _copy_setting(source: dict, target: dict, name: str) -> None:
 def check_out_folder(cfg: Config, dataset: DatasetFiles, data_identity: dict) -> None:
     """An --out holding a different experiment, or the same one on other data, is refused rather
     than mixed or overwritten."""
-    config_path = os.path.join(cfg.out, "config.yaml")
-    # Only a folder where training has started holds results to protect.
-    if not (os.path.exists(config_path) and os.path.isdir(os.path.join(cfg.out, "checkpoints"))):
+    folder = RunFolder(cfg.out)
+    if not folder.has_started_training():  # only then does it hold results to protect
         return
-    saved = read_yaml(config_path, f"saved config {config_path}")
+    saved = folder.saved_settings("saved config")
     current = cfg.to_dict()
     missing = sorted(_setting_names(current) - _setting_names(saved))
     for name in [name for name in missing if missing_setting_keeps_results(name, cfg)]:

@@ -27,6 +27,7 @@ from .data_key import cache_key
 from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .features import resolve_auto_layers
+from .run_folder import RunFolder
 from .steps import resolve_steps
 from .finish import Stopwatch, Trained, best_and_final, finish_run, run_name
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
@@ -76,7 +77,7 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
     history = fit(name, student, student, train, val, objective, s, Session(
-        checkpoint_dir or os.path.join(cfg.out, "checkpoints", name), compute.device, seed + 1, log,
+        checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name), compute.device, seed + 1, log,
         compute.precision, ranks, make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints))
     return student.eval(), normalize, history
 
@@ -206,8 +207,8 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
                 log, shared_checkpoints: dict[str, str] | None) -> dict:
     if ranks.main:
         mark_as_ours(cfg.out)  # holding the folder's lock
-        save_config(cfg, os.path.join(cfg.out, "config.yaml"))
-        atomic_write_text(os.path.join(cfg.out, "data.json"), json.dumps(data_identity))
+        save_config(cfg, RunFolder(cfg.out).config)
+        atomic_write_text(RunFolder(cfg.out).data_identity, json.dumps(data_identity))
         log = log or make_logger(cfg.out)
         remove_stale_temporaries(cfg.out, log, RUN_SUBFOLDERS)  # left by an interrupted run in this folder
     else:
@@ -224,8 +225,8 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log, scanned=dataset))
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     stopwatch.lap("prepare")
-    models_dir = os.path.join(cfg.out, "models")
-    checkpoints = {kind: os.path.join(cfg.out, "checkpoints") for kind in ("teacher", "student", "baseline")}
+    models_dir = os.path.dirname(RunFolder(cfg.out).model_weights("teacher"))
+    checkpoints = {kind: RunFolder(cfg.out).checkpoints for kind in ("teacher", "student", "baseline")}
     checkpoints |= shared_checkpoints or {}
     teachers = train_teachers(cfg, data, batcher, compute, models_dir, log, checkpoints["teacher"], ranks)
     ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log) if ranks.main else None

@@ -15,7 +15,7 @@ from .evaluate import write_predictions
 from .export import load_bundle, load_onnx_student
 from .fileio import temporary_name
 from .images import DEFAULT_MAX_PIXELS, decode_task
-from .settings import read_yaml
+from .run_folder import RunFolder
 from .compute import resolve_device
 
 
@@ -23,10 +23,10 @@ def run_max_pixels(run_dir: str) -> int:
     """The run's own max_image_pixels (from RUN/config.yaml) where it is below the default. A run
     folder may come from someone else: its settings may lower the decompression-bomb limit, never
     raise or switch it off; without a positive integer there, the default applies."""
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    folder = RunFolder(run_dir)
+    if not os.path.exists(folder.config):
         return DEFAULT_MAX_PIXELS
-    limit = read_yaml(path, f"the run's settings {path}").get("max_image_pixels", DEFAULT_MAX_PIXELS)
+    limit = folder.saved_settings().get("max_image_pixels", DEFAULT_MAX_PIXELS)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
         return DEFAULT_MAX_PIXELS
     return min(limit, DEFAULT_MAX_PIXELS)

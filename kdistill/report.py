@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .errors import printable  # noqa: E402
 from .fileio import atomic_write, atomic_write_text, refuse_link  # noqa: E402
+from .run_folder import RunFolder  # noqa: E402
 from .run_verdict import run_verdict  # noqa: E402
 from .significance import EXACT_BELOW, SIGNIFICANCE_LEVEL, verdict  # noqa: E402
 
@@ -260,8 +261,8 @@ def _transfer_text(metrics: dict) -> str:
 
 def write_report(out: str, metrics: dict, histories: dict[str, list[dict]], config: dict) -> None:
     for name, history in histories.items():
-        write_history(os.path.join(out, "history", f"{name}.csv"), history)
+        write_history(RunFolder(out).history(name), history)
     plot_curves(os.path.join(out, "loss.png"), histories, "loss", "loss")
     plot_curves(os.path.join(out, "accuracy.png"), histories, "acc", "accuracy")
-    atomic_write_text(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
-    atomic_write_text(os.path.join(out, "report.md"), markdown(metrics, config))
+    atomic_write_text(RunFolder(out).metrics, json.dumps(metrics, indent=2))
+    atomic_write_text(RunFolder(out).report, markdown(metrics, config))

@@ -25,7 +25,8 @@ from .data_key import cache_key, dated_key
 from .errors import KdistillError, printable
 from .fileio import (append_text, atomic_write_text, claim_folder, folder_in_use, mark_as_ours,
                      refuse_foreign_folder)
-from .settings import convert, leaves, parse_set, read_yaml
+from .run_folder import RunFolder
+from .settings import convert, leaves, parse_set
 
 # Settings a point may not vary, and why.
 NOT_GRIDDED = {"out": "the sweep names each point's folder", "seeds": "--seeds applies to every point",
@@ -183,10 +184,10 @@ def _check_point_folder(point: Point) -> None:
     is refused now, before anything trains, rather than when its turn comes. As for a run, only a
     folder where training started holds results to protect: a point that failed before (a wrong
     setting) runs again with the corrected one."""
-    config_path = os.path.join(point.folder, "config.yaml")
-    if not (os.path.exists(config_path) and os.path.isdir(os.path.join(point.folder, "checkpoints"))):
+    folder = RunFolder(point.folder)
+    if not folder.has_started_training():
         return
-    differences = result_differences(read_yaml(config_path, f"saved config {config_path}"), point.cfg.to_dict())
+    differences = result_differences(folder.saved_settings("saved config"), point.cfg.to_dict())
     if differences:
         raise KdistillError(f"{point.folder} holds a run with other settings ({'; '.join(differences[:3])}); "
                             f"use another --out, or the same settings to resume the sweep")

@@ -28,6 +28,7 @@ from .given_teacher import load_given_teacher
 from .loggers import make_loggers
 from .models import Standardized, standardized_model, trainable_part, weights_source
 from .progress import progress_bar
+from .run_folder import RunFolder
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
                              hooked_outputs, signal_key)
 from .batches import TEACHER_FEATURES, Batches
@@ -99,7 +100,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     teacher = compute.place(teacher)
     head_only = t.mode == "head"
     trainable = trainable_part(teacher, head, head_only)
-    checkpoint_dir = checkpoint_dir or os.path.join(cfg.out, "checkpoints", name)
+    checkpoint_dir = checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name)
     train, val = data.splits["train"], data.splits["val"]
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
                       make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints)

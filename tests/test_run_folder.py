@@ -66,3 +66,22 @@ def test_the_saved_config_reruns_the_run_without_data_and_out_flags(digits_datas
     settings.pop("out")
     assert main(["run", "--config", write_settings(settings, tmp_path / "no-out.yaml")]) == 2
     assert "settings data and out are required" in capsys.readouterr().err
+
+
+def test_the_run_folder_type_names_what_a_run_wrote_and_reads_its_settings_back(digits_dataset, tmp_path):
+    import kdistill
+    from kdistill.run_folder import RunFolder
+
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 2})
+    kdistill.run(settings)
+    run = RunFolder(str(tmp_path / "run"))
+    for path in (run.config, run.data_identity, run.metrics, run.report, run.html_report, run.predictions,
+                 run.val_predictions, run.student_bundle, run.student_onnx, run.model_weights("student"),
+                 run.history("teacher")):
+        assert os.path.isfile(path), path
+    assert run.has_started_training() and not RunFolder(str(tmp_path)).has_started_training()
+    cfg = run.settings()
+    assert (cfg.student.arch, cfg.student.epochs, cfg.baseline) == ("tiny_nets:tiny_student", 2, False)
+    assert run.saved_settings()["student"]["epochs"] == 2
