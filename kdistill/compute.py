@@ -112,6 +112,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def competing_load(compute: Compute) -> str | None:
+    """A warning where other processes keep this machine's cores busy and the run trains in bf16 on
+    the CPU: there bf16 slows several-fold when it shares cores, far more than float32
+    (benchmarks/RESULTS.md, "bf16 under load"). None on a quiet machine, on CUDA and in float32."""
+    if compute.device.type != "cpu" or compute.precision != "bf16" or not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0]  # before this run trains: what the others use
+    if load < max(1.0, 0.5 * cores):
+        return None
+    return (f"other processes keep this machine busy (load average {load:.1f} on the {cores} cores this run may "
+            f"use); bf16 training on the CPU slows several-fold when it shares cores, far more than float32: set "
+            f"precision=fp32, or run when the machine is free")
+
+
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 

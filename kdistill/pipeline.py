@@ -17,7 +17,7 @@ from torch import nn
 
 from .batcher import ImageBatcher
 from .batches import Batches
-from .compute import (ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks,
+from .compute import (ONE_PROCESS, Compute, Ranks, competing_load, first_line, join_ranks, leave_ranks,
                       lost_process, resolve_precision)
 from .callbacks import Session
 from .config import Config, input_side, save_config, upsampled_side
@@ -214,6 +214,8 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     else:
         log = silent
     compute = Compute(device, resolve_precision(cfg.precision, device))
+    if ranks.main and (busy := competing_load(compute)):
+        log(f"warning: {busy}")
     _announce_and_check_models(cfg, ranks, log)
     cfg = resolve_auto_layers(cfg, log)  # after the checks of the architectures, before any signal
     torch.backends.cudnn.benchmark = device.type == "cuda"
