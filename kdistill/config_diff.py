@@ -71,3 +71,32 @@ def check_same_experiment(ranks: Ranks, settings: dict, data_identity: dict) -> 
         if differences:
             raise KdistillError(f"process {rank} of {ranks.world_size} was given another experiment than process 0: "
                                 f"{differences[0]}; start every process with the same settings and data")
+
+
+def _setting_names(settings: dict, prefix: str = "") -> set[str]:
+    names = set()
+    for key, value in settings.items():
+        names |= _setting_names(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+    return names
+
+
+def _copy_setting(source: dict, target: dict, name: str) -> None:
+    *sections, key = name.split(".")
+    for section in sections:
+        source, target = source[section], target.setdefault(section, {})
+    target[key] = source[key]
+
+
+def saved_differences(saved: dict, cfg: Config, holder: str) -> list[str]:
+    """The result-relevant differences between a run folder's saved settings and cfg. A setting the
+    folder lacks (saved before it existed) counts as the same where its value reproduces what kdistill
+    did before it; any other missing setting is refused, in one line starting with holder."""
+    current = cfg.to_dict()
+    missing = sorted(_setting_names(current) - _setting_names(saved))
+    for name in [name for name in missing if missing_setting_keeps_results(name, cfg)]:
+        missing.remove(name)
+        _copy_setting(current, saved, name)  # so that it is not reported as a difference below
+    if missing:
+        raise KdistillError(f"{holder} a run made by an older kdistill (it has no setting "
+                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use another --out")
+    return result_differences(saved, current)

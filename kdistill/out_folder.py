@@ -9,7 +9,7 @@ import json
 import os
 
 from .config import Config
-from .config_diff import missing_setting_keeps_results, result_differences
+from .config_diff import saved_differences
 from .data_key import same_data
 from .errors import KdistillError
 from .scan import DatasetFiles
@@ -21,36 +21,13 @@ def describe_data(dataset: DatasetFiles, key: str) -> dict:
             "images": {name: len(split.files) for name, split in dataset.splits.items()}}
 
 
-def _setting_names(settings: dict, prefix: str = "") -> set[str]:
-    names = set()
-    for key, value in settings.items():
-        names |= _setting_names(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
-    return names
-
-
-def _copy_setting(source: dict, target: dict, name: str) -> None:
-    *sections, key = name.split(".")
-    for section in sections:
-        source, target = source[section], target.setdefault(section, {})
-    target[key] = source[key]
-
-
 def check_out_folder(cfg: Config, dataset: DatasetFiles, data_identity: dict) -> None:
     """An --out holding a different experiment, or the same one on other data, is refused rather
     than mixed or overwritten."""
     folder = RunFolder(cfg.out)
     if not folder.has_started_training():  # only then does it hold results to protect
         return
-    saved = folder.saved_settings("saved config")
-    current = cfg.to_dict()
-    missing = sorted(_setting_names(current) - _setting_names(saved))
-    for name in [name for name in missing if missing_setting_keeps_results(name, cfg)]:
-        missing.remove(name)
-        _copy_setting(current, saved, name)  # so that it is not reported as a difference below
-    if missing:
-        raise KdistillError(f"{cfg.out} holds a run made by an older kdistill (it has no setting "
-                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use another --out")
-    differences = result_differences(saved, current)
+    differences = saved_differences(folder.saved_settings("saved config"), cfg, f"{cfg.out} holds")
     if differences:
         raise KdistillError(f"{cfg.out} holds a run with other settings ({'; '.join(differences[:3])}); "
                             f"use another --out, or the same settings to resume it")

@@ -19,7 +19,7 @@ from typing import Any
 
 from .augmentations import AUGMENTATIONS, VIEW_SETTINGS, view_params
 from .config import Config, build_config
-from .config_diff import result_differences
+from .config_diff import LATER_MODEL_SETTINGS, saved_differences
 from .data import scan_dataset
 from .data_key import cache_key, dated_key
 from .errors import KdistillError, printable
@@ -163,6 +163,13 @@ class _DataKeys:
 
 
 def _described(settings: dict, data_key: str) -> dict:
+    """What names a shared folder. A model setting added later, at the value that does what kdistill
+    did before it (config_diff.LATER_MODEL_SETTINGS), is left out: a sweep begun before it existed
+    keeps its shared teacher and baseline."""
+    settings = {key: ({name: value for name, value in section.items()
+                       if LATER_MODEL_SETTINGS.get(name, object()) != value}
+                      if key in ("teacher", "student") and isinstance(section, dict) else section)
+                for key, section in settings.items()}
     return {"settings": settings, "data": data_key}
 
 
@@ -187,7 +194,7 @@ def _check_point_folder(point: Point) -> None:
     folder = RunFolder(point.folder)
     if not folder.has_started_training():
         return
-    differences = result_differences(folder.saved_settings("saved config"), point.cfg.to_dict())
+    differences = saved_differences(folder.saved_settings("saved config"), point.cfg, f"{point.folder} holds")
     if differences:
         raise KdistillError(f"{point.folder} holds a run with other settings ({'; '.join(differences[:3])}); "
                             f"use another --out, or the same settings to resume the sweep")

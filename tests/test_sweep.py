@@ -347,3 +347,12 @@ def test_a_student_arch_grid_ends_with_size_latency_and_the_pareto_front(digits_
     assert "| Deployed MiB | Latency ms | Pareto |" in markdown and "int8 ONNX Runtime, CPU" in markdown
     with Image.open(os.path.join(out, "sweep-pareto.png")) as image:
         assert image.width > 500 and image.height > 300
+
+
+def test_a_shared_folder_keeps_its_name_when_later_settings_hold_their_old_behaviour():
+    """A sweep begun before steps and patience existed keeps its shared teacher and baseline."""
+    from kdistill.sweep import _described
+
+    before = _described({"teacher": {"epochs": 3}, "seed": 0}, "key")
+    assert _described({"teacher": {"epochs": 3, "steps": 0, "patience": 0}, "seed": 0}, "key") == before
+    assert _described({"teacher": {"epochs": 3, "steps": 40, "patience": 0}, "seed": 0}, "key") != before
