@@ -20,6 +20,7 @@ from PIL import Image  # noqa: E402
 from .errors import printable  # noqa: E402
 from .fileio import atomic_write_text  # noqa: E402
 from .report import LABELS, plot_label, seen_size  # noqa: E402
+from .config import Config  # noqa: E402
 from .run_folder import RunFolder  # noqa: E402
 from .run_verdict import run_verdict  # noqa: E402
 from .significance import verdict  # noqa: E402
@@ -222,6 +223,12 @@ def _flat(settings: dict, prefix: str = "") -> list[tuple[str, object]]:
     return items
 
 
+def _changed(config: dict) -> list[tuple[str, object]]:
+    """The settings whose value is not kdistill's default."""
+    defaults = dict(_flat(Config().to_dict()))
+    return [(key, value) for key, value in _flat(config) if key not in defaults or defaults[key] != value]
+
+
 def _deployment(rows: dict) -> str:
     """Any dict of name -> dict of values, as a table (a value that is not a dict fills one column)."""
     rows = {name: values if isinstance(values, dict) else {"value": values} for name, values in rows.items()}
@@ -234,15 +241,20 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
     labels = val.labels.numpy()
     predicted = {kind: p.argmax(1) for kind, p in probabilities.items()}
     ece = {kind: expected_calibration_error(p, labels) for kind, p in probabilities.items()}
-    from sklearn.metrics import recall_score  # per-class accuracy is each class's recall
+    from sklearn.metrics import precision_recall_fscore_support, recall_score
 
+    # Per-class accuracy is each class's recall; the student's precision and F1 beside it.
     per_class = {kind: recall_score(labels, answer, labels=list(range(len(classes))), average=None, zero_division=0)
                  for kind, answer in predicted.items()}
+    precision, _, f1, _ = precision_recall_fscore_support(labels, predicted["student"],
+                                                          labels=list(range(len(classes))), zero_division=0)
     agreed = agreement(labels, predicted["teacher"], predicted["student"], len(classes))
     counts = np.bincount(labels, minlength=len(classes))
     kinds = list(probabilities)
-    class_rows = [[name, int(counts[c]), *(_percent(per_class[kind][c] if counts[c] else None) for kind in kinds),
-                   _percent(agreed["per_class"][c])] for c, name in enumerate(classes)]
+    worst_first = sorted(range(len(classes)), key=lambda c: (f1[c], classes[c]))  # the student's weakest classes
+    class_rows = [[classes[c], int(counts[c]), *(_percent(per_class[kind][c] if counts[c] else None)
+                                                 for kind in kinds),
+                   f"{precision[c]:.2f}", f"{f1[c]:.2f}", _percent(agreed["per_class"][c])] for c in worst_first]
     calibration_rows = [[LABELS.get(kind, kind), f"{ece[kind]:.3f}", f"{p.max(1).mean():.1%}",
                          f"{(predicted[kind] == labels).mean():.1%}"] for kind, p in probabilities.items()]
     parts = [
@@ -263,8 +275,9 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
         + "</div>",
         "<h2>Confusion matrices (val)</h2>", _img(_confusion_png(labels, predicted, classes), "confusion matrices"),
         "<h2>Per-class accuracy (val)</h2>",
-        _table(["Class", "Val images", *(LABELS.get(kind, kind) for kind in kinds), "Student agrees with teacher"],
-               class_rows, "per-class"),
+        "<p class='note'>The student's weakest classes first (by F1). Accuracy is each class's recall.</p>",
+        _table(["Class", "Val images", *(LABELS.get(kind, kind) for kind in kinds), "Student precision",
+                "Student F1", "Student agrees with teacher"], class_rows, "per-class"),
         "<h2>Does the student follow its teacher?</h2>",
         f"<p>The distilled student predicts the teacher's class on <b>{agreed['overall']:.1%}</b> of the "
         f"{len(labels):,} val images (per class in the last column above).</p>",
@@ -287,8 +300,9 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
         "run counts only what it redid.</p>",
         _table(["Stage", "Seconds"],
                [[stage, f"{seconds:.1f}"] for stage, seconds in metrics["stage_seconds"].items()]),
-        "<h2>Settings</h2><div class='settings'>"
-        + "".join(f"<div>{html.escape(key)} = {_text(value)}</div>" for key, value in _flat(config)) + "</div>",
+        "<h2>Settings</h2><p class='note'>Those that differ from kdistill's defaults; every setting is in "
+        "config.yaml.</p><div class='settings'>"
+        + "".join(f"<div>{html.escape(key)} = {_text(value)}</div>" for key, value in _changed(config)) + "</div>",
         "</body></html>"]
     return "\n".join(parts)
 

@@ -64,7 +64,7 @@ def test_page_shows_seed_spreads_deployment_rows_and_escapes_names():
     assert rows["Teacher"][4] == "trained once"
     deployment = [table for table in parts.tables.values() if table[0][1:] == ["latency_ms", "size_mb"]]
     assert deployment == [[["", "latency_ms", "size_mb"], ["onnx int8", "0.25", "1.5"], ["torchscript", "2", ""]]]
-    assert parts.tables["per-class"][1][0] == "<b>cat</b>"  # a class name is text, not markup
+    assert "<b>cat</b>" in [row[0] for row in parts.tables["per-class"][1:]]  # a class name is text, not markup
     assert len(parts.images) == 4 + 1  # one mistake: b.png, the student sure at 90%
 
 
@@ -120,7 +120,10 @@ def test_report_html_holds_the_comparison_and_every_figure(finished_run):
                         ("baseline", "Student without teacher")):
         model = metrics["models"][kind]
         assert rows[label][2] == f"{model['best_val_acc']:.2%} ({model['best_epoch']})"
-    assert [row[0] for row in parts.tables["per-class"][1:]] == ["one", "two", "zero"]
+    rows = parts.tables["per-class"][1:]
+    assert sorted(row[0] for row in rows) == ["one", "two", "zero"]
+    f1 = [float(row[-2]) for row in rows]
+    assert f1 == sorted(f1)  # the student's weakest class first
     with open(os.path.join(out, "val_predictions.csv")) as f:
         val = list(csv.DictReader(f))
     mistakes = sum(row["student"] != row["label"] for row in val)
