@@ -88,3 +88,26 @@ def test_timm_teacher_and_student_run_export_and_predict_from_the_cli(digits_dat
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {row["label"] for row in rows} <= {"zero", "one", "two"}
+
+
+def test_a_pretrained_student_and_its_baseline_start_from_the_same_weights(digits_dataset, tmp_path, monkeypatch):
+    """student.weights (here a timm state_dict file, as imagenet would give): both the distilled student
+    and the baseline start from those weights with ImageNet's statistics, so only the teacher differs."""
+    from kdistill import pipeline
+
+    source = build_model("timm:resnet10t", 1000)[0]
+    torch.save(source.state_dict(), tmp_path / "pretrained.pth")
+    starts = {}
+    real_fit = pipeline.fit
+
+    def recording_fit(name, model, trainable, *args, **kwargs):
+        starts[name] = (model.model.conv1[0].weight.detach().clone(), model.mean.flatten().tolist())
+        return real_fit(name, model, trainable, *args, **kwargs)
+    monkeypatch.setattr(pipeline, "fit", recording_fit)
+    kdistill.run(tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"),
+                               teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                               student={"arch": "timm:resnet10t", "weights": str(tmp_path / "pretrained.pth"),
+                                        "epochs": 1}))
+    for name in ("student", "baseline"):
+        weights, mean = starts[name]
+        assert torch.equal(weights, source.conv1[0].weight) and mean == pytest.approx([0.485, 0.456, 0.406])
