@@ -96,7 +96,8 @@ def _add_run(commands) -> None:
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Not required here: a --config file may name them (a saved OUT/config.yaml does).
     run.add_argument("--data", help="image folder in the layout train/<class>/, val/<class>/, test/")
-    run.add_argument("--out", help="run folder; rerun with the same folder to resume")
+    run.add_argument("--out", help="run folder; rerun with the same folder to resume (default: the next free "
+                                   "runs/runN)")
     run.add_argument("--nproc", type=int, metavar="N",
                      help="train with N processes on this machine, one per GPU (or on the CPU), through torchrun; "
                           "batch sizes stay global. Several machines: start torchrun yourself (docs/distributed.md)")
@@ -215,6 +216,14 @@ def parser() -> argparse.ArgumentParser:
     return main_parser
 
 
+def next_run_folder(parent: str) -> str:
+    """parent/runN for the smallest N whose folder does not exist yet."""
+    number = 1
+    while os.path.exists(os.path.join(parent, f"run{number}")):
+        number += 1
+    return os.path.join(parent, f"run{number}")
+
+
 def _launch(processes: int, argv: list[str] | None) -> int | None:
     """run --nproc N: this same command in N processes started by torchrun, its exit status; None
     where this process is to run the command itself (one process, or one torchrun started)."""
@@ -325,6 +334,10 @@ def _run(args, argv: list[str] | None) -> int:
     if printing:
         print(printable(render_config(cfg)), end="")
         return 0
+    if args.command == "run" and not cfg.out:  # as YOLO does: the next free runs/runN
+        cfg = dataclasses.replace(cfg, out=next_run_folder("runs"))
+        print(f"kdistill: no --out given; this run writes to {cfg.out}")
+        argv = [*(sys.argv[1:] if argv is None else argv), "--out", cfg.out]  # the same folder for every process
     if args.command == "run" and args.nproc is not None:  # the settings are checked once, here
         status = _launch(args.nproc, argv)
         if status is not None:

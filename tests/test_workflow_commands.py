@@ -78,3 +78,18 @@ def test_version_and_the_students_flags(capsys):
     assert settings["image_size"] == 48
     assert (settings["student"]["epochs"], settings["student"]["batch_size"]) == (7, 32)
     assert settings["teacher"]["epochs"] == 15 and settings["teacher"]["batch_size"] == 64  # the preset's
+
+
+def test_a_run_without_out_writes_to_the_next_free_runs_folder(digits_dataset, tmp_path, monkeypatch, capsys):
+    settings = tiny_settings(digits_dataset, "", str(tmp_path / "cache"), baseline=False,
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 1})
+    del settings["out"]
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "run1").mkdir(parents=True)  # taken
+    assert cli.main(["run", "--config", str(config)]) == 0
+    assert "this run writes to runs/run2" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "run2" / "metrics.json").is_file()
+    assert os.listdir(tmp_path / "runs" / "run1") == []
