@@ -88,8 +88,8 @@ def test_an_augmented_run_killed_mid_training_resumes_to_identical_metrics(digit
 
 def test_demo_command_writes_report_metrics_predictions_and_onnx(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    code = main(["demo", "--out", out, "--set", "image_size=16", "--set", "teacher.epochs=1",
-                 "--set", "student.epochs=1", "--set", f"cache_dir={tmp_path / 'cache'}", "--device", "cpu"])
+    code = main(["demo", "--out", out, "--set", "image_size=16", "--set", "teacher.steps=1", "--set",
+                 "student.steps=1", "--set", f"cache_dir={tmp_path / 'cache'}", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
@@ -97,7 +97,8 @@ def test_demo_command_writes_report_metrics_predictions_and_onnx(tmp_path, capsy
     assert metrics["class_names"] == [str(digit) for digit in range(10)]
     assert metrics["models"]["teacher"]["arch"] == "resnet34"  # the demo preset, not the defaults
     demo_test_images = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "data", "test", "*.png")))
-    assert len(demo_test_images) > 300  # a fifth of scikit-learn's 1,797 digits
+    assert len(demo_test_images) == 1238  # the digits neither labelled for training nor in val
+    assert metrics["images"]["train"] == 200 and metrics["transfer_set"] == {"source": "test", "images": 1238}
     with open(os.path.join(out, "predictions.csv")) as f:
         predictions = list(csv.DictReader(f))
     assert sorted(row["filename"] for row in predictions) == demo_test_images
