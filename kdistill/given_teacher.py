@@ -51,6 +51,7 @@ def _bare_model(arch: str, state: dict, path: str, num_classes: int) -> tuple[nn
         raise KdistillError(f"teacher.weights {path} has a head of {weight.shape[0]} classes, the data has "
                             f"{num_classes}: give a teacher trained on these classes (or set teacher.epochs >= 1 to "
                             f"fine-tune it with a new head)")
+    # A Dropout + Linear head's keys sit one level deeper; its rate changes nothing in eval mode.
     set_module(model, head, make_head(weight.shape[1], num_classes, 0.5 if f"{head}.1.weight" in state else 0.0))
     return model, head
 

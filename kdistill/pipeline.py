@@ -159,7 +159,9 @@ def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None,
     Started by torchrun, every process runs this: all train (see train.fit), rank 0 alone writes
     the run folder and logs, and returns the metrics; the others return an empty dict."""
     if not cfg.data or not cfg.out:
-        raise KdistillError("settings data and out are required (--data DATA --out OUT)")
+        missing = [name for name in ("data", "out") if not getattr(cfg, name)]
+        raise KdistillError(f"setting{'s' if len(missing) > 1 else ''} {' and '.join(missing)} "
+                            f"{'are' if len(missing) > 1 else 'is'} required (--data DATA, --out OUT)")
     cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     check_out_outside_data(cfg)
     # Cheap local checks first (the folder's layout, the run folder), then anything needing the network.

@@ -63,9 +63,9 @@ def test_the_saved_config_reruns_the_run_without_data_and_out_flags(digits_datas
     capsys.readouterr()
     assert main(["run", "--config", str(out / "config.yaml")]) == 0  # finished: read back, nothing retrained
     assert " epoch 1/1" not in capsys.readouterr().out
-    settings.pop("out")
-    assert main(["run", "--config", write_settings(settings, tmp_path / "no-out.yaml")]) == 2
-    assert "settings data and out are required" in capsys.readouterr().err
+    settings.pop("data")
+    assert main(["run", "--config", write_settings(settings, tmp_path / "no-data.yaml")]) == 2
+    assert "setting data is required (--data DATA" in capsys.readouterr().err
 
 
 def test_the_run_folder_type_names_what_a_run_wrote_and_reads_its_settings_back(digits_dataset, tmp_path):
