@@ -9,9 +9,8 @@ import os
 import sys
 from importlib.metadata import version
 
-from .config import Config, build_config, preset_names
-from .settings import render_config
 from .errors import KdistillError, printable
+from .preset_names import preset_names
 
 EPILOG = """examples:
   kdistill demo --out runs/demo
@@ -298,6 +297,7 @@ def _export(args) -> None:
 
 def _cache(args) -> None:
     from .cache import clear_cache, list_cache
+    from .config import Config
 
     cache_dir = Config(cache_dir=args.cache_dir or "").resolved_cache_dir()
     _say("\n".join(list_cache(cache_dir) if args.clear is None else clear_cache(cache_dir, args.clear)))
@@ -318,6 +318,9 @@ def _sweep(args) -> None:
 
 def _run(args, argv: list[str] | None) -> int:
     """run, demo and config: build the settings, then print them or run."""
+    from .config import build_config
+    from .settings import render_config
+
     printing = args.command == "config" or args.print_config
     if args.command == "demo":
         from .demo import write_digits

@@ -22,6 +22,7 @@ from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
 from .loggers import LOGGERS
 from .sources import CALLABLE, source_of
 from .signal_plan import SignalPlan, plan_signal
+from .preset_names import preset_names
 from .settings import (apply_settings, bound_problem, convert, leaves, parse_set, parse_yaml, read_yaml, redefault,
                        render_config, section, setting)
 
@@ -223,11 +224,6 @@ class Config:
 
     def signal_mode(self) -> str:
         return self.signal_plan().kind
-
-
-def preset_names() -> list[str]:
-    files = importlib.resources.files("kdistill") / "presets"
-    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_preset(name: str) -> dict:

@@ -93,3 +93,12 @@ def test_a_run_without_out_writes_to_the_next_free_runs_folder(digits_dataset, t
     assert "this run writes to runs/run2" in capsys.readouterr().out
     assert (tmp_path / "runs" / "run2" / "metrics.json").is_file()
     assert os.listdir(tmp_path / "runs" / "run1") == []
+
+
+def test_help_does_not_wait_for_torch():
+    """`kdistill --help` builds the whole parser without importing torch (it took 4 s when it did)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from kdistill import cli; cli.parser(); sys.exit(3 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
