@@ -21,7 +21,7 @@ from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy
 from kdistill.fileio import claim_folder
 from kdistill.pipeline import make_logger, train_student
-from kdistill.train import offered_val_acc
+from kdistill.callbacks import offered_val_acc
 
 
 def main() -> None:

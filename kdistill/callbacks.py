@@ -9,6 +9,7 @@ state.session.ranks.main tells the one that writes.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -105,17 +106,17 @@ class Checkpointer(Callback):
         self.saver.wait()  # a failed write is an error of this run
         dropping = not (state.session.keep_checkpoints or state.finished_before)
         if state.session.ranks.main and state.history and dropping:
-            slim(state.session.checkpoint_dir, finished_record(state))
+            slim(state.session.checkpoint_dir, finished_record(state.history, state.best_val_acc, state.computed_on))
 
     def close(self, state: FitState) -> None:
         self.saver.close()  # an interrupted run keeps the epoch in flight
 
 
-def finished_record(state: FitState) -> dict:
+def finished_record(history: list[dict], best_val_acc: float, computed_on: dict) -> dict:
     """What a finished model's last.pt keeps without its training state: enough to report and to
     know, on a rerun, that nothing is left to train (train._finished)."""
-    return {"finished": True, "history": state.history, "epoch": state.history[-1]["epoch"],
-            "best_val_acc": state.best_val_acc, "computed_on": state.computed_on}
+    return {"finished": True, "history": history, "epoch": history[-1]["epoch"], "best_val_acc": best_val_acc,
+            "computed_on": computed_on}
 
 
 def slim(checkpoint_dir: str, record: dict) -> int:
@@ -141,8 +142,16 @@ class EpochLog(Callback):
             f"lr {row['lr']:.2g} | {row['seconds']:.1f}s")
 
 
-def _offered(row: dict) -> float:
+def offered_val_acc(row: dict) -> float:
+    """The val accuracy of the weights an epoch offers as the best: the weight average's where it
+    scored higher than the trained weights (see best_source), else the trained weights'."""
     return row["val_acc_ema"] if row.get("best_source") == "ema" else row["val_acc"]
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """An epoch's history row as a logger records it: its finite numbers, the epoch itself aside."""
+    return {key: value for key, value in row.items() if key != "epoch" and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)}
 
 
 class EarlyStopping(Callback):
@@ -153,7 +162,7 @@ class EarlyStopping(Callback):
         patience = getattr(state.cfg, "patience", 0)
         if not patience or not state.history:
             return
-        best = max(range(len(state.history)), key=lambda i: _offered(state.history[i]))  # the first best
+        best = max(range(len(state.history)), key=lambda i: offered_val_acc(state.history[i]))  # the first best
         waited = len(state.history) - 1 - best
         if waited >= patience:
             state.stop = True

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from .callbacks import slim
+from .callbacks import finished_record, slim
 from .errors import KdistillError
 from .fileio import RUN_MARKER, folder_in_use, load_torch
 
@@ -32,8 +32,7 @@ def clean(folder: str, log=print) -> int:
                 continue
             if not state.get("finished"):
                 computed_on = state.get("computed_on", {"device": "cpu", "precision": "fp32"})  # before it was saved
-                state = {"finished": True, "history": state["history"], "epoch": state["epoch"],
-                         "best_val_acc": state["best_val_acc"], "computed_on": computed_on}
+                state = finished_record(state["history"], state["best_val_acc"], computed_on)
             freed += slim(root, state)
     log(f"clean: {folder}: {freed / 2**20:.1f} MiB freed")
     return freed

@@ -270,10 +270,9 @@ def _predict(args) -> None:
 
 def _evaluate(args) -> None:
     from .evaluate_folder import evaluate_folder, summary_lines
+    from .predict import default_output
 
-    name = os.path.basename(os.path.normpath(args.data)) or "data"
-    folder = args.run if os.path.isdir(args.run) else os.path.dirname(args.run) or "."
-    output = args.output or os.path.join(folder, f"evaluate-{name}.json")
+    output = args.output or default_output(args.run, args.data, "evaluate", "json")
     results = evaluate_folder(args.run, args.data, output, args.top_k, args.batch_size, args.device,
                               args.trust_arch, log=_say)
     _say("\n".join([*summary_lines(results), f"wrote {output}"]))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .batcher import ImageBatcher
+from .callbacks import offered_val_acc
 from .compute import Compute
 from .config import Config
 from .signal_plan import SignalPlan
@@ -21,7 +22,6 @@ from .report import write_report, write_val_predictions
 from .run_folder import RunFolder
 from .significance import discordant_counts, mcnemar, summarize_seeds
 from .inference import predict_logits
-from .train import offered_val_acc
 
 
 
@@ -53,6 +53,10 @@ class Trained:
     ensemble: dict | None
     transfer: str | None  # the transfer set's split, if any
 
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.cfg.out)
+
 
 def run_name(kind: str, seed: int, cfg: Config) -> str:
     """A single run keeps the plain names; with seeds each seed's checkpoints, weights and history get their own."""
@@ -80,7 +84,7 @@ def _measure(run: Trained, histories: dict) -> tuple[dict, list]:
     trained = {**{name: (name, teacher.seed, teacher.normalize, teacher.model)
                   for name, teacher in run.teachers.items()}, **students.first}
     models = {kind: summarize(run.teachers[kind].arch if kind in run.teachers else cfg.student.arch, seed, normalize,
-                              model, histories[name], RunFolder(cfg.out).model_weights(name), cfg.image_size,
+                              model, histories[name], run.folder.model_weights(name), cfg.image_size,
                               run.compute.device)
               for kind, (name, seed, normalize, model) in trained.items()}
     counts = []  # per seed, (b, c): val images only the distilled student / only the baseline gets right
@@ -98,16 +102,16 @@ def _predict_and_export(run: Trained, input_standardization: str, log) -> tuple[
     cfg, data, student = run.cfg, run.data, run.students.first["student"][3]
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
-        write_predictions(RunFolder(cfg.out).predictions, test.files,
+        write_predictions(run.folder.predictions, test.files,
                           predict_logits(student, run.batcher("test"), cfg.student.batch_size, *run.compute),
                           data.classes)
         log(f"predict: wrote {len(test.files)} predictions of the distilled student to "
-            f"{RunFolder(cfg.out).predictions}")
+            f"{run.folder.predictions}")
     student_cpu = student.cpu()
-    described = save_bundle(RunFolder(cfg.out).student_bundle, student_cpu, cfg.student.arch, cfg.student.dropout,
+    described = save_bundle(run.folder.student_bundle, student_cpu, cfg.student.arch, cfg.student.dropout,
                             data.classes, cfg.image_size, input_standardization)
     val_images = data.splits["val"].images[:ONNX_PROBE_IMAGES]
-    onnx_diff = export_onnx(RunFolder(cfg.out).student_onnx, student_cpu, to_unit_range(val_images), described)
+    onnx_diff = export_onnx(run.folder.student_onnx, student_cpu, to_unit_range(val_images), described)
     log(f"export: student.pt and student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e} on "
         f"{len(val_images)} val images)")
     return student_cpu, onnx_diff
@@ -156,7 +160,7 @@ def finish_run(run: Trained, stopwatch: Stopwatch, log) -> dict:
     histories = {**{name: teacher.history for name, teacher in run.teachers.items()}, **run.students.histories}
     log("report: measuring models, writing predictions, report and exports")
     val = data.splits["val"]
-    write_val_predictions(RunFolder(cfg.out).val_predictions, val.files, val.labels,
+    write_val_predictions(run.folder.val_predictions, val.files, val.labels,
                           run.students.val_predicted, data.classes)
     models, counts = _measure(run, histories)
     # Every model in the report's comparison has its val logits (an ensemble's teacher-2, ... too).
@@ -176,6 +180,6 @@ def finish_run(run: Trained, stopwatch: Stopwatch, log) -> dict:
     write_report(cfg.out, metrics, histories, cfg.to_dict())
     write_html_report(cfg.out, metrics, cfg.to_dict(), val, data.classes, val_logits, log)
     log("done in {:.0f} s; report in {}\n{}".format(time.perf_counter() - stopwatch.started,
-                                                   RunFolder(cfg.out).report,
+                                                   run.folder.report,
                                                    "\n".join(_closing_lines(run, metrics))))
     return metrics

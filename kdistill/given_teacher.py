@@ -42,7 +42,6 @@ def _bare_model(arch: str, state: dict, path: str, num_classes: int) -> tuple[nn
     source, name = source_of(arch)
     model = source.build(name, False)
     head = head_path(model)
-    state = source.adapt_state(name, state)
     weight = state.get(f"{head}.weight", state.get(f"{head}.1.weight"))
     if weight is None or weight.ndim != 2:
         raise KdistillError(f"teacher.weights {path} has no classifier at {head} (teacher.arch={arch}); is it a "
@@ -99,8 +98,10 @@ def load_given_teacher(t, classes: list[str], dataset_mean: list[float], dataset
         _load_exactly(teacher, state, path, t.arch)
         normalize, what = "its own", "a kdistill run's weights (input statistics included)"
     else:
+        source, name = source_of(t.arch)
+        state = source.adapt_state(name, state)  # the tensors of parts the source builds without
         model, _ = _bare_model(t.arch, state, path, len(classes))
-        _load_exactly(model, source_of(t.arch)[0].adapt_state(source_of(t.arch)[1], state), path, t.arch)
+        _load_exactly(model, state, path, t.arch)
         normalize, mean, std = input_statistics(t.normalize, path, model, dataset_mean, dataset_std)
         teacher = Standardized(model, mean, std, input_size)
         what = f"a state_dict, input standardized with {normalize} statistics (teacher.normalize)"

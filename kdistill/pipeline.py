@@ -207,10 +207,11 @@ def _announce_and_check_models(cfg: Config, ranks: Ranks, log) -> None:
 
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
                 log, shared_checkpoints: dict[str, str] | None) -> dict:
+    folder = RunFolder(cfg.out)
     if ranks.main:
         mark_as_ours(cfg.out)  # holding the folder's lock
-        save_config(cfg, RunFolder(cfg.out).config)
-        atomic_write_text(RunFolder(cfg.out).data_identity, json.dumps(data_identity))
+        save_config(cfg, folder.config)
+        atomic_write_text(folder.data_identity, json.dumps(data_identity))
         log = log or make_logger(cfg.out)
         remove_stale_temporaries(cfg.out, log, RUN_SUBFOLDERS)  # left by an interrupted run in this folder
     else:
@@ -229,8 +230,8 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log, scanned=dataset))
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     stopwatch.lap("prepare")
-    models_dir = os.path.dirname(RunFolder(cfg.out).model_weights("teacher"))
-    checkpoints = {kind: RunFolder(cfg.out).checkpoints for kind in ("teacher", "student", "baseline")}
+    models_dir = os.path.dirname(folder.model_weights("teacher"))
+    checkpoints = {kind: folder.checkpoints for kind in ("teacher", "student", "baseline")}
     checkpoints |= shared_checkpoints or {}
     teachers = train_teachers(cfg, data, batcher, compute, models_dir, log, checkpoints["teacher"], ranks)
     ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log) if ranks.main else None

@@ -32,11 +32,11 @@ def run_max_pixels(run_dir: str) -> int:
     return min(limit, DEFAULT_MAX_PIXELS)
 
 
-def default_output(run: str, images_dir: str) -> str:
-    """predictions-<image folder name>.csv in the run folder, or beside the student file that --run names."""
+def default_output(run: str, images_dir: str, kind: str = "predictions", extension: str = "csv") -> str:
+    """<kind>-<image folder name>.<extension> in the run folder, or beside the student file that --run names."""
     name = os.path.basename(os.path.normpath(images_dir)) or "images"
     folder = run if os.path.isdir(run) else os.path.dirname(run)
-    return os.path.join(folder, f"predictions-{name}.csv")
+    return os.path.join(folder, f"{kind}-{name}.{extension}")
 
 
 def check_output(output: str) -> None:

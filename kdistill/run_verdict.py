@@ -16,13 +16,23 @@ def _accuracy(metrics: dict, kind: str) -> tuple[float, str]:
     return model["best_val_acc"], f"{model['best_val_acc']:.2%} (epoch {model['best_epoch']})"
 
 
-def _deployed(metrics: dict) -> str:
+# The deployment table's rows of the student a user would deploy, the first one present.
+DEPLOYED_ROWS = ("student_onnx_int8", "student_onnx_fp32")
+
+
+def deployed_row(metrics: dict) -> tuple[str, dict] | None:
+    """(name, row) of the deployed student in metrics.json's deployment table; None without one."""
     rows = metrics.get("deployment") or {}
-    for name, what in (("student_onnx_int8", "as int8 ONNX"), ("student_onnx_fp32", "as ONNX")):
-        if name in rows:
-            row = rows[name]
-            return (f"; deployed {what} it is {row['size_mb']:.1f} MiB and takes {row['latency_ms_b1']:.2f} ms per "
-                    f"image on this CPU ({row['threads']} threads)")
+    return next(((name, rows[name]) for name in DEPLOYED_ROWS if name in rows), None)
+
+
+def _deployed(metrics: dict) -> str:
+    found = deployed_row(metrics)
+    if found:
+        name, row = found
+        what = {"student_onnx_int8": "as int8 ONNX", "student_onnx_fp32": "as ONNX"}[name]
+        return (f"; deployed {what} it is {row['size_mb']:.1f} MiB and takes {row['latency_ms_b1']:.2f} ms per "
+                f"image on this CPU ({row['threads']} threads)")
     student = metrics["models"]["student"]
     return f"; it is {student['size_mb']:.1f} MiB with {student['params'] / 1e6:.1f}M parameters"
 

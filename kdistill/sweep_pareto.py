@@ -14,16 +14,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .fileio import atomic_write  # noqa: E402
 from .report import plot_label  # noqa: E402
+from .run_verdict import deployed_row  # noqa: E402
 
-DEPLOYED_FORMS = (("student_onnx_int8", "int8 ONNX Runtime, CPU"), ("student_onnx_fp32", "fp32 ONNX Runtime, CPU"))
+FORMS = {"student_onnx_int8": "int8 ONNX Runtime, CPU", "student_onnx_fp32": "fp32 ONNX Runtime, CPU"}
 
 
 def deployed(metrics: dict) -> dict:
     """size_mb, latency_ms (batch 1) and how: of the form of the distilled student a user deploys."""
-    rows = metrics.get("deployment") or {}
-    for name, how in DEPLOYED_FORMS:
-        if name in rows:
-            return {"size_mb": rows[name]["size_mb"], "latency_ms": rows[name]["latency_ms_b1"], "form": how}
+    found = deployed_row(metrics)
+    if found:
+        name, row = found
+        return {"size_mb": row["size_mb"], "latency_ms": row["latency_ms_b1"], "form": FORMS[name]}
     student = metrics["models"]["student"]
     return {"size_mb": student["size_mb"], "latency_ms": student["latency_ms"],
             "form": f"PyTorch on {metrics.get('device', 'its device')}"}

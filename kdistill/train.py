@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .batches import Batches, hard_labels, shard_size
 from .inference import evaluate
-from .callbacks import Checkpointer, EarlyStopping, EpochLog, FitState, Session
+from .callbacks import Checkpointer, EarlyStopping, EpochLog, FitState, Session, offered_val_acc
 from .config import TrainConfig
 from .distillers import Distiller, Outputs
 from .errors import KdistillError
@@ -67,12 +67,6 @@ def build_optimizer(trainable: nn.Module, cfg: TrainConfig, steps_per_epoch: int
     # step: per batch, lr_step epochs' worth of batches at a time (the same rates as stepping per epoch)
     return optimizer, (lr_scheduler.StepLR(optimizer, cfg.lr_step * steps_per_epoch, cfg.lr_gamma)
                        if cfg.lr_step else None)
-
-
-def offered_val_acc(row: dict) -> float:
-    """The val accuracy of the weights an epoch offers as the best: the weight average's where it
-    scored higher than the trained weights (see best_source), else the trained weights'."""
-    return row["val_acc_ema"] if row.get("best_source") == "ema" else row["val_acc"]
 
 
 def _evaluate_weights(model: nn.Module, trainable: nn.Module, weights: dict, val: Batches, batch_size: int,

@@ -5,10 +5,9 @@ where set, else a local store in OUT/mlruns (`mlflow ui --backend-store-uri OUT/
 the mlflow package (pip install 'kdistill[mlflow]'; mlflow-skinny is enough)."""
 from __future__ import annotations
 
-import math
 import os
 
-from ..callbacks import Callback, FitState
+from ..callbacks import Callback, FitState, scalars
 from ..errors import KdistillError
 
 EXPERIMENT = "kdistill"
@@ -41,10 +40,8 @@ class MlflowLogger(Callback):
     def on_epoch_end(self, state: FitState, row: dict) -> None:
         if self.run_id is None:
             return
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch" \
-                    and math.isfinite(value):
-                self.client.log_metric(self.run_id, key, value, step=row["epoch"])
+        for key, value in scalars(row).items():
+            self.client.log_metric(self.run_id, key, value, step=row["epoch"])
 
     def close(self, state: FitState) -> None:
         if self.run_id is not None:

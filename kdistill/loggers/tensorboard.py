@@ -4,10 +4,9 @@ View them with `tensorboard --logdir OUT/tensorboard`. Needs the tensorboard pac
 (pip install 'kdistill[tensorboard]')."""
 from __future__ import annotations
 
-import math
 import os
 
-from ..callbacks import Callback, FitState
+from ..callbacks import Callback, FitState, scalars
 from ..errors import KdistillError
 
 
@@ -29,10 +28,8 @@ class TensorBoardLogger(Callback):
     def on_epoch_end(self, state: FitState, row: dict) -> None:
         if self.writer is None:
             return
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch" \
-                    and math.isfinite(value):
-                self.writer.add_scalar(key, value, row["epoch"])
+        for key, value in scalars(row).items():
+            self.writer.add_scalar(key, value, row["epoch"])
         self.writer.flush()
 
     def close(self, state: FitState) -> None:
