@@ -34,6 +34,7 @@ class Session:
     # False: once training ends, last.pt keeps the history alone (no optimizer state, no older copy).
     keep_checkpoints: bool = True
     name: str = ""  # the run name (teacher, student, baseline, student-seed1, ...), set by fit
+    layout: str = ""  # the memory format where not the default of device and precision (Compute.layout)
 
 
 @dataclass

@@ -18,21 +18,37 @@ from .errors import KdistillError
 
 
 class Compute(NamedTuple):
-    """Where and in which precision the numbers are computed; both are part of every result."""
+    """Where, in which precision and memory format the numbers of one model are computed; all three
+    are part of every result (precision_choice.py picks them per model under precision: auto)."""
     device: torch.device
     precision: str  # "fp32" or "bf16" (autocast)
+    layout: str = ""  # "channels_last" or "contiguous"; "": the default of the device and precision
+
+    @classmethod
+    def of(cls, device: torch.device, precision: str, channels_last: bool) -> Compute:
+        """The Compute with this memory format, its layout left "" where that is the default, so
+        that checkpoints and signal caches of runs before per-model choices keep their keys."""
+        default = cls(device, precision)
+        return default if default.channels_last == channels_last else cls(
+            device, precision, "channels_last" if channels_last else "contiguous")
 
     def key(self) -> str:
-        return f"{self.device.type}-{self.precision}"
+        return f"{self.device.type}-{self.precision}" + (f"-{self.layout}" if self.layout else "")
+
+    def label(self) -> str:
+        """fp32, fp32+cl, bf16 or bf16+cl: the precision and, where channels_last, the memory format."""
+        return self.precision + ("+cl" if self.channels_last else "")
 
     @property
     def channels_last(self) -> bool:
-        """The memory format GPU kernels and the CPU's bf16 kernels are fastest with."""
+        """By default the memory format GPU kernels and the CPU's bf16 kernels are fastest with."""
+        if self.layout:
+            return self.layout == "channels_last"
         return self.device.type == "cuda" or self.precision == "bf16"
 
     def place(self, model: nn.Module) -> nn.Module:
-        """The model on this device, in the memory format its kernels are fastest with; on the CPU in
-        bf16, with the convolutions whose bf16 gradients are wrong computed in float32."""
+        """The model on this device, in its memory format; on the CPU in bf16, with the convolutions
+        whose bf16 gradients are wrong computed in float32."""
         model.to(self.device)
         if self.device.type == "cpu" and self.precision == "bf16":
             float32_where_bf16_conv_fails(model)
@@ -110,21 +126,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()) else "fp32"
     return precision
-
-
-def competing_load(compute: Compute) -> str | None:
-    """A warning where other processes keep this machine's cores busy and the run trains in bf16 on
-    the CPU: there bf16 slows several-fold when it shares cores, far more than float32
-    (benchmarks/RESULTS.md, "bf16 under load"). None on a quiet machine, on CUDA and in float32."""
-    if compute.device.type != "cpu" or compute.precision != "bf16" or not hasattr(os, "getloadavg"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0]  # before this run trains: what the others use
-    if load < max(1.0, 0.5 * cores):
-        return None
-    return (f"other processes keep this machine busy (load average {load:.1f} on the {cores} cores this run may "
-            f"use); bf16 training on the CPU slows several-fold when it shares cores, far more than float32: set "
-            f"precision=fp32, or run when the machine is free")
 
 
 def autocast(device: torch.device, precision: str):

@@ -148,8 +148,12 @@ class Config:
                               "trained with seed; reports mean ± std and a paired test; empty: once, with seed",
                           ge=0, le=MAX_SEED)
     device: str = setting("auto", "auto (cuda when present, else cpu), cpu, mps, cuda or cuda:N")
-    precision: str = setting("auto", "auto: bf16 autocast on CUDA and on CPUs with bfloat16 units (AVX-512 BF16, "
-                                     "AMX), else fp32; fp32 turns it off", choices=("auto", "fp32", "bf16"))
+    precision: str = setting("auto", "auto: on the CPU, each model in the fastest of fp32 and bf16 autocast (where "
+                                     "the CPU has bfloat16 units), contiguous or channels_last, timed on its batch "
+                                     "shape and cached per machine; on CUDA bf16; fp32 or bf16 for every model",
+                             choices=("auto", "fp32", "bf16"))
+    threads: int = setting(0, "CPU threads; 0 (auto): OMP_NUM_THREADS where set, else one per core this process may "
+                              "use that other processes leave free when the run starts; kept for the run", ge=0)
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
     skip_bad: bool = setting(False, "skip unreadable images with a warning instead of stopping")
     keep_checkpoints: bool = setting(False, "keep each model's whole training state (optimizer, weight average, an "

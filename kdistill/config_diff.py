@@ -8,7 +8,7 @@ from .distillers import DISTILLERS
 from .errors import KdistillError
 
 # Settings that change where or how fast a run goes, never its numbers.
-NON_RESULT_KEYS = {"out", "device", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline",
+NON_RESULT_KEYS = {"out", "device", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline",
                    "compile", "deploy_check", "ddp_timeout_s"}
 # Model settings added later whose value then reproduces what kdistill did before them.
 LATER_MODEL_SETTINGS = {"steps": 0, "patience": 0}

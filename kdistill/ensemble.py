@@ -14,7 +14,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .compute import Compute
 from .batches import Batches
 from .inference import predict_logits
 
@@ -37,9 +36,10 @@ class EnsembleTeacher:
         return combined_logits([model(x) for model in self.models], self.weights, self.temperature)
 
 
-def ensemble_val_acc(models: Sequence[nn.Module], weights: Sequence[float], temperature: float, val: Batches,
-                     batch_size: int, compute: Compute) -> float:
-    """Accuracy of the argmax of the combined probabilities on the val images."""
-    logits = combined_logits([predict_logits(model, val, batch_size, *compute) for model in models], weights,
+def ensemble_val_acc(models: Sequence[tuple[nn.Module, tuple[torch.device, str]]], weights: Sequence[float],
+                     temperature: float, val: Batches, batch_size: int) -> float:
+    """Accuracy of the argmax of the combined probabilities on the val images; models: each with the
+    (device, precision) it computes in."""
+    logits = combined_logits([predict_logits(model, val, batch_size, *where) for model, where in models], weights,
                              temperature)
     return (logits.argmax(1) == val.labels.cpu()).float().mean().item()

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .batcher import ImageBatcher
 from .callbacks import offered_val_acc
 from .compute import Compute
@@ -103,7 +105,8 @@ def _predict_and_export(run: Trained, input_standardization: str, log) -> tuple[
     if "test" in data.splits and data.splits["test"].files:
         test = data.splits["test"]
         write_predictions(run.folder.predictions, test.files,
-                          predict_logits(student, run.batcher("test"), cfg.student.batch_size, *run.compute),
+                          predict_logits(student, run.batcher("test"), cfg.student.batch_size, run.compute.device,
+                                         run.compute.precision),
                           data.classes)
         log(f"predict: wrote {len(test.files)} predictions of the distilled student to "
             f"{run.folder.predictions}")
@@ -122,7 +125,9 @@ def _metrics(run: Trained, models: dict, counts: list, onnx_diff: float, stage_s
     metrics = {"classes": len(data.classes), "class_names": data.classes,
                "images": {name: len(split.files) for name, split in data.splits.items()},
                "skipped_files": len(data.skipped), "device": str(run.compute.device),
-               "precision": run.compute.precision,
+               "precision": run.compute.precision, "threads": torch.get_num_threads(),
+               "computed_in": {**{name: (teacher.compute or run.compute).label() for name, teacher in run.teachers.items()},
+                               "student": run.compute.label()},
                "teacher_signal": signal.kind if cfg.mix == "none" else f"{signal.kind} (mixed batches)",
                "teacher_signal_reason": signal.reason,
                "transfer_set": {"source": cfg.distill.unlabeled, "images": len(data.splits[transfer].files)}
@@ -165,7 +170,7 @@ def finish_run(run: Trained, stopwatch: Stopwatch, log) -> dict:
     models, counts = _measure(run, histories)
     # Every model in the report's comparison has its val logits (an ensemble's teacher-2, ... too).
     val_logits = {**{name: predict_logits(teacher.model, run.batcher("val"), cfg.teachers()[name].batch_size,
-                                          *run.compute) for name, teacher in run.teachers.items()},
+                                          *teacher.where(run.compute)) for name, teacher in run.teachers.items()},
                   **run.students.first_val_logits}
     student_cpu, onnx_diff = _predict_and_export(run, models["student"]["input_standardization"], log)
     stopwatch.lap("predict_export")

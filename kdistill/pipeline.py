@@ -17,8 +17,7 @@ from torch import nn
 
 from .batcher import ImageBatcher
 from .batches import Batches
-from .compute import (ONE_PROCESS, Compute, Ranks, competing_load, first_line, join_ranks, leave_ranks,
-                      lost_process, resolve_precision)
+from .compute import ONE_PROCESS, Compute, Ranks, first_line, join_ranks, leave_ranks, lost_process
 from .callbacks import Session
 from .config import Config, input_side, save_config, upsampled_side
 from .config_diff import check_same_experiment
@@ -35,6 +34,7 @@ from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours
 from .loggers import make_loggers
 from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
+from .precision_choice import choose_computation
 from .teacher import TrainedTeacher, distillation_batches, ensemble_summary, train_teachers, without_teacher
 from .inference import predict_logits
 from .train import fit
@@ -78,7 +78,8 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
         student.compile()
     history = fit(name, student, student, train, val, objective, s, Session(
         checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name), compute.device, seed + 1, log,
-        compute.precision, ranks, make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints))
+        compute.precision, ranks, make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints,
+        layout=compute.layout))
     return student.eval(), normalize, history
 
 
@@ -126,14 +127,14 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
             model, normalize, history = train_student(name, seed, cfg, data, train, val, make_objective(), compute,
                                                       log, checkpoint_dir, ranks)
             if generations:
-                previous = (name, TrainedTeacher(model, "", normalize, history, None))
+                previous = (name, TrainedTeacher(model, "", normalize, history, None, compute=compute))
             if not ranks.main:  # every process teaches the next generation; rank 0 alone saves and reports
                 continue
             save_weights(model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
                          os.path.join(checkpoint_dir, "best.pt"), f"{name} weights")
             trained.histories[name] = history
             # For the paired test: the best weights' answer on each val image.
-            val_logits = predict_logits(model, val, cfg.student.batch_size, *compute)
+            val_logits = predict_logits(model, val, cfg.student.batch_size, compute.device, compute.precision)
             trained.val_predicted[name] = val_logits.argmax(1)
             if generations:
                 trained.generations.append({"generation": generation, "run": name, "seed": seed,
@@ -205,6 +206,15 @@ def _announce_and_check_models(cfg: Config, ranks: Ranks, log) -> None:
             ranks.main_first(functools.partial(fetch_pretrained, part.arch))  # downloaded once per node
 
 
+def _model_checkpoints(cfg: Config, checkpoints: dict[str, str]) -> dict[str, list[str]]:
+    """Each model's last.pt files: a teacher's, and the student's with the baseline's of every seed
+    (the baseline computes as the student does)."""
+    seeds = cfg.seeds or [cfg.seed]
+    return {**{name: [os.path.join(checkpoints["teacher"], name, "last.pt")] for name in cfg.teachers()},
+            "student": [os.path.join(checkpoints.get(kind, checkpoints["student"]), run_name(kind, seed, cfg), "last.pt")
+                        for seed in seeds for kind in ("student", "baseline")]}
+
+
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
                 log, shared_checkpoints: dict[str, str] | None) -> dict:
     folder = RunFolder(cfg.out)
@@ -216,24 +226,26 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         remove_stale_temporaries(cfg.out, log, RUN_SUBFOLDERS)  # left by an interrupted run in this folder
     else:
         log = silent
-    compute = Compute(device, resolve_precision(cfg.precision, device))
-    if ranks.main and (busy := competing_load(compute)):
-        log(f"warning: {busy}")
     _announce_and_check_models(cfg, ranks, log)
     cfg = resolve_auto_layers(cfg, log)  # after the checks of the architectures, before any signal
     torch.backends.cudnn.benchmark = device.type == "cuda"
     stopwatch = Stopwatch()
 
+    models_dir = os.path.dirname(folder.model_weights("teacher"))
+    checkpoints = {kind: folder.checkpoints for kind in ("teacher", "student", "baseline")}
+    checkpoints |= shared_checkpoints or {}
     log(f"prepare: {cfg.data}")
     data = ranks.main_first(lambda: prepare(
         cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction, seed=cfg.seed,
         workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log, scanned=dataset))
+    threads, computes = ranks.from_main(choose_computation(
+        cfg, len(data.classes), device, folder.compute_choice, _model_checkpoints(cfg, checkpoints), log)
+        if ranks.main else None)
+    torch.set_num_threads(threads)
+    compute = computes["student"]  # the baseline's too: it differs from the student by the teacher alone
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     stopwatch.lap("prepare")
-    models_dir = os.path.dirname(folder.model_weights("teacher"))
-    checkpoints = {kind: folder.checkpoints for kind in ("teacher", "student", "baseline")}
-    checkpoints |= shared_checkpoints or {}
-    teachers = train_teachers(cfg, data, batcher, compute, models_dir, log, checkpoints["teacher"], ranks)
+    teachers = train_teachers(cfg, data, batcher, computes, models_dir, log, checkpoints["teacher"], ranks)
     ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log) if ranks.main else None
     stopwatch.lap("teacher")
 

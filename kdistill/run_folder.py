@@ -62,6 +62,12 @@ class RunFolder:
     def checkpoints(self) -> str:
         return self.file("checkpoints")
 
+    @property
+    def compute_choice(self) -> str:
+        """The CPU threads and each model's precision and memory format, as chosen when the run started
+        (precision_choice); beside config.yaml, so that it marks no training as started."""
+        return self.file("compute.json")
+
     def model_weights(self, name: str) -> str:
         """models/<name>.pt: a model's best weights (teacher, student, baseline, student-seed1, ...)."""
         return os.path.join(self.root, "models", f"{name}.pt")

@@ -34,12 +34,13 @@ NOT_GRIDDED = {"out": "the sweep names each point's folder", "seeds": "--seeds a
 # Settings train_teacher never reads (its own settings are teacher.*; it reads data, image_size,
 # val_fraction and seed through the data, augment for its batches, device and precision for its
 # numbers). Every other setting counts, so a setting added later splits teachers rather than
-# sharing one wrongly.
-NOT_TEACHER = {"out", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "compile", "seeds",
+# sharing one wrongly. threads does not count: under auto the load picks the count, and a model that
+# started keeps its own (precision_choice).
+NOT_TEACHER = {"out", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "compile", "seeds",
                "mix", "mixup_alpha", "cutmix_alpha", "student", "distill"}
 # Settings the baseline never reads; of distill.*, it reads only what shapes the batches it shares
 # with the distilled student (see baseline_settings).
-NOT_BASELINE = {"out", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "teacher",
+NOT_BASELINE = {"out", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "teacher",
                 "distill"}
 POINT_NAME_CHARACTERS = r"[^\w.=,+-]"  # anything else in a value becomes _ in the folder name
 MAX_POINT_NAME = 120

@@ -44,11 +44,18 @@ class TrainedTeacher(NamedTuple):
     features: dict[str, torch.Tensor] | None  # cached backbone features per split (head-only mode)
     arch: str = ""
     seed: int = 0
+    compute: Compute | None = None  # where and how it computes (precision_choice); None: the run's default
+
+    def where(self, default: Compute) -> tuple[torch.device, str]:
+        """(device, precision) the teacher's outputs are computed in."""
+        compute = self.compute or default
+        return compute.device, compute.precision
 
     def train_logits(self, batcher: ImageBatcher, batch_size: int, compute: Compute,
                      transfer: str | None = None) -> torch.Tensor:
         """The teacher's logits for every training image (unaugmented view), then for every image
         of the transfer split, if any."""
+        where = self.where(compute)
         train = len(self.features["train"]) if self.features is not None else len(batcher.splits["train"].files)
         total = train + (len(batcher.splits[transfer].files) if transfer else 0)
         with progress_bar(total, "teacher logits") as bar:
@@ -57,22 +64,22 @@ class TrainedTeacher(NamedTuple):
                 features = self.features["train"]
                 logits = predict_logits(self.model.get_submodule(self.head),
                                         Batches(features, torch.zeros(len(features)), lambda x: x), batch_size,
-                                        *compute, bar=bar)
+                                        *where, bar=bar)
             else:
-                logits = predict_logits(self.model, batcher("train"), batch_size, *compute, bar=bar)
+                logits = predict_logits(self.model, batcher("train"), batch_size, *where, bar=bar)
             if transfer is None:
                 return logits
-            return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *compute, bar=bar)])
+            return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *where, bar=bar)])
 
 
-def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, models_dir: str,
-                   log, checkpoints_root: str, ranks: Ranks = ONE_PROCESS) -> dict[str, TrainedTeacher]:
+def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, computes: dict[str, Compute],
+                   models_dir: str, log, checkpoints_root: str, ranks: Ranks = ONE_PROCESS) -> dict[str, TrainedTeacher]:
     """Every teacher by run name (teacher, teacher-2, ...), each trained once into
-    checkpoints_root/<name> (a finished one is loaded, not retrained), seeded with seed + its
-    position, and saved to models/<name>.pt (by rank 0 alone)."""
+    checkpoints_root/<name> (a finished one is loaded, not retrained) in computes[name], seeded with
+    seed + its position, and saved to models/<name>.pt (by rank 0 alone)."""
     teachers = {}
     for position, (name, settings) in enumerate(cfg.teachers().items()):
-        teachers[name] = train_teacher(cfg, data, batcher, compute, log, name, settings, cfg.seed + position,
+        teachers[name] = train_teacher(cfg, data, batcher, computes[name], log, name, settings, cfg.seed + position,
                                        os.path.join(checkpoints_root, name), ranks)
         if ranks.main:
             save_weights(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
@@ -103,7 +110,8 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     checkpoint_dir = checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name)
     train, val = data.splits["train"], data.splits["val"]
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
-                      make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints)
+                      make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints,
+                      layout=compute.layout)
     features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and
@@ -112,7 +120,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
         key = signal_key("features", t.arch, tensors_sha256(backbone), data.key, compute.key())
 
         def compute_features() -> dict[str, torch.Tensor]:
-            return {name: head_inputs(teacher, head, batcher(name), t.batch_size, *compute)
+            return {name: head_inputs(teacher, head, batcher(name), t.batch_size, compute.device, compute.precision)
                     for name in ("train", "val")}
         features = ranks.main_first(lambda: cached_tensors(
             os.path.join(data.folder, "signal", f"features-{key}.pt"),
@@ -124,7 +132,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     else:
         history = fit(name, teacher, trainable, batcher("train", augment=True), batcher("val"),
                       CrossEntropy(label_smoothing=t.label_smoothing), t, session)
-    return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed)
+    return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed, compute)
 
 
 def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log, name: str, t,
@@ -139,7 +147,7 @@ def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compu
         raise KdistillError(f"{name}: the weights {t.weights} give non-finite logits on the val images")
     log(f"{name}: given, not trained: val loss {val_loss:.3f} acc {val_acc:.3f}")
     history = [{"epoch": 0, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.perf_counter() - started}]
-    return TrainedTeacher(model, head, normalize, history, None, arch, seed)
+    return TrainedTeacher(model, head, normalize, history, None, arch, seed, compute)
 
 
 def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batches, compute: Compute,
@@ -149,8 +157,8 @@ def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batc
     if len(teachers) == 1:
         return None
     weights = cfg.teacher_weights()
-    accuracy = ensemble_val_acc([teacher.model for teacher in teachers.values()], weights, cfg.distill.temperature,
-                                val, cfg.teacher.batch_size, compute)
+    accuracy = ensemble_val_acc([(teacher.model, teacher.where(compute)) for teacher in teachers.values()], weights,
+                                cfg.distill.temperature, val, cfg.teacher.batch_size)
     log(f"ensemble: {', '.join(f'{name} (weight {weight:.3g})' for name, weight in zip(teachers, weights))}; "
         f"val acc of the averaged probabilities {accuracy:.2%}")
     return {"teachers": list(teachers), "weights": weights, "temperature": cfg.distill.temperature,
@@ -207,7 +215,7 @@ def _features_fit(cfg: Config, teacher: TrainedTeacher, paths, batches: Batches,
                   compute: Compute, log) -> bool:
     """Whether the teacher features of `samples` images (or views) fit in distill.max_signal_memory_gb;
     stated in the log. Where they don't: False under auto, else a one-line error."""
-    shapes = feature_shapes(teacher.model, paths, batches, *compute)
+    shapes = feature_shapes(teacher.model, paths, batches, *teacher.where(compute))
     megabytes = feature_megabytes(shapes, samples)
     limit = cfg.distill.max_signal_memory_gb
     described = ", ".join(f"{path} {tuple(shape)}" for path, shape in shapes.items())
@@ -232,7 +240,7 @@ def _signal_parts(cfg: Config, teacher: TrainedTeacher, data: PreparedData, tran
         # them (crop ranges, a seed, an augmentation added later), other views make another key.
         parts += [cfg.augment, "views " + tensors_sha256({"views": views})]
     # A transfer set joins the key only when set, so earlier signal caches stay valid.
-    return parts + ([f"transfer {transfer}"] if transfer else []) + [compute.key()]
+    return parts + ([f"transfer {transfer}"] if transfer else []) + [(teacher.compute or compute).key()]
 
 
 def _first_pass(teacher: TrainedTeacher, paths, cfg: Config, batcher: ImageBatcher, served: str,
@@ -249,7 +257,8 @@ def _first_pass(teacher: TrainedTeacher, paths, cfg: Config, batcher: ImageBatch
             total = sum(len(batches) for batches in view_batches)
             for dtype in (FEATURE_DTYPE, torch.float32):
                 with progress_bar(total, f"teacher logits and features ({len(view_batches)} views)") as bar:
-                    found = hooked_outputs(teacher.model, paths, view_batches, cfg.student.batch_size, *compute,
+                    found = hooked_outputs(teacher.model, paths, view_batches, cfg.student.batch_size,
+                                           *teacher.where(compute),
                                            dtype, bar)
                 if found is not None:
                     break
@@ -282,7 +291,8 @@ def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, bat
             return {"train": first_pass()["logits"]}
         with progress_bar(count * rows["train"], f"teacher logits for {count} views") as bar:
             return {"train": torch.stack([predict_logits(teacher.model, batcher(served, views=views[:, k:k + 1]),
-                                                         batch_size, *compute, bar=bar) for k in range(count)], 1)}
+                                                         batch_size, *teacher.where(compute), bar=bar)
+                                          for k in range(count)], 1)}
     return ranks.main_first(lambda: cached_tensors(os.path.join(folder, f"views-{key}.pt"), rows, views_logits,
                                                    f"teacher logits for {count} views per image", log))["train"]
 

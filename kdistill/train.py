@@ -107,7 +107,8 @@ def _check_same_computation(name: str, saved: dict, current: dict, checkpoint_di
                             f"(computed_on: {str(saved)[:80]}); remove it to start this model again, or use another --out")
     if saved != current:
         def where(run: dict) -> str:
-            return f"{run['device']} in {run['precision']} by {run.get('processes', 1)} process(es)"
+            layout = f" ({run['layout']})" if run.get("layout") else ""
+            return f"{run['device']} in {run['precision']}{layout} by {run.get('processes', 1)} process(es)"
         raise KdistillError(
             f"{name}: the checkpoint in {checkpoint_dir} was trained on {where(saved)}, this run uses "
             f"{where(current)}; resuming would not repeat its numbers. Resume with device={saved['device']}, precision="
@@ -199,6 +200,7 @@ def _start(name: str, model: nn.Module, trainable: nn.Module, train: Batches, ob
                       torch.Generator().manual_seed(session.seed + VIEW_SEED_OFFSET)),
                      # Where and how the numbers were computed: a resume elsewhere would not repeat them.
                      {"device": device.type, "precision": session.precision,
+                      **({"layout": session.layout} if session.layout else {}),
                       **({"processes": ranks.world_size} if ranks.joined else {})})
     last_path = os.path.join(session.checkpoint_dir, "last.pt")
     saved = ranks.from_main(load_checkpoint(last_path, session.log) if ranks.main else None)

@@ -72,18 +72,3 @@ def test_which_convolutions_torchs_bf16_kernels_break():
     assert not bf16_conv_fails(conv, torch.zeros(1, 8, 2, 2))
     assert not bf16_conv_fails(torch.nn.Conv2d(8, 8, 1, stride=2), torch.zeros(1, 8, 1, 1))  # no padding taps
     assert not bf16_conv_fails(torch.nn.Conv2d(8, 8, 3, padding=1), torch.zeros(1, 8, 1, 1))  # stride 1
-
-
-def test_a_busy_machine_is_named_before_a_bf16_run_on_the_cpu(monkeypatch):
-    import os
-
-    from kdistill import compute
-    from kdistill.compute import Compute, competing_load
-
-    cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(compute.os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
-    warning = competing_load(Compute(torch.device("cpu"), "bf16"))
-    assert warning and f"load average {cores + 1.0:.1f} on the {cores} cores" in warning and "precision=fp32" in warning
-    assert competing_load(Compute(torch.device("cpu"), "fp32")) is None  # float32 degrades gently
-    monkeypatch.setattr(compute.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
-    assert competing_load(Compute(torch.device("cpu"), "bf16")) is None

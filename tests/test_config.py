@@ -259,6 +259,7 @@ CASES = {
     "keep_checkpoints": ("maybe", "true", True),
     "device": ("cuda:x", "cuda:1", "cuda:1"),
     "precision": ("fp16", "bf16", "bf16"),
+    "threads": ("-2", "4", 4),
     "baseline": ("maybe", "no", False),
     "skip_bad": ("2", "on", True),
     "augment": ("rotate", "crop_flip", "crop_flip"),

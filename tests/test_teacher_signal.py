@@ -101,7 +101,7 @@ def test_stored_views_are_keyed_by_the_views_themselves():
     from kdistill.augmentations import stored_views
     from kdistill.teacher import _signal_parts
 
-    teacher = SimpleNamespace(model=torch.nn.Linear(2, 2))
+    teacher = SimpleNamespace(model=torch.nn.Linear(2, 2), compute=None)
     data, compute = SimpleNamespace(key="data"), SimpleNamespace(key=lambda: "cpu-fp32")
 
     def key(augment, scale, seed=0):

@@ -1,0 +1,112 @@
+"""Training speed on the CPU while another process competes for the cores, side by side.
+
+One training step (forward, backward, SGD step) of --model at --size px, batch --batch, in float32
++ channels_last and in bfloat16 autocast + channels_last, each in a fresh process (OpenMP reads
+its wait policy once, at start) under each condition:
+
+  threads=all         torch's default: one thread per core this process may use
+  threads=all passive the same with OMP_WAIT_POLICY=PASSIVE (waiting threads sleep, not spin)
+  threads=cores-1     one thread fewer than the cores
+
+quiet and with a competitor running beside it: --competitor-threads threads of matrix products in
+--competitor-dtype (another training, a compile, a browser: any process that keeps cores busy). Each cell is
+the median of --repeats steps after two warm-up steps; the competitor starts before the warm-up.
+
+    python benchmarks/bench_contention.py --model resnet18 --size 112 --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+CONDITIONS = {"threads=all": {}, "threads=all passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+              "threads=cores-1": {"KDISTILL_BENCH_THREADS": "-1"}}
+PRECISIONS = ("fp32", "bf16")
+
+COMPETITOR = """
+import torch, time
+torch.set_num_threads({threads})
+a = torch.randn(1024, 1024, dtype=torch.{dtype})
+end = time.time() + {seconds}
+while time.time() < end:
+    a = torch.tanh(a @ a / 1024)
+"""
+
+
+def step_times(model_name: str, size: int, batch: int, precision: str, repeats: int) -> list[float]:
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    cores = len(os.sched_getaffinity(0))
+    if os.environ.get("KDISTILL_BENCH_THREADS") == "-1":
+        torch.set_num_threads(max(1, cores - 1))
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, model_name)(num_classes=10).to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(args, precision: str, extra_env: dict[str, str], loaded: bool) -> float:
+    competitor = None
+    if loaded:
+        code = COMPETITOR.format(threads=args.competitor_threads, seconds=600, dtype=args.competitor_dtype)
+        competitor = subprocess.Popen([sys.executable, "-c", code])
+        time.sleep(2)  # let it reach its loop
+    try:
+        out = subprocess.run([sys.executable, __file__, "--child", precision, "--model", args.model,
+                              "--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats)],
+                             env={**os.environ, **extra_env}, capture_output=True, text=True, check=True).stdout
+    finally:
+        if competitor:
+            competitor.kill()
+            competitor.wait()
+    times = sorted(json.loads(out.strip().splitlines()[-1]))
+    return args.batch / times[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--competitor-threads", type=int, default=2)
+    parser.add_argument("--competitor-dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--child", choices=PRECISIONS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(step_times(args.model, args.size, args.batch, args.child, args.repeats)))
+        return
+    print(f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} cores; {args.model} "
+          f"step, {args.size} px, batch {args.batch}, channels_last; competitor: {args.competitor_threads} threads "
+          f"of {args.competitor_dtype} matrix products")
+    print("| condition | fp32 quiet | fp32 loaded | fp32 slowdown | bf16 quiet | bf16 loaded | bf16 slowdown |")
+    print("|---|---|---|---|---|---|---|")
+    for name, env in CONDITIONS.items():
+        cells = []
+        for precision in PRECISIONS:
+            quiet, loaded = measure(args, precision, env, False), measure(args, precision, env, True)
+            cells += [f"{quiet:.1f} img/s", f"{loaded:.1f} img/s", f"{quiet / loaded:.2f}x"]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
