@@ -1,8 +1,9 @@
 """What training does besides the step, hung on fit's named events, so that checkpoints, the log
 line, early stopping, loggers and tests observe training instead of patching it.
 
-Events, in order: on_fit_start(state) once (after a resume: with the resumed history), then
-on_epoch_end(state, row) after every epoch (row: that epoch's numbers, already in state.history),
+Events, in order: on_fit_start(state) once (after a resume: with the resumed history), then for
+every epoch on_epoch_start(state, epoch) before it trains and on_epoch_end(state, row) after it
+(row: that epoch's numbers, already in state.history),
 on_fit_end(state) when the loop ends normally, and close(state) always, last (also on an error or an
 interrupt). Every process runs the callbacks (a collective call such as a gather needs them all);
 state.session.ranks.main tells the one that writes.
@@ -55,6 +56,9 @@ class FitState:
 
 class Callback:
     def on_fit_start(self, state: FitState) -> None:
+        pass
+
+    def on_epoch_start(self, state: FitState, epoch: int) -> None:
         pass
 
     def on_epoch_end(self, state: FitState, row: dict) -> None:
@@ -137,10 +141,11 @@ class EpochLog(Callback):
         terms = "".join(f" {k[6:]} {v:.3f}" for k, v in row.items()
                         if k.startswith("train_") and k not in ("train_loss", "train_acc"))
         ema = f" | ema val loss {row['val_loss_ema']:.3f} acc {row['val_acc_ema']:.3f}" if "val_acc_ema" in row else ""
+        side = f" | views {row['view_side']} px" if "view_side" in row else ""
         state.session.log(
             f"{state.session.name} epoch {row['epoch']}/{state.cfg.epochs}: train loss {row['train_loss']:.3f} acc "
             f"{row['train_acc']:.3f}{terms} | val loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{ema} | "
-            f"lr {row['lr']:.2g} | {row['seconds']:.1f}s")
+            f"lr {row['lr']:.2g}{side} | {row['seconds']:.1f}s")
 
 
 def offered_val_acc(row: dict) -> float:

@@ -78,6 +78,12 @@ class TrainConfig:
                                  "up to it, bilinearly, inside the model, in training and deployed; 0: image_size. "
                                  "A network made for ImageNet does better on a larger view of small images, at the "
                                  "cost of its compute")
+    progressive_from: float = setting(1.0, "progressive resizing: the share of its side the model's training views "
+                                           "start at (e.g. 0.5), growing linearly to the whole side by "
+                                           "progressive_until of the epochs; evaluation always sees the whole side; "
+                                           "1: off", gt=0, le=1)
+    progressive_until: float = setting(0.75, "the share of the epochs after which training views are whole",
+                                       gt=0, le=1)
 
 
 @dataclass

@@ -132,16 +132,33 @@ class Standardized(nn.Module):
     def __init__(self, model: nn.Module, mean: list[float], std: list[float], input_size: int = 0):
         super().__init__()
         self.model = model
+        # Progressive resizing (progressive.py): in training, views at this share of the side; not
+        # state (a function of the epoch), and never in eval mode, so evaluation and exports see it whole.
+        self.train_scale = 1.0
+        self.trained_side = 0  # the side of the last batch it saw in training
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.input_size = input_size
         self.register_buffer("resized_to", torch.tensor(input_size) if input_size else None)
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
-        if self.input_size and images01.shape[-2:] != (self.input_size, self.input_size):
-            images01 = nn.functional.interpolate(images01, size=(self.input_size, self.input_size), mode="bilinear",
-                                                 antialias=self.input_size < images01.shape[-1])
+        side = self.input_size
+        if self.training and self.train_scale < 1:
+            side = scaled_side(self.input_size or images01.shape[-1], self.train_scale)
+        if side and images01.shape[-2:] != (side, side):
+            images01 = nn.functional.interpolate(images01, size=(side, side), mode="bilinear",
+                                                 antialias=side < images01.shape[-1])
+        if self.training:
+            self.trained_side = images01.shape[-1]
         return self.model((images01 - self.mean) / self.std)
+
+
+SIDE_STEP = 8  # progressive sides are multiples of this: few distinct shapes, each a kernel choice
+
+
+def scaled_side(side: int, scale: float) -> int:
+    """scale of side, rounded to a multiple of SIDE_STEP (at least SIDE_STEP, at most side)."""
+    return min(side, max(SIDE_STEP, round(side * scale / SIDE_STEP) * SIDE_STEP))
 
 
 MIN_STD = 1 / 255  # one grey level, on the [0, 1] scale

@@ -25,6 +25,7 @@ from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import load_torch
 from .progress import with_progress
+from .progressive import progressive_resizing
 from .compute import Ranks, autocast, first_line
 
 VIEW_SEED_OFFSET = 7919  # the view generator's seed, apart from the shuffle generator's
@@ -334,13 +335,16 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     # A method's buffers (CRD's memory banks) stay each process's own.
     forward = session.ranks.distribute(model, session.device)
     objective_forward = session.ranks.distribute(objective, session.device, False)
-    callbacks = [Checkpointer(), EpochLog(), *session.callbacks, EarlyStopping()]
+    # Progressive resizing first: it adds the epoch's view side to the row the others save and log.
+    callbacks = [*progressive_resizing(model, cfg), Checkpointer(), EpochLog(), *session.callbacks, EarlyStopping()]
     try:
         for callback in callbacks:
             callback.on_fit_start(state)
         for epoch in range(state.start_epoch, cfg.epochs + 1):
             if state.stop:
                 break
+            for callback in callbacks:
+                callback.on_epoch_start(state, epoch)
             started = time.perf_counter()
             model.eval()
             trainable.train()

@@ -51,3 +51,21 @@ def test_the_epoch_benchmark_compares_kdistill_with_the_naive_loop(digits_datase
         assert speed_up and float(speed_up.group(1)) > 0
     else:
         assert "kd_plain_bf16 skipped: this CPU has no bf16 units" in printed
+
+
+def test_the_time_to_accuracy_benchmark_runs_each_variant_once_and_compares_it_with_the_first(digits_dataset,
+                                                                                             tmp_path):
+    tiny = ("--set image_size=16 --set teacher.arch=resnet18 --set teacher.weights=none --set teacher.epochs=1 "
+            "--set teacher.input_size=0 --set student.input_size=0 --set student.epochs=2 --set distill.views=2 "
+            "--set teacher.warmup_epochs=0 --set student.warmup_epochs=1 "
+            "--set teacher.batch_size=16 --set student.batch_size=16 --set deploy_check=false --set precision=fp32 "
+            f"--set workers=1 --set cache_dir={tmp_path / 'cache'}")
+    args = ("--root", str(tmp_path / "tta"), "--data", digits_dataset, "--seeds", "0,1",
+            "--variant", f"plain={tiny}", "--variant", f"progressive={tiny} --set student.progressive_from=0.5")
+    printed = run_benchmark("bench_time_to_accuracy.py", *args)
+    lines = {line.split(":")[0]: line for line in printed.splitlines() if line.startswith(("plain:", "progressive:"))}
+    assert set(lines) == {"plain", "progressive"}
+    assert re.search(r"student \d+\.\d\d ± \d+\.\d\d% \(epochs \d, \d\)", lines["plain"])
+    assert re.search(r"\d\.\d\dx the reference's wall time, student [+-]\d+\.\d\d points", lines["progressive"])
+    again = run_benchmark("bench_time_to_accuracy.py", *args)  # finished: read, not retrained
+    assert "kdistill run" not in again and "1 invocation(s)" in again
