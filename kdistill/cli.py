@@ -21,9 +21,9 @@ EPILOG = """examples:
   kdistill sweep --data DATA --out runs/sweep1 --preset seed-nguyen --grid distill.temperature=1,2,4,8 \
       --grid distill.alpha=0.25,0.5,0.9
   kdistill run --data DATA --out runs/exp5 --preset seed-nguyen --nproc 4
-  kdistill predict --run runs/exp1 --images more_photos/
-  kdistill compare runs/exp1 runs/exp2 --html compare.html
-  kdistill predict --run runs/exp1/student-int8.onnx --images more_photos/
+  kdistill predict --run runs/exp1 --data more_photos/
+  kdistill compare --run runs/exp1 --run runs/exp2 --html compare.html
+  kdistill predict --run runs/exp1/student-int8.onnx --data more_photos/
   kdistill export --run runs/exp1
   kdistill config --preset seed-nguyen > my.yaml
   kdistill cache --list
@@ -150,9 +150,12 @@ def _add_student_reader_flags(command, verb: str) -> None:
 def _add_predict_and_evaluate(commands) -> None:
     predict = commands.add_parser("predict", help="label new images with a finished run's student")
     _add_student_reader_flags(predict, "bundle")
-    predict.add_argument("--images", required=True, help="folder of images (searched recursively)")
-    predict.add_argument("--output", help="CSV to write (default predictions-<folder name>.csv in the run folder, "
-                                           "or beside the student file --run names)")
+    # --images and --output: the names before the commands agreed on --data and --out (still accepted).
+    predict.add_argument("--data", "--images", dest="images", metavar="FOLDER", required=True,
+                         help="folder of images to label (searched recursively)")
+    predict.add_argument("--out", "--output", dest="output", metavar="FILE",
+                         help="CSV to write (default predictions-<folder name>.csv in the run folder, or beside the "
+                              "student file --run names)")
     predict.add_argument("--top-k", type=int, default=1, metavar="K",
                          help="also write the next K-1 most probable classes and their probabilities (default 1)")
     predict.add_argument("--strict", action="store_true",
@@ -161,10 +164,12 @@ def _add_predict_and_evaluate(commands) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="score a finished run's student (and teacher) on another labelled folder",
         description="Accuracy, top-k accuracy, per-class precision, recall and F1 and the confusion matrix of the "
-                    "student, and of the run's teacher where its folder has one, on DATA/<class>/<images>.")
+                    "student, and of the run's teacher where its folder has one, on FOLDER/<class>/<images>.")
     _add_student_reader_flags(evaluate, "run")
-    evaluate.add_argument("--data", required=True, help="labelled folder: <class>/<images>, classes the student's")
-    evaluate.add_argument("--output", help="JSON to write (default evaluate-<folder name>.json in the run folder)")
+    evaluate.add_argument("--data", metavar="FOLDER", required=True,
+                          help="labelled folder: <class>/<images>, classes the student's")
+    evaluate.add_argument("--out", "--output", dest="output", metavar="FILE",
+                          help="JSON to write (default evaluate-<folder name>.json in the run folder)")
     evaluate.add_argument("--top-k", type=int, default=5, metavar="K", help="top-k accuracy's k (default 5)")
 
 
@@ -173,8 +178,9 @@ def _add_compare_export_cache(commands) -> None:
                                   description="One row per model (teacher, student, baseline) per run: the "
                                               "settings that differ between the runs, best val accuracy and its "
                                               "epoch (with seeds: mean ± std), parameters, size, GFLOPs, latency.")
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="a finished run folder (holds metrics.json and "
-                                                                 "config.yaml)")
+    compare.add_argument("--run", action="append", default=[], dest="run_flags", metavar="RUN",
+                         help="a finished run folder (holds metrics.json and config.yaml; repeatable)")
+    compare.add_argument("runs", nargs="*", metavar="RUN", help="finished run folders given without --run")
     compare.add_argument("--html", metavar="FILE", help="also write the table as a self-contained HTML page")
     export = commands.add_parser(
         "export", help="write a finished run's student.onnx and student-int8.onnx and measure the deployment table",
@@ -201,7 +207,8 @@ def _add_compare_export_cache(commands) -> None:
                                 description="Drop each finished model's training state (optimizer, weight average, "
                                             "the older copy of last.pt), as runs do by default now; best weights, "
                                             "exports, reports and histories stay.")
-    clean.add_argument("run", metavar="RUN", help="a finished run or sweep folder")
+    clean.add_argument("--run", dest="run_flag", metavar="RUN", help="a finished run or sweep folder")
+    clean.add_argument("run", nargs="?", metavar="RUN", help="the folder given without --run")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -281,7 +288,10 @@ def _evaluate(args) -> None:
 def _compare(args) -> None:
     from .compare import compare_runs
 
-    print(printable(compare_runs(args.runs, args.html)), end="")
+    runs = [*args.run_flags, *args.runs]
+    if not runs:
+        raise KdistillError("name the runs to compare: kdistill compare --run RUN [--run RUN ...]")
+    print(printable(compare_runs(runs, args.html)), end="")
 
 
 def _export(args) -> None:
@@ -305,7 +315,9 @@ def _cache(args) -> None:
 def _clean(args) -> None:
     from .clean import clean
 
-    clean(args.run, log=_say)
+    if (args.run_flag is None) == (args.run is None):
+        raise KdistillError("name one run or sweep folder: kdistill clean --run RUN")
+    clean(args.run_flag or args.run, log=_say)
 
 
 def _sweep(args) -> None:

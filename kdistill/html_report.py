@@ -19,7 +19,8 @@ from PIL import Image  # noqa: E402
 
 from .errors import printable  # noqa: E402
 from .fileio import atomic_write_text  # noqa: E402
-from .report import LABELS, plot_label, seen_size  # noqa: E402
+from .html_confusion import confusion_section  # noqa: E402
+from .report import LABELS, seen_size  # noqa: E402
 from .config import Config  # noqa: E402
 from .run_folder import RunFolder  # noqa: E402
 from .run_verdict import run_verdict  # noqa: E402
@@ -28,23 +29,31 @@ from .significance import verdict  # noqa: E402
 CALIBRATION_BINS = 15
 MISTAKES_SHOWN = 16
 THUMBNAIL_PIXELS = 96
-ANNOTATED_UP_TO = 15  # classes: beyond this a confusion matrix shows colours only, no counts
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1220px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 24px auto; padding: 0 12px; max-width: 1220px; color: #222;
+       overflow-wrap: break-word; }
 h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; }
 ul.warnings li { color: #8a4b00; margin: 4px 0; }
 p.verdict { font-size: 17px; font-weight: 600; margin: 10px 0 14px; }
+.wide { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 14px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 th { background: #f0f3f7; }
-img { max-width: 100%; }
+table.confusion th { font-size: 12px; white-space: nowrap; }
+table.confusion tr:first-child th:nth-child(n+3) { white-space: normal; overflow-wrap: anywhere; }
+table.confusion td { line-height: 1.15; min-width: 32px; }
+table.confusion td small { display: block; font-size: 10px; opacity: 0.75; }
+table.confusion td.hit { font-weight: 700; outline: 2px solid #1f77b4; outline-offset: -2px; }
+details { margin: 6px 0; } summary { cursor: pointer; font-size: 14px; }
+img { max-width: 100%; height: auto; }
 .figures { display: flex; flex-wrap: wrap; gap: 12px; }
-.mistakes { display: grid; grid-template-columns: repeat(8, 1fr); gap: 10px; }
-.mistakes figure { margin: 0; font-size: 12px; }
+.mistakes { display: grid; grid-template-columns: repeat(8, minmax(0, 1fr)); gap: 10px; }
+.mistakes figure { margin: 0; font-size: 12px; overflow-wrap: anywhere; }
 .mistakes img { width: 96px; height: 96px; image-rendering: pixelated; border: 2px solid #c33; }
 .note { color: #555; font-size: 14px; }
 .settings { columns: 3; font: 12px monospace; }
+.settings div { overflow-wrap: anywhere; }
 """
 
 
@@ -93,7 +102,7 @@ def _table(header: list[str], rows: list[list], table_id: str = "") -> str:
         return value[1] if isinstance(value, tuple) else _text(value)
     head = "".join(f"<th>{html.escape(name)}</th>" for name in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(value)}</td>" for value in row) + "</tr>" for row in rows)
-    return f"<table{f' id={table_id!r}' if table_id else ''}><tr>{head}</tr>{body}</table>"
+    return f"<div class='wide'><table{f' id={table_id!r}' if table_id else ''}><tr>{head}</tr>{body}</table></div>"
 
 
 def _img(png: bytes, alt: str, width: int | None = None) -> str:
@@ -110,30 +119,6 @@ def _figure_png(figure) -> bytes:
 
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
-
-
-def _confusion_png(labels: np.ndarray, predicted: dict[str, np.ndarray], classes: list[str]) -> bytes:
-    from sklearn.metrics import confusion_matrix
-
-    count = len(classes)
-    side = min(max(3.2, 0.32 * count + 1.5), 9)
-    figure, axes = plt.subplots(1, len(predicted), figsize=(side * len(predicted), side), squeeze=False)
-    for axis, (kind, answer) in zip(axes[0], predicted.items()):
-        matrix = confusion_matrix(labels, answer, labels=list(range(count)))
-        axis.imshow(matrix, cmap="Blues")
-        axis.set_title(f"{LABELS.get(kind, kind)} ({(answer == labels).mean():.1%})", fontsize=10)
-        axis.set_xlabel("predicted")
-        axis.set_ylabel("true")
-        if count <= 30:
-            names = [plot_label(name) for name in classes]
-            axis.set_xticks(range(count), names, rotation=90, fontsize=7)
-            axis.set_yticks(range(count), names, fontsize=7)
-        if count <= ANNOTATED_UP_TO:
-            for (row, column), value in np.ndenumerate(matrix):
-                axis.text(column, row, str(value), ha="center", va="center", fontsize=7,
-                          color="white" if value > matrix.max() / 2 else "black")
-    figure.tight_layout()
-    return _figure_png(figure)
 
 
 def _reliability_png(probabilities: dict[str, np.ndarray], labels: np.ndarray) -> bytes:
@@ -273,7 +258,8 @@ def page(metrics: dict, config: dict, val, classes: list[str], probabilities: di
         "<h2>Comparison</h2>", _comparison(metrics, ece, config["image_size"]),
         "<div class='figures'>" + "".join(_img(png, name, width=600) for png, name in zip(curves, ("loss", "accuracy")))
         + "</div>",
-        "<h2>Confusion matrices (val)</h2>", _img(_confusion_png(labels, predicted, classes), "confusion matrices"),
+        "<h2>Confusion matrices (val)</h2>",
+        confusion_section(labels, predicted, classes, lambda figure, alt: _img(_figure_png(figure), alt)),
         "<h2>Per-class accuracy (val)</h2>",
         "<p class='note'>The student's weakest classes first (by F1). Accuracy is each class's recall.</p>",
         _table(["Class", "Val images", *(LABELS.get(kind, kind) for kind in kinds), "Student precision",

@@ -45,7 +45,7 @@ def check_output(output: str) -> None:
     if not os.path.isdir(folder):
         raise KdistillError(f"cannot write predictions to {output}: its folder {folder} does not exist")
     if os.path.isdir(output):
-        raise KdistillError(f"cannot write predictions to {output}: it is a folder; give a file name with --output")
+        raise KdistillError(f"cannot write predictions to {output}: it is a folder; give a file name with --out")
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -53,7 +53,7 @@ def check_output(output: str) -> None:
     # The file is written under a temporary name first (fileio.atomic_write), which is longer.
     if len(os.fsencode(temporary_name(os.path.basename(output)))) > name_max:
         raise KdistillError(f"cannot write predictions to {output}: its name is too long for the file system "
-                            f"(at most {name_max - len(temporary_name(''))} bytes); choose a shorter --output")
+                            f"(at most {name_max - len(temporary_name(''))} bytes); choose a shorter --out")
     if not os.access(folder, os.W_OK):
         raise KdistillError(f"cannot write predictions to {output}: its folder {folder} is not writable")
 

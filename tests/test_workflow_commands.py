@@ -1,5 +1,5 @@
-"""The commands people expect: evaluate on another labelled folder, predict --top-k, --version, and
-the student's flags."""
+"""The commands people expect: evaluate on another labelled folder, predict --top-k, --version, the
+student's flags, and the same flag names for the same roles in every command."""
 import csv
 import json
 import os
@@ -102,3 +102,51 @@ def test_help_does_not_wait_for_torch():
 
     code = "import sys; from kdistill import cli; cli.parser(); sys.exit(3 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+# Each command that reads an input folder or writes its results: the attributes --data and --out fill.
+INPUT_AND_OUTPUT = {"run": ("data", "out"), "sweep": ("data", "out"), "config": ("data", "out"),
+                    "predict": ("images", "output"), "evaluate": ("data", "output")}
+REQUIRED = {"sweep": ["--grid", "seed=0,1"], "predict": ["--run", "runs/exp1"], "evaluate": ["--run", "runs/exp1"]}
+
+
+@pytest.mark.parametrize("command, data_flag, out_flag", [
+    *((command, "--data", "--out") for command in INPUT_AND_OUTPUT),
+    ("predict", "--images", "--output"), ("evaluate", "--data", "--output"),  # the older names, where they were
+])
+def test_data_and_out_name_the_input_and_the_results_of_every_command(command, data_flag, out_flag):
+    """--data is the input folder and --out where results go, in every command; predict's and
+    evaluate's older --images and --output still work there."""
+    args = cli.parser().parse_args([command, data_flag, "photos", out_flag, "results", *REQUIRED.get(command, [])])
+    data, out = INPUT_AND_OUTPUT[command]
+    assert (getattr(args, data), getattr(args, out)) == ("photos", "results")
+
+
+def test_help_shows_the_common_names_first():
+    """Where an option has several names, --help lists --data, --out or --run first."""
+    commands = next(action for action in cli.parser()._actions if action.choices and "run" in action.choices)
+    several = {}
+    for name, command in commands.choices.items():
+        for action in command._actions:
+            if len(action.option_strings) > 1 and action.option_strings != ["-h", "--help"]:
+                several[name, action.option_strings[0]] = action.option_strings[1:]
+    assert several == {("predict", "--data"): ["--images"], ("predict", "--out"): ["--output"],
+                       ("evaluate", "--out"): ["--output"]}
+    assert "--data FOLDER, --images FOLDER" in commands.choices["predict"].format_help()
+
+
+def test_clean_and_compare_take_run_as_predict_evaluate_and_export_do(monkeypatch, capsys):
+    import kdistill.clean
+    import kdistill.compare
+
+    seen = []
+    monkeypatch.setattr(kdistill.clean, "clean", lambda folder, log: seen.append(("clean", folder)))
+    monkeypatch.setattr(kdistill.compare, "compare_runs", lambda folders, html: seen.append(("compare", folders)) or "")
+    for argv in (["clean", "--run", "runs/a"], ["clean", "runs/a"], ["compare", "--run", "runs/a", "--run", "runs/b"],
+                 ["compare", "runs/a", "runs/b"], ["compare", "--run", "runs/a", "runs/b"]):
+        assert cli.main(argv) == 0
+    assert seen == [("clean", "runs/a")] * 2 + [("compare", ["runs/a", "runs/b"])] * 3
+    for argv in (["clean"], ["clean", "--run", "runs/a", "runs/b"], ["compare"]):
+        assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "kdistill clean --run RUN" in error and "kdistill compare --run RUN" in error
