@@ -49,7 +49,8 @@ class TrainConfig:
                                "(the best epoch's weights are kept, as always); 0: train every epoch", ge=0)
     steps: int = setting(0, "optimizer steps to train for (0: epochs decides); > 0 sets epochs to the fewest whole "
                             "epochs that reach it on the run's training images (the student's: with the transfer "
-                            "set), so a recipe fits datasets of any size", ge=0)
+                            "set; the baseline gets as many steps on its own), so a recipe fits datasets of any "
+                            "size", ge=0)
     batch_size: int = setting(64, "images per training step", ge=1, le=MAX_BATCH_SIZE)
     optimizer: str = setting("adam", "adam, adamw (decoupled weight decay) or sgd (Nesterov, with momentum)",
                              choices=("adam", "adamw", "sgd"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import NamedTuple
@@ -27,7 +28,7 @@ from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .features import resolve_auto_layers
 from .run_folder import RunFolder
-from .steps import resolve_steps
+from .steps import baseline_part, resolve_steps
 from .finish import Stopwatch, Trained, best_and_final, finish_run, run_name
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
                      remove_stale_temporaries, save_weights)
@@ -116,6 +117,12 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
                  **({"baseline": plain} if cfg.baseline else {})}
     seeds = cfg.seeds or [cfg.seed]
     trained = TrainedStudents({}, {}, {kind: [] for kind in kinds if kind in ("student", "baseline")}, {}, {}, [])
+    baseline_cfg = dataclasses.replace(cfg, student=baseline_part(
+        cfg.student, math.ceil(len(plain[0]) / cfg.student.batch_size)))
+    if "baseline" in kinds and baseline_cfg.student.epochs != cfg.student.epochs:
+        log(f"baseline: {cfg.student.steps} steps of batch {cfg.student.batch_size} make "
+            f"{baseline_cfg.student.epochs} epochs on the {len(plain[0])} labelled training images (the student's "
+            f"{cfg.student.epochs} include the images the teacher labels)")
     for seed in seeds:
         previous = None  # born again: (run name, TrainedTeacher) of the generation just trained
         for generation, (kind, (train, make_objective)) in enumerate(kinds.items()):
@@ -124,8 +131,9 @@ def train_students(cfg: Config, data: PreparedData, student_train: Batches, val:
                 log(f"{name}: born-again generation {generation}, distilled from {previous[0]}")
                 train = taught_by(previous[1])
             checkpoint_dir = os.path.join(checkpoints.get(kind, checkpoints["student"]), name)
-            model, normalize, history = train_student(name, seed, cfg, data, train, val, make_objective(), compute,
-                                                      log, checkpoint_dir, ranks)
+            model, normalize, history = train_student(name, seed, baseline_cfg if kind == "baseline" else cfg, data,
+                                                      train, val, make_objective(), compute, log, checkpoint_dir,
+                                                      ranks)
             if generations:
                 previous = (name, TrainedTeacher(model, "", normalize, history, None, compute=compute))
             if not ranks.main:  # every process teaches the next generation; rank 0 alone saves and reports

@@ -9,8 +9,8 @@ from .errors import KdistillError
 
 def resolve_steps(cfg, train_images: int, transfer_images: int):
     """cfg (a Config) with each model's epochs set from its steps, where > 0: the fewest whole epochs reaching them
-    on its training images (the distilled student's include the transfer set; the baseline trains as
-    many epochs). Refuses, naming the setting, a warmup_epochs that the resolved epochs don't exceed."""
+    on its training images (the distilled student's include the transfer set; the baseline's are
+    set apart, by baseline_part). Refuses, naming the setting, a warmup_epochs that the resolved epochs don't exceed."""
     def resolved(name: str, part, images: int):
         if not part.steps or part.epochs == 0:
             return part
@@ -26,3 +26,13 @@ def resolve_steps(cfg, train_images: int, transfer_images: int):
             changes["epochs"] = resolved(f"ensemble[{position}]", member, train_images).epochs
     return dataclasses.replace(cfg, teacher=resolved("teacher", cfg.teacher, train_images), ensemble=ensemble,
                                student=resolved("student", cfg.student, train_images + transfer_images))
+
+
+def baseline_part(student, steps_per_epoch: int):
+    """The baseline's training settings: the student's, and where steps are set, at least as many
+    optimizer steps on its own training batches (steps_per_epoch of them; without the transfer set
+    the teacher labels for the student, so more epochs): it gets the student's training budget, not
+    the fraction of it that the student's epoch count would give it."""
+    if not student.steps or student.epochs == 0:
+        return student
+    return dataclasses.replace(student, epochs=math.ceil(student.steps / steps_per_epoch))

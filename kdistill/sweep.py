@@ -143,6 +143,8 @@ def baseline_settings(cfg: Config) -> dict:
     every_view_stored = signal == "views" and AUGMENTATIONS[cfg.augment].distinct_views  # views does not matter
     settings["distill"] = {"batches": signal, "unlabeled": cfg.distill.unlabeled,
                            **({"views": cfg.distill.views} if signal == "views" and not every_view_stored else {})}
+    if cfg.distill.unlabeled and cfg.student.steps:  # since the baseline gets the student's steps (steps.baseline_part)
+        settings["budget"] = "the student's steps"  # a baseline shared before (its epochs) is not reused
     return settings
 
 

@@ -41,3 +41,16 @@ def test_a_run_trains_and_saves_the_epochs_its_steps_make(digits_dataset, tmp_pa
     assert "student: 12 steps of batch 16 make 3 epochs on this data" in lines
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["student"]["steps"] == 12 and saved["student"]["epochs"] == 3
+
+
+def test_with_a_transfer_set_the_baseline_gets_the_students_steps_on_its_own_images(digits_dataset, tmp_path):
+    lines = []
+    metrics = kdistill.run(tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"),
+                                         teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                                         student={"arch": "tiny_nets:tiny_student", "steps": 12},
+                                         distill={"unlabeled": "test"}), log=lines.append)
+    # The student: 72 labelled + 10 teacher-labelled images, 6 batches of 16 an epoch: 2 epochs, 12 steps.
+    # The baseline: the 72 labelled images alone, 5 batches an epoch: 3 epochs, 15 steps (not 2 epochs, 10).
+    assert metrics["models"]["student"]["epochs"] == 2 and metrics["models"]["baseline"]["epochs"] == 3
+    assert ("baseline: 12 steps of batch 16 make 3 epochs on the 72 labelled training images (the student's 2 "
+            "include the images the teacher labels)") in lines
