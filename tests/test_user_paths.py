@@ -95,7 +95,8 @@ def test_demo_command_writes_report_metrics_predictions_and_onnx(tmp_path, capsy
         metrics = json.load(f)
     assert set(metrics["models"]) == {"teacher", "student", "baseline"}
     assert metrics["class_names"] == [str(digit) for digit in range(10)]
-    assert metrics["models"]["teacher"]["arch"] == "resnet34"  # the demo preset, not the defaults
+    assert (metrics["models"]["teacher"]["arch"], metrics["models"]["student"]["arch"]) == (
+        "resnet18", "regnet_x_400mf")  # the demo preset, not the defaults
     demo_test_images = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out, "data", "test", "*.png")))
     assert len(demo_test_images) == 1238  # the digits neither labelled for training nor in val
     assert metrics["images"]["train"] == 200 and metrics["transfer_set"] == {"source": "test", "images": 1238}
