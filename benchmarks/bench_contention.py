@@ -7,6 +7,7 @@ its wait policy once, at start) under each condition:
   threads=all         torch's default: one thread per core this process may use
   threads=all passive the same with OMP_WAIT_POLICY=PASSIVE (waiting threads sleep, not spin)
   threads=cores-1     one thread fewer than the cores
+  kdistill auto       what a kdistill run chooses (kdistill/threads.py: one per core others leave free)
 
 quiet and with a competitor running beside it: --competitor-threads threads of matrix products in
 --competitor-dtype (another training, a compile, a browser: any process that keeps cores busy). Each cell is
@@ -25,7 +26,7 @@ import sys
 import time
 
 CONDITIONS = {"threads=all": {}, "threads=all passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-              "threads=cores-1": {"KDISTILL_BENCH_THREADS": "-1"}}
+              "threads=cores-1": {"KDISTILL_BENCH_THREADS": "-1"}, "kdistill auto": {"KDISTILL_BENCH_THREADS": "auto"}}
 PRECISIONS = ("fp32", "bf16")
 
 COMPETITOR = """
@@ -45,6 +46,11 @@ def step_times(model_name: str, size: int, batch: int, precision: str, repeats: 
     cores = len(os.sched_getaffinity(0))
     if os.environ.get("KDISTILL_BENCH_THREADS") == "-1":
         torch.set_num_threads(max(1, cores - 1))
+    elif os.environ.get("KDISTILL_BENCH_THREADS") == "auto":
+        from kdistill.threads import choose_threads
+        threads, why = choose_threads(0, None)
+        torch.set_num_threads(threads)
+        print(f"kdistill auto: {threads} thread(s) ({why})", file=sys.stderr)
     torch.manual_seed(0)
     model = getattr(torchvision.models, model_name)(num_classes=10).to(memory_format=torch.channels_last)
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
@@ -71,9 +77,13 @@ def measure(args, precision: str, extra_env: dict[str, str], loaded: bool) -> fl
         competitor = subprocess.Popen([sys.executable, "-c", code])
         time.sleep(2)  # let it reach its loop
     try:
-        out = subprocess.run([sys.executable, __file__, "--child", precision, "--model", args.model,
-                              "--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats)],
-                             env={**os.environ, **extra_env}, capture_output=True, text=True, check=True).stdout
+        child = subprocess.run([sys.executable, __file__, "--child", precision, "--model", args.model,
+                                "--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats)],
+                               env={**os.environ, **extra_env}, capture_output=True, text=True, check=True)
+        out = child.stdout
+        for line in child.stderr.splitlines():
+            if line.startswith("kdistill auto"):
+                print(f"  ({precision}, {'loaded' if loaded else 'quiet'}) {line}", flush=True)
     finally:
         if competitor:
             competitor.kill()
@@ -88,6 +98,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", nargs="*", choices=list(CONDITIONS), help="conditions to measure (default: all)")
     parser.add_argument("--competitor-threads", type=int, default=2)
     parser.add_argument("--competitor-dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--child", choices=PRECISIONS, help=argparse.SUPPRESS)
@@ -101,6 +112,8 @@ def main() -> None:
     print("| condition | fp32 quiet | fp32 loaded | fp32 slowdown | bf16 quiet | bf16 loaded | bf16 slowdown |")
     print("|---|---|---|---|---|---|---|")
     for name, env in CONDITIONS.items():
+        if args.only and name not in args.only:
+            continue
         cells = []
         for precision in PRECISIONS:
             quiet, loaded = measure(args, precision, env, False), measure(args, precision, env, True)

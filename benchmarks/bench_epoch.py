@@ -283,7 +283,7 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
     augmented_cfg = dataclasses.replace(cfg, augment="crop_flip", distill=dataclasses.replace(
         cfg.distill, views=VIEWS))
     augmented = ImageBatcher(data, augmented_cfg, DEVICE)
-    trained_teacher = TrainedTeacher(teacher, head, "dataset", [], None)
+    trained_teacher = TrainedTeacher(teacher, head, "dataset", [], None, COMPUTE)
     views_batches, views_seconds = None, None
     if "kd_views" in args.only:
         started = time.perf_counter()

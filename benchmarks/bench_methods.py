@@ -64,7 +64,8 @@ def main() -> None:
         torch.manual_seed(0)
         teacher, head, normalize = standardized_model("resnet34", len(data.classes), 0.0, "none", "auto",
                                                       data.mean, data.std)
-        trained = TrainedTeacher(compute.place(teacher).eval().requires_grad_(False), head, normalize, [], None)
+        trained = TrainedTeacher(compute.place(teacher).eval().requires_grad_(False), head, normalize, [], None,
+                                 compute)
         runs = {"plain": (base, batcher("train"), lambda: CrossEntropy(), "none")}
         for method in args.methods:
             cfg = dataclasses.replace(base, distill=dataclasses.replace(base.distill, method=method))

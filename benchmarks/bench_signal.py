@@ -99,7 +99,8 @@ def main() -> None:
         torch.manual_seed(0)
         teacher, head, normalize = standardized_model(args.teacher, len(data.classes), 0.0, "none", "auto",
                                                       data.mean, data.std)
-        trained = TrainedTeacher(compute.place(teacher).eval().requires_grad_(False), head, normalize, [], None)
+        trained = TrainedTeacher(compute.place(teacher).eval().requires_grad_(False), head, normalize, [], None,
+                                 compute)
         mixed = dataclasses.replace(base, mix="both")
         plain_batcher, mixed_batcher = ImageBatcher(data, base, compute.device), ImageBatcher(data, mixed,
                                                                                                 compute.device)

@@ -267,11 +267,11 @@ def _say(message: str) -> None:
 
 
 def _predict(args) -> None:
-    from .predict import default_output, predict_folder
+    from .predict import Reading, default_output, predict_folder
 
     output = args.output or default_output(args.run, args.images)
-    count = predict_folder(args.run, args.images, output, args.batch_size, strict=args.strict, device=args.device,
-                           log=_say, trust_arch=args.trust_arch, top_k=args.top_k)
+    count = predict_folder(args.run, args.images, output, Reading(args.batch_size, strict=args.strict, log=_say),
+                           device=args.device, trust_arch=args.trust_arch, top_k=args.top_k)
     print(f"wrote {count} predictions to {output}")
 
 

@@ -13,7 +13,7 @@ from .data import list_images, to_unit_range
 from .errors import KdistillError, printable
 from .fileio import atomic_write_text
 from .run_folder import RunFolder
-from .predict import check_output, folder_logits, load_student, run_max_pixels, student_path
+from .predict import Reading, check_output, folder_logits, load_student, run_max_pixels, student_path
 
 
 def labelled_files(data_dir: str, classes: list[str]) -> tuple[list[str], np.ndarray, list]:
@@ -90,7 +90,7 @@ def evaluate_folder(run: str, data_dir: str, output: str, top_k: int = 5, batch_
     results = {"data": os.path.abspath(data_dir), "run": os.path.abspath(run), "top_k": top_k, "models": {}}
     for name, model_forward in models.items():
         kept, logits = folder_logits(data_dir, files, model_forward, description["image_size"], max_pixels,
-                                     batch_size, 0, False, list(rejected) if name == "student" else [], log)
+                                     Reading(batch_size, log=log), list(rejected) if name == "student" else [])
         position = {f: i for i, f in enumerate(files)}
         kept_labels = labels[[position[f] for f in kept]]
         results["models"][name] = scores(logits, kept_labels, classes, top_k)

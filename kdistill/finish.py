@@ -126,7 +126,7 @@ def _metrics(run: Trained, models: dict, counts: list, onnx_diff: float, stage_s
                "images": {name: len(split.files) for name, split in data.splits.items()},
                "skipped_files": len(data.skipped), "device": str(run.compute.device),
                "precision": run.compute.precision, "threads": torch.get_num_threads(),
-               "computed_in": {**{name: (teacher.compute or run.compute).label() for name, teacher in run.teachers.items()},
+               "computed_in": {**{name: teacher.compute.label() for name, teacher in run.teachers.items()},
                                "student": run.compute.label()},
                "teacher_signal": signal.kind if cfg.mix == "none" else f"{signal.kind} (mixed batches)",
                "teacher_signal_reason": signal.reason,
@@ -170,7 +170,7 @@ def finish_run(run: Trained, stopwatch: Stopwatch, log) -> dict:
     models, counts = _measure(run, histories)
     # Every model in the report's comparison has its val logits (an ensemble's teacher-2, ... too).
     val_logits = {**{name: predict_logits(teacher.model, run.batcher("val"), cfg.teachers()[name].batch_size,
-                                          *teacher.where(run.compute)) for name, teacher in run.teachers.items()},
+                                          *teacher.where) for name, teacher in run.teachers.items()},
                   **run.students.first_val_logits}
     student_cpu, onnx_diff = _predict_and_export(run, models["student"]["input_standardization"], log)
     stopwatch.lap("predict_export")

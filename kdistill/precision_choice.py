@@ -164,7 +164,8 @@ def _started_in(checkpoints: list[str], device: torch.device) -> Compute | None:
             saved = load_torch(path)["computed_on"]
         except (KdistillError, KeyError, TypeError, IndexError):
             continue
-        if (isinstance(saved, dict) and saved.get("device") == device.type and saved.get("precision") in ("fp32", "bf16")
+        if (isinstance(saved, dict) and saved.get("device") == device.type
+                and saved.get("precision") in ("fp32", "bf16")
                 and saved.get("layout", "") in ("", "channels_last", "contiguous")):
             return Compute(device, saved["precision"], saved.get("layout", ""))
     return None

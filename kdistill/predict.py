@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -101,9 +103,19 @@ def student_path(run: str) -> tuple[str, str]:
     raise KdistillError(f"--run {run} does not exist (a run folder or a student .pt / .onnx file)")
 
 
-def predict_folder(run: str, images_dir: str, output: str, batch_size: int = 64, workers: int = 0,
-                   strict: bool = False, device: str = "auto", log=print, trust_arch: bool = False,
-                   top_k: int = 1) -> int:
+@dataclass(frozen=True)
+class Reading:
+    """How a folder of images is read: batch_size images at a time, decoded by `workers` processes
+    (0: one per core); an unusable file stops everything in one line naming it (strict), or is
+    skipped with one warning line in log."""
+    batch_size: int = 64
+    workers: int = 0
+    strict: bool = False
+    log: Callable[[str], None] = print
+
+
+def predict_folder(run: str, images_dir: str, output: str, reading: Reading = Reading(), device: str = "auto",
+                   trust_arch: bool = False, top_k: int = 1) -> int:
     """Write filename,label,confidence for every usable image under images_dir; return how many.
 
     run: a run folder (its student.pt) or a student file (.pt or .onnx; the run's settings, if
@@ -111,8 +123,8 @@ def predict_folder(run: str, images_dir: str, output: str, batch_size: int = 64,
     line, or with strict, the first one stops everything with one line naming it. top_k > 1 adds
     the next most probable classes and their probabilities (label_2, confidence_2, ...).
     """
-    if batch_size < 1:
-        raise KdistillError(f"--batch-size must be >= 1, got {batch_size}")
+    if reading.batch_size < 1:
+        raise KdistillError(f"--batch-size must be >= 1, got {reading.batch_size}")
     if top_k < 1:
         raise KdistillError(f"--top-k must be >= 1, got {top_k}")
     run_dir, model_path = student_path(run)
@@ -124,25 +136,26 @@ def predict_folder(run: str, images_dir: str, output: str, batch_size: int = 64,
     if top_k > len(description["classes"]):
         raise KdistillError(f"--top-k {top_k} is more than the student's {len(description['classes'])} classes")
     files, rejected = list_images(images_dir)
-    if rejected and strict:
+    if rejected and reading.strict:
         raise _refuse(*rejected[0])
-    kept, logits = folder_logits(images_dir, files, forward, description["image_size"], max_pixels, batch_size,
-                                 workers, strict, rejected, log)
+    kept, logits = folder_logits(images_dir, files, forward, description["image_size"], max_pixels, reading,
+                                 rejected)
     write_predictions(output, kept, logits, description["classes"], top_k=top_k)
     return len(kept)
 
 
-def folder_logits(images_dir: str, files: list[str], forward, size: int, max_pixels: int, batch_size: int,
-                  workers: int, strict: bool, rejected: list, log) -> tuple[list[str], torch.Tensor]:
-    """(the usable files, their logits), the files decoded by a pool of workers batch by batch."""
+def folder_logits(images_dir: str, files: list[str], forward, size: int, max_pixels: int, reading: Reading,
+                  rejected: list) -> tuple[list[str], torch.Tensor]:
+    """(the usable files, their logits), the files decoded by a pool of workers batch by batch;
+    rejected: (file, reason) found before, to which the unusable ones found here are added."""
     tasks = [(i, os.path.join(images_dir, f), size, max_pixels) for i, f in enumerate(files)]
     kept, logits = [], []
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    with multiprocessing.get_context(method).Pool(workers or os.cpu_count() or 1) as pool:
-        for start in range(0, len(tasks), batch_size):
-            results = pool.map(decode_task, tasks[start:start + batch_size])
+    with multiprocessing.get_context(method).Pool(reading.workers or os.cpu_count() or 1) as pool:
+        for start in range(0, len(tasks), reading.batch_size):
+            results = pool.map(decode_task, tasks[start:start + reading.batch_size])
             bad = [(tasks[i][1], reason) for i, array, reason in results if array is None]
-            if bad and strict:
+            if bad and reading.strict:
                 raise _refuse(*bad[0])
             rejected += bad
             good = [(i, array) for i, array, _ in results if array is not None]
@@ -150,7 +163,7 @@ def folder_logits(images_dir: str, files: list[str], forward, size: int, max_pix
                 logits.append(forward(torch.from_numpy(np.stack([array for _, array in good]))))
                 kept += [files[i] for i, _ in good]
     if rejected:
-        log(f"predict: skipped {len(rejected)} file(s) that are not usable images, for example "
+        reading.log(f"predict: skipped {len(rejected)} file(s) that are not usable images, for example "
             f"{rejected[0][0]} ({rejected[0][1]})")
     if not kept:
         raise KdistillError(f"no usable image in {images_dir}")

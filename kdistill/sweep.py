@@ -36,12 +36,12 @@ NOT_GRIDDED = {"out": "the sweep names each point's folder", "seeds": "--seeds a
 # numbers). Every other setting counts, so a setting added later splits teachers rather than
 # sharing one wrongly. threads does not count: under auto the load picks the count, and a model that
 # started keeps its own (precision_choice).
-NOT_TEACHER = {"out", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "compile", "seeds",
-               "mix", "mixup_alpha", "cutmix_alpha", "student", "distill"}
+NOT_TEACHER = {"out", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline",
+               "compile", "seeds", "mix", "mixup_alpha", "cutmix_alpha", "student", "distill"}
 # Settings the baseline never reads; of distill.*, it reads only what shapes the batches it shares
 # with the distilled student (see baseline_settings).
-NOT_BASELINE = {"out", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline", "teacher",
-                "distill"}
+NOT_BASELINE = {"out", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline",
+                "teacher", "distill"}
 POINT_NAME_CHARACTERS = r"[^\w.=,+-]"  # anything else in a value becomes _ in the folder name
 MAX_POINT_NAME = 120
 

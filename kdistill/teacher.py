@@ -8,7 +8,8 @@ import dataclasses
 import math
 import os
 import time
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -42,20 +43,19 @@ class TrainedTeacher(NamedTuple):
     normalize: str  # the input statistics it was trained with
     history: list[dict]
     features: dict[str, torch.Tensor] | None  # cached backbone features per split (head-only mode)
+    compute: Compute  # where and how its outputs are computed (precision_choice)
     arch: str = ""
     seed: int = 0
-    compute: Compute | None = None  # where and how it computes (precision_choice); None: the run's default
 
-    def where(self, default: Compute) -> tuple[torch.device, str]:
-        """(device, precision) the teacher's outputs are computed in."""
-        compute = self.compute or default
-        return compute.device, compute.precision
+    @property
+    def where(self) -> tuple[torch.device, str]:
+        """(device, precision) of its outputs, as predict_logits takes them."""
+        return self.compute.device, self.compute.precision
 
-    def train_logits(self, batcher: ImageBatcher, batch_size: int, compute: Compute,
-                     transfer: str | None = None) -> torch.Tensor:
+    def train_logits(self, batcher: ImageBatcher, batch_size: int, transfer: str | None = None) -> torch.Tensor:
         """The teacher's logits for every training image (unaugmented view), then for every image
         of the transfer split, if any."""
-        where = self.where(compute)
+        where = self.where
         train = len(self.features["train"]) if self.features is not None else len(batcher.splits["train"].files)
         total = train + (len(batcher.splits[transfer].files) if transfer else 0)
         with progress_bar(total, "teacher logits") as bar:
@@ -73,13 +73,14 @@ class TrainedTeacher(NamedTuple):
 
 
 def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, computes: dict[str, Compute],
-                   models_dir: str, log, checkpoints_root: str, ranks: Ranks = ONE_PROCESS) -> dict[str, TrainedTeacher]:
+                   models_dir: str, log, checkpoints_root: str,
+                   ranks: Ranks = ONE_PROCESS) -> dict[str, TrainedTeacher]:
     """Every teacher by run name (teacher, teacher-2, ...), each trained once into
     checkpoints_root/<name> (a finished one is loaded, not retrained) in computes[name], seeded with
     seed + its position, and saved to models/<name>.pt (by rank 0 alone)."""
     teachers = {}
-    for position, (name, settings) in enumerate(cfg.teachers().items()):
-        teachers[name] = train_teacher(cfg, data, batcher, computes[name], log, name, settings, cfg.seed + position,
+    for name in cfg.teachers():
+        teachers[name] = train_teacher(cfg, data, batcher, computes[name], log, name,
                                        os.path.join(checkpoints_root, name), ranks)
         if ranks.main:
             save_weights(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
@@ -87,16 +88,21 @@ def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, compu
     return teachers
 
 
+def _settings_and_seed(cfg: Config, name: str):
+    """A teacher's settings (teacher, or an ensemble member's) and seed: the run's seed + its position."""
+    teachers = cfg.teachers()
+    return teachers[name], cfg.seed + list(teachers).index(name)
+
+
 def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
-                  name: str = "teacher", t=None, seed: int | None = None,
-                  checkpoint_dir: str | None = None, ranks: Ranks = ONE_PROCESS) -> TrainedTeacher:
-    """One teacher with settings t (default: the teacher section) and seed (default: cfg.seed),
-    checkpointed in checkpoint_dir (default: OUT/checkpoints/<name>); trained by every process (see
-    fit), its frozen backbone features computed once per node, by its first process."""
-    t = t or cfg.teacher
-    seed = cfg.seed if seed is None else seed
+                  name: str = "teacher", checkpoint_dir: str | None = None,
+                  ranks: Ranks = ONE_PROCESS) -> TrainedTeacher:
+    """The teacher `name` (teacher, teacher-2, ...), checkpointed in checkpoint_dir (default:
+    OUT/checkpoints/<name>); trained by every process (see fit), its frozen backbone features
+    computed once per node, by its first process."""
+    t, seed = _settings_and_seed(cfg, name)
     if t.epochs == 0:
-        return _given_teacher(cfg, data, batcher, compute, log, name, t, seed, ranks)
+        return _given_teacher(cfg, data, batcher, compute, log, name, ranks)
     torch.manual_seed(seed)
     teacher, head, normalize = standardized_model(t.arch, len(data.classes), t.dropout, t.weights, t.normalize,
                                                   data.mean, data.std, upsampled_side(t, cfg.image_size))
@@ -132,12 +138,14 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     else:
         history = fit(name, teacher, trainable, batcher("train", augment=True), batcher("val"),
                       CrossEntropy(label_smoothing=t.label_smoothing), t, session)
-    return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, t.arch, seed, compute)
+    return TrainedTeacher(teacher.eval().requires_grad_(False), head, normalize, history, features, compute, t.arch,
+                          seed)
 
 
-def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log, name: str, t,
-                   seed: int, ranks: Ranks) -> TrainedTeacher:
-    """A finished teacher (t.epochs 0), loaded whole and measured on the val images like a trained one."""
+def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log, name: str,
+                   ranks: Ranks) -> TrainedTeacher:
+    """A finished teacher (its epochs 0), loaded whole and measured on the val images like a trained one."""
+    t, seed = _settings_and_seed(cfg, name)
     started = time.perf_counter()
     model, head, normalize, arch = load_given_teacher(t, data.classes, data.mean, data.std,
                                                       upsampled_side(t, cfg.image_size), log)
@@ -147,7 +155,7 @@ def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compu
         raise KdistillError(f"{name}: the weights {t.weights} give non-finite logits on the val images")
     log(f"{name}: given, not trained: val loss {val_loss:.3f} acc {val_acc:.3f}")
     history = [{"epoch": 0, "val_loss": val_loss, "val_acc": val_acc, "seconds": time.perf_counter() - started}]
-    return TrainedTeacher(model, head, normalize, history, None, arch, seed, compute)
+    return TrainedTeacher(model, head, normalize, history, None, compute, arch, seed)
 
 
 def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batches, compute: Compute,
@@ -157,7 +165,7 @@ def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batc
     if len(teachers) == 1:
         return None
     weights = cfg.teacher_weights()
-    accuracy = ensemble_val_acc([(teacher.model, teacher.where(compute)) for teacher in teachers.values()], weights,
+    accuracy = ensemble_val_acc([(teacher.model, teacher.where) for teacher in teachers.values()], weights,
                                 cfg.distill.temperature, val, cfg.teacher.batch_size)
     log(f"ensemble: {', '.join(f'{name} (weight {weight:.3g})' for name, weight in zip(teachers, weights))}; "
         f"val acc of the averaged probabilities {accuracy:.2%}")
@@ -186,8 +194,7 @@ def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teac
         if views.shape[1] != cfg.distill.views:
             log(f"teacher signal: augment={cfg.augment} has {views.shape[1]} distinct views per image; storing those")
     if paths and signal != "online" and not _features_fit(cfg, members[0], paths, batcher(served), signal,
-                                                          count * (1 if views is None else views.shape[1]),
-                                                          compute, log):
+                                                          count * (1 if views is None else views.shape[1]), log):
         plan = SignalPlan("online", f"its features would not fit in distill.max_signal_memory_gb="
                                     f"{cfg.distill.max_signal_memory_gb}")
         signal = plan.kind
@@ -198,24 +205,23 @@ def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teac
                    EnsembleTeacher([member.model for member in members], cfg.teacher_weights(),
                                    cfg.distill.temperature))
         return batcher(served, augment=True, mix=True, teacher=teacher), plan
+    stored = StoredSignal(cfg, data, batcher, served, transfer, views, log, ranks)
     # A method reading features gets them and its first teacher's logits from one pass of that teacher.
-    first_pass = _first_pass(members[0], paths, cfg, batcher, served, views, compute) if paths else None
-    logits = [_stored_logits(member, cfg, data, batcher, served, transfer, views, compute, log, ranks,
-                             first_pass if i == 0 else None) for i, member in enumerate(members)]
+    first_pass = stored.first_pass(members[0], paths) if paths else None
+    logits = [stored.logits(member, first_pass if i == 0 else None) for i, member in enumerate(members)]
     extras = {"teacher_logits": logits[0] if len(logits) == 1 else
               combined_logits(logits, cfg.teacher_weights(), cfg.distill.temperature)}
     if paths:
-        extras.update({TEACHER_FEATURES + path: value for path, value in _stored_features(
-            members[0], paths, cfg, data, batcher, served, transfer, views, compute, log, ranks,
-            first_pass).items()})
+        extras.update({TEACHER_FEATURES + path: value
+                       for path, value in stored.features(members[0], paths, first_pass).items()})
     return batcher(served, views=views, extras=extras), plan
 
 
 def _features_fit(cfg: Config, teacher: TrainedTeacher, paths, batches: Batches, signal: str, samples: int,
-                  compute: Compute, log) -> bool:
+                  log) -> bool:
     """Whether the teacher features of `samples` images (or views) fit in distill.max_signal_memory_gb;
     stated in the log. Where they don't: False under auto, else a one-line error."""
-    shapes = feature_shapes(teacher.model, paths, batches, *teacher.where(compute))
+    shapes = feature_shapes(teacher.model, paths, batches, *teacher.where)
     megabytes = feature_megabytes(shapes, samples)
     limit = cfg.distill.max_signal_memory_gb
     described = ", ".join(f"{path} {tuple(shape)}" for path, shape in shapes.items())
@@ -231,84 +237,90 @@ def _features_fit(cfg: Config, teacher: TrainedTeacher, paths, batches: Batches,
                         f"distill.teacher_signal=online{fewer}, or raise distill.max_signal_memory_gb")
 
 
-def _signal_parts(cfg: Config, teacher: TrainedTeacher, data: PreparedData, transfer: str | None,
-                  views: torch.Tensor | None, compute: Compute) -> list[str]:
-    """What a stored signal depends on: the weights, the data, the views, the transfer set, the device."""
-    parts = [tensors_sha256(teacher.model.state_dict()), data.key]
-    if views is not None:
-        # The views themselves, hashed, with the kind that applies them: whatever parameters drew
-        # them (crop ranges, a seed, an augmentation added later), other views make another key.
-        parts += [cfg.augment, "views " + tensors_sha256({"views": views})]
-    # A transfer set joins the key only when set, so earlier signal caches stay valid.
-    return parts + ([f"transfer {transfer}"] if transfer else []) + [(teacher.compute or compute).key()]
+@dataclass
+class StoredSignal:
+    """Storing the teachers' signal for the student's training set, once per node (by its first
+    process): over the batches of `served` (the training split, joined by the transfer split where
+    one is used), one unaugmented view per image or each of the stored `views`."""
+    cfg: Config
+    data: PreparedData
+    batcher: ImageBatcher
+    served: str
+    transfer: str | None
+    views: torch.Tensor | None
+    log: Callable[[str], None]
+    ranks: Ranks
 
+    def key_parts(self, teacher: TrainedTeacher) -> list[str]:
+        """What a stored signal depends on: the weights, the data, the views, the transfer set, the device."""
+        parts = [tensors_sha256(teacher.model.state_dict()), self.data.key]
+        if self.views is not None:
+            # The views themselves, hashed, with the kind that applies them: whatever parameters drew
+            # them (crop ranges, a seed, an augmentation added later), other views make another key.
+            parts += [self.cfg.augment, "views " + tensors_sha256({"views": self.views})]
+        # A transfer set joins the key only when set, so earlier signal caches stay valid.
+        return parts + ([f"transfer {self.transfer}"] if self.transfer else []) + [teacher.compute.key()]
 
-def _first_pass(teacher: TrainedTeacher, paths, cfg: Config, batcher: ImageBatcher, served: str,
-                views: torch.Tensor | None, compute: Compute):
-    """A function returning {"logits", "features"} of the teacher over every image, or each stored
-    view, at the module paths: one pass, made on the first call. Its features are in float16, or
-    in float32 where a value exceeds float16's range; without views, both drop the view axis."""
-    view_batches = ([batcher(served)] if views is None else
-                    [batcher(served, views=views[:, k:k + 1]) for k in range(views.shape[1])])
-    outputs: dict[str, object] = {}
+    def _cached(self, name: str, rows: dict[str, int], compute_them, what: str) -> dict[str, torch.Tensor]:
+        path = os.path.join(self.data.folder, "signal", f"{name}.pt")
+        return self.ranks.main_first(lambda: cached_tensors(path, rows, compute_them, what, self.log))
 
-    def run() -> dict[str, object]:
-        if not outputs:
-            total = sum(len(batches) for batches in view_batches)
-            for dtype in (FEATURE_DTYPE, torch.float32):
-                with progress_bar(total, f"teacher logits and features ({len(view_batches)} views)") as bar:
-                    found = hooked_outputs(teacher.model, paths, view_batches, cfg.student.batch_size,
-                                           *teacher.where(compute),
-                                           dtype, bar)
-                if found is not None:
-                    break
-            logits, features = found
-            outputs["logits"] = logits.squeeze(1) if views is None else logits
-            outputs["features"] = {path: value.squeeze(1) if views is None else value
-                                   for path, value in features.items()}
-        return outputs
-    return run
+    def first_pass(self, teacher: TrainedTeacher, paths):
+        """A function returning {"logits", "features"} of the teacher over every image, or each
+        stored view, at the module paths: one pass, made on the first call. Its features are in
+        float16, or in float32 where a value exceeds float16's range; without views, both drop the
+        view axis."""
+        views, batcher = self.views, self.batcher
+        view_batches = ([batcher(self.served)] if views is None else
+                        [batcher(self.served, views=views[:, k:k + 1]) for k in range(views.shape[1])])
+        outputs: dict[str, object] = {}
 
+        def run() -> dict[str, object]:
+            if not outputs:
+                total = sum(len(batches) for batches in view_batches)
+                for dtype in (FEATURE_DTYPE, torch.float32):
+                    with progress_bar(total, f"teacher logits and features ({len(view_batches)} views)") as bar:
+                        found = hooked_outputs(teacher.model, paths, view_batches, self.cfg.student.batch_size,
+                                               *teacher.where, dtype, bar)
+                    if found is not None:
+                        break
+                logits, features = found
+                outputs["logits"] = logits.squeeze(1) if views is None else logits
+                outputs["features"] = {path: value.squeeze(1) if views is None else value
+                                       for path, value in features.items()}
+            return outputs
+        return run
 
-def _stored_logits(teacher: TrainedTeacher, cfg: Config, data: PreparedData, batcher: ImageBatcher, served: str,
-                   transfer: str | None, views: torch.Tensor | None, compute: Compute, log,
-                   ranks: Ranks, first_pass=None) -> torch.Tensor:
-    """One teacher's logits for every training image (N, C), or for each stored view (N, K, C),
-    computed once per node, by its first process (by first_pass, with the features, where given)."""
-    batch_size, rows = cfg.student.batch_size, {"train": len(batcher.splits[served].files)}
-    folder = os.path.join(data.folder, "signal")
-    if views is None:  # no augmentation: one set of logits per training image
-        key = signal_key("logits", *_signal_parts(cfg, teacher, data, transfer, None, compute))
-        compute_logits = (lambda: {"train": first_pass()["logits"]}) if first_pass else (
-            lambda: {"train": teacher.train_logits(batcher, batch_size, compute, transfer)})
-        return ranks.main_first(lambda: cached_tensors(
-            os.path.join(folder, f"logits-{key}.pt"), rows, compute_logits, "teacher logits", log))["train"]
-    count = views.shape[1]
-    key = signal_key("views", *_signal_parts(cfg, teacher, data, transfer, views, compute))
+    def logits(self, teacher: TrainedTeacher, first_pass=None) -> torch.Tensor:
+        """One teacher's logits for every training image (N, C), or for each stored view (N, K, C)
+        (by first_pass, with the features, where given)."""
+        batch_size, rows = self.cfg.student.batch_size, {"train": len(self.batcher.splits[self.served].files)}
+        views = self.views
+        if views is None:  # no augmentation: one set of logits per training image
+            key = signal_key("logits", *self.key_parts(teacher))
+            compute_logits = (lambda: {"train": first_pass()["logits"]}) if first_pass else (
+                lambda: {"train": teacher.train_logits(self.batcher, batch_size, self.transfer)})
+            return self._cached(f"logits-{key}", rows, compute_logits, "teacher logits")["train"]
+        count = views.shape[1]
 
-    def views_logits() -> dict[str, torch.Tensor]:
-        if first_pass:
-            return {"train": first_pass()["logits"]}
-        with progress_bar(count * rows["train"], f"teacher logits for {count} views") as bar:
-            return {"train": torch.stack([predict_logits(teacher.model, batcher(served, views=views[:, k:k + 1]),
-                                                         batch_size, *teacher.where(compute), bar=bar)
-                                          for k in range(count)], 1)}
-    return ranks.main_first(lambda: cached_tensors(os.path.join(folder, f"views-{key}.pt"), rows, views_logits,
-                                                   f"teacher logits for {count} views per image", log))["train"]
+        def views_logits() -> dict[str, torch.Tensor]:
+            if first_pass:
+                return {"train": first_pass()["logits"]}
+            with progress_bar(count * rows["train"], f"teacher logits for {count} views") as bar:
+                return {"train": torch.stack([
+                    predict_logits(teacher.model, self.batcher(self.served, views=views[:, k:k + 1]), batch_size,
+                                   *teacher.where, bar=bar) for k in range(count)], 1)}
+        key = signal_key("views", *self.key_parts(teacher))
+        return self._cached(f"views-{key}", rows, views_logits, f"teacher logits for {count} views per image")["train"]
 
-
-def _stored_features(teacher: TrainedTeacher, paths, cfg: Config, data: PreparedData, batcher: ImageBatcher,
-                     served: str, transfer: str | None, views: torch.Tensor | None, compute: Compute,
-                     log, ranks: Ranks, first_pass) -> dict[str, torch.Tensor]:
-    """The teacher's outputs at the module paths for every training image (N, ...), or for each stored
-    view (N, K, ...), in float16 (float32 where a value exceeds float16's range); computed once per
-    node, by its first process, in first_pass (which gave the logits, if they were not stored)."""
-    key = signal_key("teacher-features", *paths, str(FEATURE_DTYPE),
-                     *_signal_parts(cfg, teacher, data, transfer, views, compute))
-    what = "teacher features" + ("" if views is None else f" for {views.shape[1]} views per image")
-    return ranks.main_first(lambda: cached_tensors(
-        os.path.join(data.folder, "signal", f"teacher-features-{key}.pt"),
-        {path: len(batcher.splits[served].files) for path in paths}, lambda: first_pass()["features"], what, log))
+    def features(self, teacher: TrainedTeacher, paths, first_pass) -> dict[str, torch.Tensor]:
+        """The teacher's outputs at the module paths for every training image (N, ...), or for each
+        stored view (N, K, ...), in float16 (float32 where a value exceeds float16's range), from
+        first_pass (which gave the logits, if they were not stored)."""
+        key = signal_key("teacher-features", *paths, str(FEATURE_DTYPE), *self.key_parts(teacher))
+        what = "teacher features" + ("" if self.views is None else f" for {self.views.shape[1]} views per image")
+        rows = {path: len(self.batcher.splits[self.served].files) for path in paths}
+        return self._cached(f"teacher-features-{key}", rows, lambda: first_pass()["features"], what)
 
 
 def without_teacher(batches: Batches, labelled: int) -> Batches:

@@ -557,7 +557,7 @@ def read_predictions(path) -> list[str]:
 
 def test_non_utf8_file_name_decodes_and_is_predicted(tmp_path, student_run):
     from kdistill.evaluate import write_predictions
-    from kdistill.predict import predict_folder
+    from kdistill.predict import Reading, predict_folder
 
     data = make_dataset(tmp_path / "data")
     test = tmp_path / "data" / "test"
@@ -585,12 +585,12 @@ def test_non_utf8_file_name_decodes_and_is_predicted(tmp_path, student_run):
 
     # `kdistill predict` on the same folder.
     output = tmp_path / "predicted.csv"
-    assert predict_folder(student_run, str(test), str(output), workers=1, log=lambda m: None) == 2
+    assert predict_folder(student_run, str(test), str(output), Reading(workers=1, log=lambda m: None)) == 2
     assert read_predictions(output) == [escaped, "plain.png"]
 
 
 def test_predict_keeps_same_named_images_in_subfolders_apart(tmp_path, student_run):
-    from kdistill.predict import predict_folder
+    from kdistill.predict import Reading, predict_folder
 
     images = tmp_path / "new"
     for folder, seed in (("a", 1), ("b", 2), ("b/c", 3)):
@@ -598,24 +598,24 @@ def test_predict_keeps_same_named_images_in_subfolders_apart(tmp_path, student_r
         save_rgb(images / folder / "img.png", seed=seed)
     (images / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     output = tmp_path / "out.csv"
-    assert predict_folder(student_run, str(images), str(output), workers=1, log=lambda m: None) == 3
+    assert predict_folder(student_run, str(images), str(output), Reading(workers=1, log=lambda m: None)) == 3
     assert read_predictions(output) == ["a/img.png", "b/c/img.png", "b/img.png"]
 
 
 def test_predict_skips_a_bad_image_or_with_strict_refuses_it_in_one_line(tmp_path, student_run):
-    from kdistill.predict import predict_folder
+    from kdistill.predict import Reading, predict_folder
 
     images = tmp_path / "new"
     images.mkdir()
     save_rgb(images / "good.png")
     write_truncated_jpeg(images / "bad.jpg")
     with pytest.raises(KdistillError) as caught:
-        predict_folder(student_run, str(images), str(tmp_path / "out.csv"), workers=1, strict=True,
-                       log=lambda m: None)
+        predict_folder(student_run, str(images), str(tmp_path / "out.csv"),
+                       Reading(workers=1, strict=True, log=lambda m: None))
     assert str(images / "bad.jpg") in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "out.csv").exists()
     output = tmp_path / "skipped.csv"
     warnings_logged = []
-    assert predict_folder(student_run, str(images), str(output), workers=1, log=warnings_logged.append) == 1
+    assert predict_folder(student_run, str(images), str(output), Reading(workers=1, log=warnings_logged.append)) == 1
     assert read_predictions(output) == ["good.png"]
     assert len(warnings_logged) == 1 and str(images / "bad.jpg") in warnings_logged[0]

@@ -23,7 +23,7 @@ from kdistill.errors import KdistillError
 from kdistill.export import load_bundle, save_bundle
 from kdistill.images import load_image
 from kdistill.models import Standardized, build_model, check_train_output
-from kdistill.predict import predict_folder
+from kdistill.predict import Reading, predict_folder
 from kdistill.compute import resolve_device
 
 SIZE = 16
@@ -85,8 +85,8 @@ def test_predictions_match_the_student_run_by_hand(tmp_path, bundle_file):
         save_noise(images / f"img{i}.png", width=20 + 3 * i, height=24, seed=i)
     output = tmp_path / "out.csv"
     # batch_size 2 over 5 images: the last batch is partial
-    assert predict_folder(run, str(images), str(output), batch_size=2, workers=1, device="cpu",
-                          log=lambda m: None) == 5
+    assert predict_folder(run, str(images), str(output), Reading(batch_size=2, workers=1, log=lambda m: None),
+                          device="cpu") == 5
 
     model, _ = load_bundle(str(bundle_file))
     stacked = torch.stack([torch.from_numpy(load_image(str(images / f"img{i}.png"), SIZE)) for i in range(5)])
@@ -134,7 +134,8 @@ def test_strict_names_a_corrupt_image_found_while_decoding(tmp_path, bundle_file
     images = images_with_strays(tmp_path / "new")
     (images / "notes.txt").unlink()
     with pytest.raises(KdistillError) as caught:
-        predict_folder(run, str(images), str(tmp_path / "out.csv"), workers=1, strict=True, log=lambda m: None)
+        predict_folder(run, str(images), str(tmp_path / "out.csv"),
+                       Reading(workers=1, strict=True, log=lambda m: None))
     assert str(images / "corrupt.jpg") in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -155,20 +156,20 @@ def test_predict_uses_the_runs_own_pixel_limit(tmp_path, bundle_file):
         assert yaml.safe_load(f)["max_image_pixels"] == 500
 
     output, logged = tmp_path / "out.csv", []
-    assert predict_folder(strict_run, str(images), str(output), workers=1, log=logged.append) == 1
+    assert predict_folder(strict_run, str(images), str(output), Reading(workers=1, log=logged.append)) == 1
     assert [row[0] for row in read_rows(output)] == ["small.png"]
     assert len(logged) == 1 and str(images / "large.png") in logged[0] and "max_image_pixels=500" in logged[0]
     with pytest.raises(KdistillError) as caught:
-        predict_folder(strict_run, str(images), str(output), workers=1, strict=True, log=lambda m: None)
+        predict_folder(strict_run, str(images), str(output), Reading(workers=1, strict=True,
+                                                                      log=lambda m: None))
     assert str(images / "large.png") in str(caught.value) and "max_image_pixels=500" in str(caught.value)
 
     # Without config.yaml, or without the key in it, the default limit applies.
     bare = make_run(tmp_path / "bare", bundle_file, with_config=False)
-    assert predict_folder(bare, str(images), str(tmp_path / "bare.csv"), workers=1, strict=True,
-                          log=lambda m: None) == 2
+    strict = Reading(workers=1, strict=True, log=lambda m: None)
+    assert predict_folder(bare, str(images), str(tmp_path / "bare.csv"), strict) == 2
     (tmp_path / "bare" / "config.yaml").write_text("image_size: 16\n")
-    assert predict_folder(bare, str(images), str(tmp_path / "nokey.csv"), workers=1, strict=True,
-                          log=lambda m: None) == 2
+    assert predict_folder(bare, str(images), str(tmp_path / "nokey.csv"), strict) == 2
 
 
 def test_device_choice(monkeypatch, tmp_path, bundle_file, capsys):

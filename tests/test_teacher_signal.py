@@ -88,8 +88,8 @@ def test_teacher_logits_from_cached_features_equal_a_full_forward_pass():
     teacher.eval()
     batches = image_batches()
     features = head_inputs(teacher, head, batches, 16, CPU)
-    from_features = TrainedTeacher(teacher, head, "dataset", [], {"train": features}).train_logits(
-        None, 16, Compute(CPU, "fp32"))
+    from_features = TrainedTeacher(teacher, head, "dataset", [], {"train": features}, Compute(CPU, "fp32")
+                                   ).train_logits(None, 16)
     torch.testing.assert_close(from_features, predict_logits(teacher, batches, 16, CPU), rtol=1e-4, atol=1e-4)
 
 
@@ -99,14 +99,15 @@ def test_stored_views_are_keyed_by_the_views_themselves():
     from types import SimpleNamespace
 
     from kdistill.augmentations import stored_views
-    from kdistill.teacher import _signal_parts
+    from kdistill.teacher import StoredSignal
 
-    teacher = SimpleNamespace(model=torch.nn.Linear(2, 2), compute=None)
-    data, compute = SimpleNamespace(key="data"), SimpleNamespace(key=lambda: "cpu-fp32")
+    teacher = SimpleNamespace(model=torch.nn.Linear(2, 2), compute=SimpleNamespace(key=lambda: "cpu-fp32"))
+    data = SimpleNamespace(key="data")
 
     def key(augment, scale, seed=0):
         views = stored_views(augment, 10, 4, 32, seed, {"rrc_scale": scale, "rrc_ratio": (3 / 4, 4 / 3)})
-        return _signal_parts(SimpleNamespace(augment=augment), teacher, data, None, views, compute)
+        stored = StoredSignal(SimpleNamespace(augment=augment), data, None, "train", None, views, print, None)
+        return stored.key_parts(teacher)
     assert key("rrc_flip", (0.35, 1.0)) == key("rrc_flip", (0.35, 1.0))
     assert key("rrc_flip", (0.35, 1.0)) != key("rrc_flip", (0.25, 1.0))
     assert key("rrc_flip", (0.35, 1.0)) != key("rrc_flip", (0.35, 1.0), seed=1)
