@@ -20,7 +20,7 @@ from kdistill.config import build_config
 from kdistill.data import prepare
 from kdistill.distillers import CrossEntropy
 from kdistill.fileio import claim_folder
-from kdistill.pipeline import make_logger, train_student
+from kdistill.pipeline import StudentTraining, make_logger, train_student
 from kdistill.callbacks import offered_val_acc
 
 
@@ -45,8 +45,9 @@ def main() -> None:
                          view_params(cfg))
     log(f"baseline alone: {compute.precision} on {device}, label smoothing {cfg.student.label_smoothing}, "
         f"{views.shape[1]} stored views per image")
-    _, _, history = train_student("baseline", cfg.seed, cfg, data, batcher("train", views=views), batcher("val"),
-                                  CrossEntropy(label_smoothing=cfg.student.label_smoothing), compute, log)
+    _, _, history = train_student(StudentTraining(cfg, data, batcher("val"), compute, log), "baseline", cfg.seed,
+                                  batcher("train", views=views),
+                                  CrossEntropy(label_smoothing=cfg.student.label_smoothing))
     best = max(history, key=offered_val_acc)
     log(f"baseline alone: best val acc {offered_val_acc(best):.4f} at epoch {best['epoch']} "
         f"({best.get('best_source', 'raw')}), final {history[-1]['val_acc']:.4f}, "

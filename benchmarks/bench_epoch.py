@@ -64,7 +64,7 @@ from kdistill.distillers import CrossEntropy, build_distiller
 from kdistill.models import standardized_model
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute, cpu_has_bf16
-from kdistill.pipeline import train_student
+from kdistill.pipeline import StudentTraining, train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches, train_teacher
 from kdistill.batches import Batches
 from kdistill.inference import predict_logits
@@ -200,8 +200,8 @@ def kdistill_student_epoch(cfg, data, batcher, train_batches, objective, work: P
                                     for f in dataclasses.fields(Batches)})
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     started = time.perf_counter()
-    train_student("student", cfg.seed, dataclasses.replace(cfg, out=str(out)), data, train_batches,
-                  batcher("val"), objective, compute, quiet)
+    train_student(StudentTraining(dataclasses.replace(cfg, out=str(out)), data, batcher("val"), compute, quiet),
+                  "student", cfg.seed, train_batches, objective)
     whole = time.perf_counter() - started
     shutil.rmtree(out)
     return train_batches.seconds, whole

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdistill.distillers import AT, PKT, RKD, SP, FitNets, Outputs
+from kdistill.distillers import AT, PKT, RKD, SP, BuildContext, FitNets, Outputs, Step
 from kdistill.features import FeatureTaps
 from kdistill.models import standardized_model
 from kdistill.teacher_signal import hooked_outputs
@@ -68,14 +68,14 @@ def main() -> None:
           f"{float32_bytes / 2**20:.1f} MB in float32, {float32_bytes / 2**21:.1f} MB in float16")
     torch.manual_seed(1)
     for name, method in methods.items():
-        method.build(student_outputs.features, {path: value[:, 0] for path, value in stored[torch.float32].items()},
-                     args.images)
+        method.build(BuildContext(student_outputs.features,
+                                  {path: value[:, 0] for path, value in stored[torch.float32].items()}, args.images))
         terms = {}
         for dtype, features in stored.items():
             teacher_outputs = Outputs(torch.zeros(len(x), classes),
                                       {path: value[:, 0].float() for path, value in features.items()})
             with torch.no_grad():
-                terms[dtype] = method(student_outputs, labels, teacher_outputs)
+                terms[dtype] = method(Step(student_outputs, labels, teacher_outputs))
         for term, value in terms[torch.float32].items():
             difference = abs(terms[torch.float16][term].item() - value.item()) / max(abs(value.item()), 1e-12)
             print(f"{name:8s} {term:9s} float32 {value.item():.6g}  max relative difference {difference:.1e}")

@@ -40,7 +40,7 @@ from kdistill.distillers import CrossEntropy
 from kdistill.features import resolve_auto_layers
 from kdistill.models import standardized_model
 from kdistill.compute import Compute, resolve_precision
-from kdistill.pipeline import train_student
+from kdistill.pipeline import StudentTraining, train_student
 from kdistill.teacher import TrainedTeacher, distillation_batches
 
 VIEWS, ONLINE = SignalPlan("views", "benchmark"), SignalPlan("online", "benchmark")
@@ -56,8 +56,8 @@ def student_epoch(cfg, data, batcher, train_batches, objective, compute, work: P
     """Seconds of fit's pass over the training batches in a one-epoch train_student."""
     timed = TimedBatches(**{f.name: getattr(train_batches, f.name) for f in dataclasses.fields(train_batches)})
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
-    train_student("student", 0, dataclasses.replace(cfg, out=str(out)), data, timed, batcher("val"), objective,
-                  compute, quiet)
+    train_student(StudentTraining(dataclasses.replace(cfg, out=str(out)), data, batcher("val"), compute, quiet),
+                  "student", 0, timed, objective)
     shutil.rmtree(out)
     return timed.seconds
 

@@ -36,6 +36,9 @@ class Session:
     keep_checkpoints: bool = True
     name: str = ""  # the run name (teacher, student, baseline, student-seed1, ...), set by fit
     layout: str = ""  # the memory format where not the default of device and precision (Compute.layout)
+    # arch -> a new model placed like the trained one, for a method that trains a model of its own
+    # (DML's peer; see distillers.BuildContext); None: none to give.
+    make_model: Callable[[str], nn.Module] | None = None
 
 
 @dataclass

@@ -22,6 +22,8 @@ from .images import DEFAULT_MAX_PIXELS, MAX_IMAGE_SIZE
 from .loggers import LOGGERS
 from .sources import CALLABLE, source_of
 from .signal_plan import SignalPlan, plan_signal
+from .student_plan import (BORN_AGAIN, METHODS, BornAgainSettings, StudentPlan, born_again_problems,
+                           plan_students)
 from .preset_names import preset_names
 from .settings import (apply_settings, bound_problem, convert, leaves, parse_set, parse_yaml, read_yaml, redefault,
                        render_config, section, setting)
@@ -114,7 +116,7 @@ class StudentConfig(TrainConfig):
 class _DistillSettings:
     method: str = setting("kd", "distillation method (kd: alpha*T^2*KL + (1-alpha)*CE; the others: see "
                                 "docs/methods.md)",
-                          choices=DISTILLERS)
+                          choices=METHODS)
     temperature: float = setting(4.0, "softmax temperature T of both teacher and student", ge=MIN_TEMPERATURE)
     alpha: float = setting(0.5, "weight of the teacher's term; 1 - alpha goes to the labels", ge=0, le=1)
     teacher_signal: str = setting(
@@ -136,11 +138,13 @@ class _DistillSettings:
                                  "empty: none")
 
 
-# Each method's own hyperparameters, as the section distill.<method> (for example distill.dkd.beta).
+# Each method's own hyperparameters, as the section distill.<method> (for example distill.dkd.beta);
+# born-again's generations, last.
 DistillConfig = dataclasses.make_dataclass(
     "DistillConfig",
-    [(name, method.Settings, section(method.Settings, f"settings of distill.method {name}"))
-     for name, method in DISTILLERS.items() if dataclasses.fields(method.Settings)],
+    [*((name, method.Settings, section(method.Settings, f"settings of distill.method {name}"))
+       for name, method in DISTILLERS.items() if dataclasses.fields(method.Settings)),
+     (BORN_AGAIN, BornAgainSettings, section(BornAgainSettings, f"settings of distill.method {BORN_AGAIN}"))],
     bases=(_DistillSettings,))
 
 
@@ -205,15 +209,19 @@ class Config:
 
     def distilling_method(self) -> str:
         """The method whose loss trains the student: distill.method, or for born_again its base."""
-        return self.distill.born_again.base if self.distill.method == "born_again" else self.distill.method
+        return self.distill.born_again.base if self.distill.method == BORN_AGAIN else self.distill.method
 
-    def distiller(self) -> Distiller:
-        """The distillation method with its settings; for born_again, the method that distills each
-        generation (its base), with that method's settings."""
-        method = self.distilling_method()
+    def distiller(self, method: str = "") -> Distiller:
+        """A new objective of `method` (default: the distilling method, for born_again the one that
+        distills each generation) with its settings."""
+        method = method or self.distilling_method()
         return build_distiller(method, temperature=self.distill.temperature, alpha=self.distill.alpha,
                                label_smoothing=self.student.label_smoothing,
                                settings=getattr(self.distill, method, None))
+
+    def student_plan(self) -> StudentPlan:
+        """The students trained for each seed, in order, and what teaches each (see student_plan.py)."""
+        return plan_students(self)
 
     def teachers(self) -> dict[str, TeacherConfig]:
         """Every teacher by run name: teacher, then the ensemble's as teacher-2, teacher-3, ..."""
@@ -242,8 +250,6 @@ def load_preset(name: str) -> dict:
         raise KdistillError(f"unknown preset {name!r}; choose from {', '.join(preset_names())}")
     text = (importlib.resources.files("kdistill") / "presets" / f"{name}.yaml").read_text()
     return parse_yaml(text, f"preset {name}")
-
-
 
 
 def build_config(preset: str | None = None, config_files: tuple[str, ...] = (),
@@ -372,6 +378,8 @@ def _check_distill(cfg: Config, require) -> None:
         if hasattr(cfg.distill, name):
             for key, message in method.settings_problems(getattr(cfg.distill, name)):
                 require(False, f"distill.{name}.{key}", message)
+    for key, message in born_again_problems(cfg.distill.born_again):  # its bounds are checked with the others
+        require(False, f"distill.{BORN_AGAIN}.{key}", message)
     weights, teachers = cfg.distill.ensemble_weights, 1 + len(cfg.ensemble)
     require(not weights or len(weights) == teachers, "distill.ensemble_weights",
             f"must give one weight per teacher ({teachers}: teacher, then the ensemble's), got {len(weights)}")

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from .compute import Ranks
 from .config import Config, upsampled_side
-from .distillers import DISTILLERS
 from .errors import KdistillError
+from .student_plan import BORN_AGAIN, METHODS
 
 # Settings that change where or how fast a run goes, never its numbers.
-NON_RESULT_KEYS = {"out", "device", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad", "baseline",
-                   "compile", "deploy_check", "ddp_timeout_s"}
+NON_RESULT_KEYS = {"out", "device", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad",
+                   "baseline", "compile", "deploy_check", "ddp_timeout_s"}
 # Model settings added later whose value then reproduces what kdistill did before them.
 LATER_MODEL_SETTINGS = {"steps": 0, "patience": 0, "progressive_from": 1.0, "progressive_until": 0.75}
 
 
 def _unused_method_section(section: str, *methods: str | None) -> bool:
     """Whether distill.<section> holds the settings of a method none of methods is: they change no number."""
-    return section in DISTILLERS and section not in methods
+    return section in METHODS and section not in methods
+
+
+def _methods_of(distill: dict) -> tuple[str | None, ...]:
+    """The methods a saved distill section uses: distill.method, and for born_again the base its
+    generations are distilled with."""
+    method = distill.get("method")
+    return (method, distill.get(BORN_AGAIN, {}).get("base")) if method == BORN_AGAIN else (method,)
 
 
 def missing_setting_keeps_results(name: str, cfg: Config) -> bool:
@@ -27,7 +34,7 @@ def missing_setting_keeps_results(name: str, cfg: Config) -> bool:
     if top in NON_RESULT_KEYS or top == "sync_bn":  # sync_bn acts only with several processes
         return True
     if top == "distill" and "." in rest:
-        return _unused_method_section(rest.split(".")[0], cfg.distill.method)
+        return _unused_method_section(rest.split(".")[0], cfg.distill.method, cfg.distilling_method())
     if rest in LATER_MODEL_SETTINGS and (top in ("teacher", "student") or top.startswith("ensemble")):
         return getattr(cfg.student if top == "student" else cfg.teacher, rest) == LATER_MODEL_SETTINGS[rest]
     return ((name == "ensemble" and not cfg.ensemble)
@@ -45,7 +52,7 @@ def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         name = f"{prefix}{key}"
         if not prefix and key in NON_RESULT_KEYS:
             continue
-        if prefix == "distill." and _unused_method_section(key, old.get("method"), new.get("method")):
+        if prefix == "distill." and _unused_method_section(key, *_methods_of(old), *_methods_of(new)):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -9,14 +9,15 @@ matching_teacher_module), so a method runs on any convolutional teacher without 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractContextManager, nullcontext
 from fractions import Fraction
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .config import input_side, upsampled_side
-from .distillers.base import Distiller, Outputs
+from .distillers.base import BuildContext, Distiller, Outputs
 from .errors import KdistillError
 from .models import Standardized, build_model
 
@@ -70,10 +71,11 @@ class OnlineTeacher:
 
 
 def build_objective(objective: Distiller, model: nn.Module, student_taps: FeatureTaps, batches,
-                    device: torch.device) -> None:
-    """Builds the method's trainable parts (adapters, memory banks) from the features of one
+                    device: torch.device, make_model: Callable[[str], nn.Module] | None = None,
+                    autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+    """Builds the method's trainable parts (adapters, memory banks, a peer) from the features of one
     forward pass of two training images, in eval mode and without gradients, so no weight or
-    statistic moves."""
+    statistic moves; make_model and autocast reach it through the BuildContext."""
     student_probe: dict[str, torch.Tensor] = {}
     teacher_probe: dict[str, torch.Tensor] = {}
     if objective.student_features() or objective.teacher_features():
@@ -86,7 +88,7 @@ def build_objective(objective: Distiller, model: nn.Module, student_taps: Featur
         model.train(was_training)
         student_probe = student_taps.take()
         teacher_probe = probe.teacher.features
-    objective.build(student_probe, teacher_probe, len(batches))
+    objective.build(BuildContext(student_probe, teacher_probe, len(batches), make_model, autocast))
     objective.to(device)
 
 

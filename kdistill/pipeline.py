@@ -11,7 +11,8 @@ import json
 import math
 import os
 import time
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from .errors import KdistillError, printable
 from .features import resolve_auto_layers
 from .run_folder import RunFolder
 from .steps import baseline_part, resolve_steps
+from .student_plan import TEACHER, PlannedStudent
 from .finish import Stopwatch, Trained, best_and_final, finish_run, run_name
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
                      remove_stale_temporaries, save_weights)
@@ -56,10 +58,25 @@ def silent(message: str) -> None:
     """The log of a process that is not rank 0: rank 0 tells the user."""
 
 
-def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: Batches, val: Batches,
-                  objective: nn.Module, compute: Compute, log, checkpoint_dir: str | None = None,
-                  ranks: Ranks = ONE_PROCESS) -> tuple[Standardized, str, list]:
+@dataclass(frozen=True)
+class StudentTraining:
+    """What every student training of a run shares: the student's, the baseline's and born-again's
+    generations'."""
+    cfg: Config
+    data: PreparedData
+    val: Batches
+    compute: Compute
+    log: Callable[[str], None]
+    ranks: Ranks = ONE_PROCESS
+    # kind -> the folder holding that kind's checkpoint folders; a kind not named: the student's
+    # (train_students needs its entry; train_student alone defaults to OUT/checkpoints).
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+
+def train_student(training: StudentTraining, name: str, seed: int, train: Batches, objective: nn.Module,
+                  checkpoint_dir: str | None = None) -> tuple[Standardized, str, list]:
     """(model, its input statistics, history); checkpoints in checkpoint_dir, else OUT/checkpoints/<name>."""
+    cfg, data, compute, log = training.cfg, training.data, training.compute, training.log
     s, upsampled = cfg.student, upsampled_side(cfg.student, cfg.image_size)
     # The student and the baseline of a seed start from the same weights and see the same inputs
     # in the same order (same seeds, see train.fit): the teacher is the only difference between them.
@@ -71,16 +88,17 @@ def train_student(name: str, seed: int, cfg: Config, data: PreparedData, train: 
         f"{normalize} statistics{resized}, {s.epochs} epochs, "
         f"{'distilled (' + cfg.distill.method + ')' if objective.needs_teacher else 'no teacher'}")
     student = compute.place(student)
-    # A method that trains a model of its own beside the student (DML's peer) builds it like the student, from scratch.
-    objective.make_model = lambda arch: compute.place(standardized_model(
-        s.arch if arch == "student" else arch, len(data.classes), s.dropout, "none", s.normalize, data.mean,
-        data.std, upsampled)[0])
     if cfg.compile and compute.device.type == "cuda":
         student.compile()
-    history = fit(name, student, student, train, val, objective, s, Session(
+    history = fit(name, student, student, train, training.val, objective, s, Session(
         checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name), compute.device, seed + 1, log,
-        compute.precision, ranks, make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints,
-        layout=compute.layout))
+        compute.precision, training.ranks, make_loggers(cfg.loggers, cfg.out) if training.ranks.main else [],
+        cfg.keep_checkpoints, layout=compute.layout,
+        # A method that trains a model of its own beside the student (DML's peer) gets it built like
+        # the student, from scratch.
+        make_model=lambda arch: compute.place(standardized_model(
+            s.arch if arch == "student" else arch, len(data.classes), s.dropout, "none", s.normalize, data.mean,
+            data.std, upsampled)[0])))
     return student.eval(), normalize, history
 
 
@@ -94,68 +112,75 @@ class TrainedStudents(NamedTuple):
     generations: list[dict]  # born again, per seed and generation: run name, best_val_acc, best_epoch, final_val_acc
 
 
-def train_students(cfg: Config, data: PreparedData, student_train: Batches, val: Batches, compute: Compute,
-                   models_dir: str, log, lap, checkpoints: dict[str, str], taught_by,
-                   ranks: Ranks = ONE_PROCESS) -> TrainedStudents:
-    """Train the distilled student and the baseline for each seed (cfg.seeds, else cfg.seed).
+def train_students(training: StudentTraining, student_train: Batches, models_dir: str, lap,
+                   signal_of: Callable[[TrainedTeacher], Batches]) -> TrainedStudents:
+    """Train the students of cfg.student_plan() for each seed (cfg.seeds, else cfg.seed): the
+    distilled student and the baseline, or born-again's generations.
 
-    Every seed shares the prepared data and the one teacher's signal. A finished seed is not
-    retrained on a rerun: its checkpoints hold all its epochs. checkpoints: kind -> the folder holding
-    that kind's checkpoint folders (born-again generations: the student's). Born again: the baseline
-    is generation 0, each later generation is distilled from the one before (taught_by: a
-    TrainedTeacher -> the student's batches with its signal), and the last is the student. With
-    several processes, all train; rank 0 alone saves the models and predicts the val images."""
-    # Objectives are made anew for each seed: a method's trainable parts must not carry over.
-    plain = (without_teacher(student_train, len(data.splits["train"].files)),
-             lambda: CrossEntropy(label_smoothing=cfg.student.label_smoothing))
-    generations = cfg.distill.born_again.generations if cfg.distill.method == "born_again" else 0
-    if generations:  # batches None: served by the generation trained just before
-        kinds = {"baseline": plain, **{"student" if k == generations else f"generation{k}": (None, cfg.distiller)
-                                       for k in range(1, generations + 1)}}
-    else:  # a method that reads no teacher (DML) sees exactly the baseline's batches
-        kinds = {"student": (student_train if cfg.distiller().needs_teacher else plain[0], cfg.distiller),
-                 **({"baseline": plain} if cfg.baseline else {})}
+    Every seed shares the prepared data and the one teacher's signal (student_train). A finished
+    seed is not retrained on a rerun: its checkpoints hold all its epochs. A student taught by one
+    trained before it (a born-again generation) gets the batches signal_of serves with that one's
+    signal, as a trained teacher's would be. With several processes, all train; rank 0 alone saves
+    the models and predicts the val images."""
+    cfg, data, compute, log, ranks = training.cfg, training.data, training.compute, training.log, training.ranks
+    plan = cfg.student_plan()
+    plain = without_teacher(student_train, len(data.splits["train"].files))
     seeds = cfg.seeds or [cfg.seed]
+    kinds = [planned.kind for planned in plan.students]
     trained = TrainedStudents({}, {}, {kind: [] for kind in kinds if kind in ("student", "baseline")}, {}, {}, [])
-    baseline_cfg = dataclasses.replace(cfg, student=baseline_part(
-        cfg.student, math.ceil(len(plain[0]) / cfg.student.batch_size)))
-    if "baseline" in kinds and baseline_cfg.student.epochs != cfg.student.epochs:
+    baseline_training = dataclasses.replace(training, cfg=dataclasses.replace(cfg, student=baseline_part(
+        cfg.student, math.ceil(len(plain) / cfg.student.batch_size))))
+    if "baseline" in kinds and baseline_training.cfg.student.epochs != cfg.student.epochs:
         log(f"baseline: {cfg.student.steps} steps of batch {cfg.student.batch_size} make "
-            f"{baseline_cfg.student.epochs} epochs on the {len(plain[0])} labelled training images (the student's "
-            f"{cfg.student.epochs} include the images the teacher labels)")
+            f"{baseline_training.cfg.student.epochs} epochs on the {len(plain)} labelled training images (the "
+            f"student's {cfg.student.epochs} include the images the teacher labels)")
     for seed in seeds:
-        previous = None  # born again: (run name, TrainedTeacher) of the generation just trained
-        for generation, (kind, (train, make_objective)) in enumerate(kinds.items()):
-            name = run_name(kind, seed, cfg)
-            if train is None:
-                log(f"{name}: born-again generation {generation}, distilled from {previous[0]}")
-                train = taught_by(previous[1])
-            checkpoint_dir = os.path.join(checkpoints.get(kind, checkpoints["student"]), name)
-            model, normalize, history = train_student(name, seed, baseline_cfg if kind == "baseline" else cfg, data,
-                                                      train, val, make_objective(), compute, log, checkpoint_dir,
-                                                      ranks)
-            if generations:
-                previous = (name, TrainedTeacher(model, "", normalize, history, None, compute=compute))
-            if not ranks.main:  # every process teaches the next generation; rank 0 alone saves and reports
-                continue
-            save_weights(model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
-                         os.path.join(checkpoint_dir, "best.pt"), f"{name} weights")
-            trained.histories[name] = history
-            # For the paired test: the best weights' answer on each val image.
-            val_logits = predict_logits(model, val, cfg.student.batch_size, compute.device, compute.precision)
-            trained.val_predicted[name] = val_logits.argmax(1)
-            if generations:
-                trained.generations.append({"generation": generation, "run": name, "seed": seed,
-                                            **best_and_final(history)})
-            if kind in trained.rows:  # the student and the baseline; born again's others are in generations only
-                trained.rows[kind].append({"seed": seed, **best_and_final(history)})
-                if seed == seeds[0]:
-                    trained.first_val_logits[kind] = val_logits
-                    # The first seed's models are reported, exported and predict the test images. Not the
-                    # best seed by val: that choice would be selection on the val images they are judged on.
-                    trained.first[kind] = (name, seed, normalize, model)
-            lap(name)
+        teachers: dict[str, TrainedTeacher] = {}  # kind -> a student of this seed that teaches a later one
+        for planned in plan.students:
+            name = run_name(planned.kind, seed, cfg)
+            if planned.taught_by in teachers:
+                log(f"{name}: born-again generation {planned.generation}, distilled from "
+                    f"{run_name(planned.taught_by, seed, cfg)}")
+                train = signal_of(teachers.pop(planned.taught_by))
+            else:
+                train = student_train if planned.taught_by == TEACHER else plain
+            # Objectives are made anew for each student: a method's trainable parts must not carry over.
+            objective = (cfg.distiller(planned.method) if planned.method
+                         else CrossEntropy(label_smoothing=cfg.student.label_smoothing))
+            checkpoint_dir = os.path.join(training.checkpoints.get(planned.kind, training.checkpoints["student"]), name)
+            model, normalize, history = train_student(baseline_training if planned.kind == "baseline" else training,
+                                                      name, seed, train, objective, checkpoint_dir)
+            if plan.teaches(planned.kind):
+                teachers[planned.kind] = TrainedTeacher(model, "", normalize, history, None, compute=compute)
+            if ranks.main:  # every process teaches the next generation; rank 0 alone saves and reports
+                _record(trained, training, planned, (name, seed, normalize, model, history), checkpoint_dir,
+                        models_dir)
+                lap(name)
     return trained
+
+
+def _record(trained: TrainedStudents, training: StudentTraining, planned: PlannedStudent, result: tuple,
+            checkpoint_dir: str, models_dir: str) -> None:
+    """Save a trained student's weights and put its numbers and val predictions into trained.
+    result: (run name, seed, input statistics, model, history)."""
+    cfg, compute = training.cfg, training.compute
+    name, seed, normalize, model, history = result
+    save_weights(model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
+                 os.path.join(checkpoint_dir, "best.pt"), f"{name} weights")
+    trained.histories[name] = history
+    # For the paired test: the best weights' answer on each val image.
+    val_logits = predict_logits(model, training.val, cfg.student.batch_size, compute.device, compute.precision)
+    trained.val_predicted[name] = val_logits.argmax(1)
+    if planned.generation is not None:
+        trained.generations.append({"generation": planned.generation, "run": name, "seed": seed,
+                                    **best_and_final(history)})
+    if planned.kind in trained.rows:  # the student and the baseline; born again's others are in generations only
+        trained.rows[planned.kind].append({"seed": seed, **best_and_final(history)})
+        if seed == (cfg.seeds or [cfg.seed])[0]:
+            trained.first_val_logits[planned.kind] = val_logits
+            # The first seed's models are reported, exported and predict the test images. Not the
+            # best seed by val: that choice would be selection on the val images they are judged on.
+            trained.first[planned.kind] = (name, seed, normalize, model)
 
 
 def run(cfg: Config, log=None, shared_checkpoints: dict[str, str] | None = None, force: bool = False) -> dict:
@@ -261,13 +286,14 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     if transfer:
         log(f"teacher signal: {len(data.splits[transfer].files)} unlabelled images of {cfg.distill.unlabeled} "
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
-    student_train, signal = distillation_batches(cfg.signal_plan(), cfg, data, teachers, batcher, compute, log,
-                                                 transfer, ranks)
+
+    def served(plan, sources: dict[str, TrainedTeacher]):  # the teachers' signal, or a born-again generation's
+        return distillation_batches(plan, cfg, data, sources, batcher, compute, log, transfer, ranks)
+    student_train, signal = served(cfg.signal_plan(), teachers)
     stopwatch.lap("teacher_signal")
-    students = train_students(cfg, data, student_train, batcher("val"), compute, models_dir, log, stopwatch.lap,
-                              checkpoints, lambda taught: distillation_batches(
-                                  signal, cfg, data, {"teacher": taught}, batcher, compute, log, transfer, ranks)[0],
-                              ranks)
+    students = train_students(StudentTraining(cfg, data, batcher("val"), compute, log, ranks, checkpoints),
+                              student_train, models_dir, stopwatch.lap,
+                              lambda generation: served(signal, {"teacher": generation})[0])
     if not ranks.main:
         return {}
     return finish_run(Trained(cfg, data, batcher, compute, teachers, students, signal, ensemble, transfer), stopwatch,

@@ -22,11 +22,10 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 def setting(default: Any, help: str, choices: Any = None, item_kind: type | None = None, *, ge: float | None = None,
             gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
-    """A field with its description and, for a fixed set of values, the allowed ones (any container;
-    DISTILLERS is passed itself, so methods registered later count). A list default is copied per
-    instance; its items' type is item_kind, else that of the default's items (whole numbers for an
-    empty default); dict items are mappings of settings that their owner checks. ge, gt, le, lt:
-    the bounds of a number (of each item of a list), checked by bound_problem."""
+    """A field with its description and, for a fixed set of values, the allowed ones (any container).
+    A list default is copied per instance; its items' type is item_kind, else that of the default's
+    items (whole numbers for an empty default); dict items are mappings of settings that their owner
+    checks. ge, gt, le, lt: the bounds of a number (of each item of a list), checked by bound_problem."""
     metadata = {"help": help, "choices": choices, "item_kind": item_kind,
                 "bounds": {key: value for key, value in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
                            if value is not None}}

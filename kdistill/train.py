@@ -7,6 +7,7 @@ and ends with the same numbers as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -20,7 +21,7 @@ from .batches import Batches, hard_labels, shard_size
 from .inference import evaluate
 from .callbacks import Checkpointer, EarlyStopping, EpochLog, FitState, Session, offered_val_acc
 from .config import TrainConfig
-from .distillers import Distiller, Outputs
+from .distillers import Distiller, Outputs, Step
 from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import load_torch
@@ -185,7 +186,8 @@ def _start(name: str, model: nn.Module, trainable: nn.Module, train: Batches, ob
                             f"than the {ranks.world_size} processes; change batch_size or the number of processes")
     ranks.sync_batch_norm(trainable, device)  # before the taps: they hook the modules it replaces
     student_taps = FeatureTaps(model, objective.student_features(), "the student")
-    build_objective(objective, model, student_taps, train, device)
+    build_objective(objective, model, student_taps, train, device, session.make_model,
+                    functools.partial(autocast, device, session.precision))
     ranks.sync_batch_norm(objective, device)  # a method's own BatchNorm (FitNets' regressor)
     # The method's own trainable parts (regressors, projectors) train beside the model.
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -242,7 +244,7 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
     """One pass over the training batches; the epoch's training numbers (those of the global batch)."""
     session, cfg, parts = state.session, state.cfg, state.parts
     ranks, device, precision = session.ranks, session.device, session.precision
-    optimizer, scheduler, ema, objective = parts["optimizer"], parts["scheduler"], parts["ema"], parts["objective"]
+    optimizer, scheduler, ema = parts["optimizer"], parts["scheduler"], parts["ema"]
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device)
     # The first batch whose loss was not finite, tracked on the device: checking it each batch
@@ -251,7 +253,6 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
     first_bad_teacher = torch.zeros((), dtype=torch.int64, device=device)  # its outputs, likewise
     seen, labelled = 0, torch.zeros((), dtype=torch.int64, device=device)
     lr = optimizer.param_groups[0]["lr"]
-    objective.epoch, objective.epochs = epoch, cfg.epochs
     batches = train.iterate(cfg.batch_size, device, shuffle=True, generator=state.generators[0],
                             view_generator=state.generators[1], precision=precision, shard=ranks.shard)
     for batch, (x, y, teacher, index) in enumerate(with_progress(
@@ -259,12 +260,8 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
             1):
         with autocast(device, precision):
             logits = forward(x)
-        student = Outputs(logits.float(), student_taps.take())
-        if objective.needs_input:  # it runs a model of its own on x (DML's peer), in the student's precision
-            with autocast(device, precision):
-                terms = objective_forward(student, y, teacher, index, inputs=x)
-        else:
-            terms = objective_forward(student, y, teacher, index)
+        terms = objective_forward(Step(Outputs(logits.float(), student_taps.take()), y, teacher, index, x, epoch,
+                                       cfg.epochs))
         loss = terms["loss"]
         first_bad_batch = torch.where((first_bad_batch == 0) & ~torch.isfinite(loss), batch, first_bad_batch)
         if teacher is not None:

@@ -290,6 +290,8 @@ CASES = {
     "teacher.optimizer": ("lion", "sgd", "sgd"),
     "teacher.momentum": ("1", "0.95", 0.95),
     "teacher.schedule": ("linear", "cosine", "cosine"),
+    "teacher.progressive_from": ("0", "0.5", 0.5),
+    "teacher.progressive_until": ("1.5", "0.5", 0.5),
     "teacher.warmup_epochs": ("1", "0.0", 0),  # warmup needs cosine or onecycle; the default is step
     "teacher.decay_norm_and_bias": ("sometimes", "false", False),
     "teacher.label_smoothing": ("1", "0.1", 0.1),
@@ -311,6 +313,8 @@ CASES = {
     "student.optimizer": ("nesterov", "adamw", "adamw"),
     "student.momentum": ("-0.1", "0", 0.0),
     "student.schedule": ("cos", "onecycle", "onecycle"),
+    "student.progressive_from": ("1.01", "0.25", 0.25),
+    "student.progressive_until": ("0", "1", 1.0),
     "student.warmup_epochs": ("-1", "0", 0),
     "student.decay_norm_and_bias": ("2", "off", False),
     "student.label_smoothing": ("-0.1", "0", 0.0),

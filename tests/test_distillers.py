@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdistill.distillers import KD, CrossEntropy, Outputs, build_distiller
+from kdistill.distillers import KD, CrossEntropy, Outputs, Step, build_distiller
 
 
 def softmax(values, t):
@@ -52,7 +52,8 @@ def test_kd_is_zero_when_student_equals_teacher_and_gradients_flow_to_student_on
     terms = KD(temperature=4.0, alpha=1.0).logit_terms(student, torch.zeros(4, dtype=torch.long), logits)
     assert terms["kd"].item() == pytest.approx(0.0, abs=1e-6)
     nudged = (logits + 1.0 * torch.eye(4, 3)).requires_grad_(True)  # a teacher that could take a gradient
-    KD(temperature=4.0, alpha=0.5)(Outputs(student), torch.zeros(4, dtype=torch.long), Outputs(nudged))["loss"].backward()
+    KD(temperature=4.0, alpha=0.5)(Step(Outputs(student), torch.zeros(4, dtype=torch.long), Outputs(nudged)))[
+        "loss"].backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert nudged.grad is None
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kdistill.config import TrainConfig, build_config
-from kdistill.distillers import AT, DISTILLERS, PEFD, FitNets, Outputs
+from kdistill.distillers import AT, DISTILLERS, PEFD, BuildContext, FitNets, Outputs, Step
 from kdistill.distillers.at import attention_map
 from kdistill.errors import KdistillError
 from kdistill.features import OnlineTeacher, matching_teacher_module, resolve_auto_layers
@@ -41,7 +41,7 @@ def probe_of(shapes, fill=1.0):
 
 def built(method, student_shapes, teacher_shapes, **settings):
     objective = method(settings=method.Settings(**settings))
-    objective.build(probe_of(student_shapes), probe_of(teacher_shapes), 10)
+    objective.build(BuildContext(probe_of(student_shapes), probe_of(teacher_shapes), 10))
     return objective
 
 
@@ -84,8 +84,8 @@ def test_fitnets_terms_match_hand_computed_values(guide_size):
     hint = 10.0 * sum(squared_errors) / len(squared_errors)
     ce = hand_cross_entropy(LOGITS, LABELS)
 
-    terms = objective(Outputs(torch.tensor(LOGITS), {"layer2": torch.tensor(HINT)}), torch.tensor(LABELS),
-                      Outputs(torch.zeros(2, 3), {"layer2": torch.tensor(guide)}))
+    terms = objective(Step(Outputs(torch.tensor(LOGITS), {"layer2": torch.tensor(HINT)}), torch.tensor(LABELS),
+                           Outputs(torch.zeros(2, 3), {"layer2": torch.tensor(guide)})))
     assert terms["hint"].item() == pytest.approx(hint, rel=1e-5)
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-6)
     assert terms["loss"].item() == pytest.approx(hint + ce, rel=1e-5)
@@ -107,12 +107,12 @@ def test_fitnets_with_kd_adds_kds_term_on_the_logits_and_keeps_the_hint():
     shapes = ({"layer2": torch.Size([2, 2, 2, 2])}, {"layer2": torch.Size([2, 3, 2, 2])})
     plain, with_kd = built(FitNets, *shapes), FitNets(temperature=3.0, alpha=0.8,
                                                       settings=FitNets.Settings(kd=True))
-    with_kd.build(*map(probe_of, shapes), 10)
+    with_kd.build(BuildContext(*map(probe_of, shapes), 10))
     with_kd.load_state_dict(plain.state_dict())  # the same regressor, so the same hint
     student = Outputs(torch.tensor(LOGITS), {"layer2": hint_map})
     teacher = Outputs(torch.tensor(teacher_logits), {"layer2": guide})
-    hint = plain(student, torch.tensor(LABELS), teacher)["hint"].item()
-    terms = with_kd(student, torch.tensor(LABELS), teacher)
+    hint = plain(Step(student, torch.tensor(LABELS), teacher))["hint"].item()
+    terms = with_kd(Step(student, torch.tensor(LABELS), teacher))
     kd, ce = hand_kd(LOGITS, teacher_logits, 3.0), hand_cross_entropy(LOGITS, LABELS)
     assert terms["kd"].item() == pytest.approx(kd, rel=1e-5) and terms["hint"].item() == pytest.approx(hint, rel=1e-6)
     assert terms["loss"].item() == pytest.approx(0.8 * kd + 0.2 * ce + hint, rel=1e-5)
@@ -150,8 +150,9 @@ def test_at_terms_match_hand_computed_values_over_three_layer_pairs():
         s_map, t_map = hand_attention(students[path][0], p, size), hand_attention(teachers[path][0], p, size)
         at += sum((s - t) ** 2 for s, t in zip(s_map, t_map)) / len(s_map)  # mean over 1 image x positions
     objective = AT(settings=AT.Settings(student_layers=list("abc"), teacher_layers=list("abc"), weight=weight, p=p))
-    terms = objective(Outputs(torch.tensor([LOGITS[0]]), {k: torch.tensor(v) for k, v in students.items()}),
-                      torch.tensor([1]), Outputs(torch.zeros(1, 3), {k: torch.tensor(v) for k, v in teachers.items()}))
+    terms = objective(Step(Outputs(torch.tensor([LOGITS[0]]), {k: torch.tensor(v) for k, v in students.items()}),
+                           torch.tensor([1]),
+                           Outputs(torch.zeros(1, 3), {k: torch.tensor(v) for k, v in teachers.items()})))
     assert at > 0
     assert terms["at"].item() == pytest.approx(weight * at, rel=1e-5)
     assert terms["ce"].item() == pytest.approx(hand_cross_entropy([LOGITS[0]], [1]), rel=1e-6)
@@ -177,9 +178,9 @@ def test_pefd_terms_match_hand_computed_values():
         cosine = sum(a * b for a, b in zip(mean, f_t)) / math.sqrt(sum(a * a for a in mean) * sum(b * b for b in f_t))
         distances.append(1 - cosine)
     pefd = 25.0 * sum(distances) / 2
-    terms = objective(Outputs(torch.tensor(LOGITS), {"avgpool": torch.tensor(student).view(2, 2, 1, 1)}),
-                      torch.tensor(LABELS),
-                      Outputs(torch.zeros(2, 3), {"avgpool": torch.tensor(teacher).view(2, 3, 1, 1)}))
+    terms = objective(Step(Outputs(torch.tensor(LOGITS), {"avgpool": torch.tensor(student).view(2, 2, 1, 1)}),
+                           torch.tensor(LABELS),
+                           Outputs(torch.zeros(2, 3), {"avgpool": torch.tensor(teacher).view(2, 3, 1, 1)})))
     assert pefd > 0
     assert terms["pefd"].item() == pytest.approx(pefd, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(pefd + hand_cross_entropy(LOGITS, LABELS), rel=1e-5)
@@ -222,7 +223,7 @@ def test_fitnets_regressor_ends_in_relu_only_for_a_non_negative_guided_layer():
     signed = FitNets()
     signed_guide = probe_of(shapes[1])
     signed_guide["layer2"][1, 2, 3, 0] = -0.5  # one negative value: a linear bottleneck's output
-    signed.build(probe_of(shapes[0]), signed_guide, 10)
+    signed.build(BuildContext(probe_of(shapes[0]), signed_guide, 10))
     assert isinstance(relu_guide.regressor[-1], torch.nn.ReLU)
     assert not any(isinstance(layer, torch.nn.ReLU) for layer in signed.regressor)
     hint_map = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -237,7 +238,7 @@ def test_gradients_reach_the_student_and_its_adapters_when_shapes_differ(method,
     objective = built(method, student_shapes, teacher_shapes, **settings)
     student = random_outputs(student_shapes, True, seed=0)
     teacher = random_outputs(teacher_shapes, False, seed=1)
-    terms = objective(student, torch.tensor([0, 2]), teacher)
+    terms = objective(Step(student, torch.tensor([0, 2]), teacher))
     assert set(terms) == {"loss", "ce", {FitNets: "hint", AT: "at", PEFD: "pefd"}[method]}
     assert all(term.dim() == 0 for term in terms.values()) and torch.isfinite(terms["loss"])
     terms["loss"].backward()
@@ -252,9 +253,9 @@ def test_unlabelled_images_drop_only_the_cross_entropy(method, settings, student
     objective = built(method, student_shapes, teacher_shapes, **settings)
     student, teacher = random_outputs(student_shapes, False, 0), random_outputs(teacher_shapes, False, 1)
     feature_term = {FitNets: "hint", AT: "at", PEFD: "pefd"}[method]
-    labelled = objective(student, torch.tensor([0, 2]), teacher)
-    unlabelled = objective(student, torch.tensor([-1, -1]), teacher)
-    half = objective(student, torch.tensor([-1, 2]), teacher)
+    labelled = objective(Step(student, torch.tensor([0, 2]), teacher))
+    unlabelled = objective(Step(student, torch.tensor([-1, -1]), teacher))
+    half = objective(Step(student, torch.tensor([-1, 2]), teacher))
     assert unlabelled["ce"].item() == 0.0 and labelled["ce"].item() > 0
     assert unlabelled[feature_term].item() == pytest.approx(labelled[feature_term].item(), rel=1e-6)
     assert unlabelled["loss"].item() == pytest.approx(labelled[feature_term].item(), rel=1e-6)
@@ -361,8 +362,8 @@ def test_fitnets_pools_maps_whose_sizes_are_not_multiples_of_each_other(student_
     torch.manual_seed(0)
     hint_map, guide = torch.randn(2, 4, student_side, student_side), torch.randn(2, 3, teacher_side, teacher_side)
     objective = built(FitNets, {"layer2": hint_map.shape}, {"layer2": guide.shape}, hint_weight=10.0).eval()
-    terms = objective(Outputs(torch.tensor(LOGITS), {"layer2": hint_map}), torch.tensor(LABELS),
-                      Outputs(torch.zeros(2, 3), {"layer2": guide}))
+    terms = objective(Step(Outputs(torch.tensor(LOGITS), {"layer2": hint_map}), torch.tensor(LABELS),
+                           Outputs(torch.zeros(2, 3), {"layer2": guide})))
     pooled = torch.nn.functional.adaptive_avg_pool2d(hint_map if student_side > teacher_side else guide, 14)
     larger = hint_map if student_side > teacher_side else guide
     assert torch.allclose(pooled[:, :, 0, 0], larger[:, :, :2, :2].mean((2, 3)))

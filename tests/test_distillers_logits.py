@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdistill.config import TrainConfig
-from kdistill.distillers import DIST, DISTILLERS, DKD, KD, LSKD, Outputs
+from kdistill.distillers import DIST, DISTILLERS, DKD, KD, LSKD, Outputs, Step
 from kdistill.batches import Batches
 from kdistill.train import fit
 from kdistill.callbacks import Session
@@ -87,8 +87,8 @@ def test_dkd_matches_hand_computed_values_with_its_linear_warmup(epoch, ramp):
     ce = cross_entropy(STUDENT, LABELS)
     method = DKD(temperature=t, settings=DKD.Settings(tckd_weight=tckd_weight, nckd_weight=nckd_weight,
                                                       warmup_fraction=0.4))
-    method.epoch, method.epochs = epoch, 10  # a warmup of 4 epochs
-    terms = method.logit_terms(*tensors())
+    student, labels, teacher = tensors()
+    terms = method(Step(Outputs(student), labels, Outputs(teacher), epoch=epoch, epochs=10))  # a warmup of 4 epochs
     assert terms["tckd"].item() == pytest.approx(tckd, rel=1e-5)
     assert terms["nckd"].item() == pytest.approx(nckd, rel=1e-5)
     assert terms["ce"].item() == pytest.approx(ce, rel=1e-5)
@@ -100,8 +100,8 @@ def test_dkd_without_warmup_and_its_defaults():
                                                   "warmup_fraction": 20 / 240}
     tckd, nckd = dkd_by_hand(STUDENT, TEACHER, LABELS, 4.0)
     method = DKD(temperature=4.0, settings=DKD.Settings(warmup_fraction=0.0))
-    method.epochs = 30
-    terms = method.logit_terms(*tensors())
+    student, labels, teacher = tensors()
+    terms = method(Step(Outputs(student), labels, Outputs(teacher), epochs=30))
     assert terms["loss"].item() == pytest.approx(cross_entropy(STUDENT, LABELS) + tckd + 8.0 * nckd, rel=1e-5)
 
 
@@ -216,7 +216,7 @@ def test_gradients_of_every_term_reach_the_student_and_never_the_teacher(name):
     student, labels, teacher = tensors()
     student.requires_grad_(True)
     teacher.requires_grad_(True)  # as if the teacher's graph were kept: the method must still cut it
-    terms = DISTILLERS[name](temperature=2.0)(Outputs(student), labels, Outputs(teacher))
+    terms = DISTILLERS[name](temperature=2.0)(Step(Outputs(student), labels, Outputs(teacher)))
     for term, value in terms.items():
         assert value.dim() == 0 and torch.isfinite(value), term
         (gradient,) = torch.autograd.grad(value, student, retain_graph=True)
@@ -227,8 +227,7 @@ def test_gradients_of_every_term_reach_the_student_and_never_the_teacher(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_unlabelled_images_only_drop_the_cross_entropy(name):
-    method = DISTILLERS[name](temperature=2.0)
-    method.epoch = 100  # past DKD's warmup
+    method = DISTILLERS[name](temperature=2.0)  # logit_terms: DKD past its warmup
     # DKD splits unlabelled images by the teacher's top class (0 and 2 here): label them so to compare.
     as_labelled = method.logit_terms(*tensors([0, 2, 2]))
     partly = method.logit_terms(*tensors([-1, 2, -1]))

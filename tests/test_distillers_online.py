@@ -12,7 +12,8 @@ from conftest import tiny_settings
 import kdistill
 from kdistill import pipeline
 from kdistill.config import TrainConfig, build_config
-from kdistill.distillers import DKD, DML, BornAgain, Outputs
+from kdistill.distillers import DKD, DML, BuildContext, Outputs, Step
+from kdistill.student_plan import BornAgainSettings, born_again_problems
 from kdistill.errors import KdistillError
 from kdistill.fileio import load_torch
 from kdistill.batches import Batches
@@ -44,9 +45,9 @@ def cross_entropy(rows, labels):
 def dml_with_peer_logits(student, peer, labels):
     """DML whose peer is the identity: the `inputs` it is given are the peer's logits."""
     dml = DML()
-    dml.peer = torch.nn.Identity()
+    dml.build(BuildContext(make_model=lambda arch: torch.nn.Identity()))
     student, peer = torch.tensor(student, requires_grad=True), torch.tensor(peer, requires_grad=True)
-    return student, peer, dml(Outputs(student), torch.tensor(labels), None, None, inputs=peer)
+    return student, peer, dml(Step(Outputs(student), torch.tensor(labels), inputs=peer))
 
 
 # ---------------------------------------------------------------- DML's terms, by hand
@@ -95,13 +96,33 @@ def test_settings_problems_name_the_bad_value():
     assert [name for name, _ in DML.problems(DML.Settings(peer="resnet9000"))] == ["peer"]
     # A peer is checked as an architecture is: importable, and callable.
     assert [name for name, _ in DML.problems(DML.Settings(peer="no_such_module:fn"))] == ["peer"]
-    assert BornAgain.problems(BornAgain.Settings()) == []
-    assert BornAgain.problems(BornAgain.Settings(base="dkd")) == []
-    assert [name for name, _ in BornAgain.settings_problems(BornAgain.Settings(generations=0))] == ["generations"]
+    assert born_again_problems(BornAgainSettings()) == []
+    assert born_again_problems(BornAgainSettings(base="dkd")) == []
+    with pytest.raises(KdistillError, match="distill.born_again.generations must be >= 1"):
+        build_config(sets=["distill.method=born_again", "distill.born_again.generations=0"])
     for base in ("at", "dml", "born_again", "nope"):  # features, no teacher, itself, unknown
-        assert [name for name, _ in BornAgain.problems(BornAgain.Settings(base=base))] == ["base"], base
+        assert [name for name, _ in born_again_problems(BornAgainSettings(base=base))] == ["base"], base
     with pytest.raises(KdistillError, match="distill.born_again.base must be a method that reads the teacher's logits"):
         build_config(sets=["distill.method=born_again", "distill.born_again.base=fitnets"])
+
+
+def test_dml_without_a_model_factory_says_so_in_one_line():
+    with pytest.raises(KdistillError, match="gives no model factory"):
+        DML().build(BuildContext())
+
+
+def test_born_again_is_a_plan_of_students_each_taught_by_the_one_before():
+    plan = build_config(sets=["distill.method=born_again", "distill.born_again.generations=3",
+                              "distill.born_again.base=dkd", "baseline=false"]).student_plan()
+    assert [(s.kind, s.method, s.taught_by, s.generation) for s in plan.students] == [
+        ("baseline", "", "labels", 0), ("generation1", "dkd", "baseline", 1), ("generation2", "dkd", "generation1", 2),
+        ("student", "dkd", "generation2", 3)]
+    assert [s.kind for s in plan.students if plan.teaches(s.kind)] == ["baseline", "generation1", "generation2"]
+    dml = build_config(sets=["distill.method=dml"]).student_plan()  # no teacher: the baseline's batches
+    assert [(s.kind, s.method, s.taught_by, s.generation) for s in dml.students] == [
+        ("student", "dml", "labels", None), ("baseline", "", "labels", None)]
+    assert [(s.kind, s.taught_by) for s in build_config(sets=["baseline=false"]).student_plan().students] == [
+        ("student", "teacher")]
 
 
 def test_born_again_generations_are_distilled_with_the_base_method_and_its_own_settings():
@@ -124,7 +145,6 @@ def tiny_model(seed):
 def dml_fit(folder, epochs, peer_modes=None):
     """A tiny fit of a student with a DML peer; returns (student, objective, history)."""
     student, objective = tiny_model(0), DML()
-    objective.make_model = lambda arch: tiny_model(1) if arch == "student" else None
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(24, 3, 2, 2, generator=generator), torch.arange(24) % 3
     if peer_modes is not None:
@@ -136,7 +156,8 @@ def dml_fit(folder, epochs, peer_modes=None):
         objective.build = build_and_watch
     history = fit("student", student, student, Batches(images, labels, lambda x: x),
                   Batches(images, labels, lambda x: x), objective, TrainConfig(epochs=epochs, batch_size=8, lr=0.01),
-                  Session(str(folder), CPU, seed=0, log=lambda m: None))
+                  Session(str(folder), CPU, seed=0, log=lambda m: None,
+                          make_model=lambda arch: tiny_model(1) if arch == "student" else None))
     return student, objective, history
 
 
@@ -156,7 +177,7 @@ def test_dml_peer_trains_in_train_mode_beside_the_student_and_is_checkpointed(tm
     assert not any("peer" in k for k in student.state_dict())
     # Gradients reach the peer's parameters.
     x = torch.randn(4, 3, 2, 2)
-    objective(Outputs(student(x)), torch.tensor([0, 1, 2, 0]), None, None, inputs=x)["loss"].backward()
+    objective(Step(Outputs(student(x)), torch.tensor([0, 1, 2, 0]), inputs=x))["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in objective.peer.parameters())
 
 
@@ -177,8 +198,8 @@ def record_students(monkeypatch) -> dict:
     calls = {}
     real = pipeline.train_student
 
-    def recording(name, seed, cfg, data, train, val, objective, compute, log, *rest):
-        model, normalize, history = real(name, seed, cfg, data, train, val, objective, compute, log, *rest)
+    def recording(training, name, seed, train, objective, *rest):
+        model, normalize, history = real(training, name, seed, train, objective, *rest)
         calls[name] = (train, objective, model)
         return model, normalize, history
     monkeypatch.setattr(pipeline, "train_student", recording)

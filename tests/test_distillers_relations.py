@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from kdistill.config import TrainConfig
-from kdistill.distillers import CRD, DISTILLERS, PKT, RKD, SP, Outputs
+from kdistill.distillers import CRD, DISTILLERS, PKT, RKD, SP, BuildContext, Outputs, Step
 from kdistill.distillers.pkt import conditional_probabilities
 from kdistill.errors import KdistillError
 from kdistill.features import OnlineTeacher
@@ -76,8 +76,8 @@ def test_rkd_matches_hand_computed_distances_and_angles():
     a_s, a_t = cosines(student), cosines(teacher)
     angle = sum(smooth_l1(a_s[i][j][k], a_t[i][j][k]) for i in range(3) for j in range(3) for k in range(3)) / 27
     rkd = RKD(settings=RKD.Settings(distance_weight=2.0, angle_weight=3.0))
-    terms = rkd(outputs(LOGITS, student, "avgpool", (3, 2, 1, 1)), torch.tensor(LABELS),
-                outputs(LOGITS, teacher, "avgpool", (3, 2, 1, 1)))
+    terms = rkd(Step(outputs(LOGITS, student, "avgpool", (3, 2, 1, 1)), torch.tensor(LABELS),
+                     outputs(LOGITS, teacher, "avgpool", (3, 2, 1, 1))))
     assert distance > 0.01 and angle > 0.01  # the two configurations really differ
     assert terms["distance"].item() == pytest.approx(distance, rel=1e-5)
     assert terms["angle"].item() == pytest.approx(angle, rel=1e-5)
@@ -89,8 +89,8 @@ def test_rkd_matches_hand_computed_distances_and_angles():
 def test_rkd_ignores_scale_and_defaults_to_the_papers_weights():
     features = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     logits = torch.zeros(5, 3)
-    terms = RKD()(Outputs(logits, {"avgpool": features}), torch.zeros(5, dtype=torch.long),
-                  Outputs(logits, {"avgpool": 7.0 * features}))
+    terms = RKD()(Step(Outputs(logits, {"avgpool": features}), torch.zeros(5, dtype=torch.long),
+                       Outputs(logits, {"avgpool": 7.0 * features})))
     assert terms["distance"].item() == pytest.approx(0.0, abs=1e-6)  # distances are relative to their mean
     assert terms["angle"].item() == pytest.approx(0.0, abs=1e-6)
     assert (RKD.Settings().distance_weight, RKD.Settings().angle_weight) == (25.0, 50.0)
@@ -118,9 +118,9 @@ def test_pkt_probabilities_and_divergence_match_hand_computed_values():
     p_s, p_t = hand_conditional_probabilities(student), hand_conditional_probabilities(teacher)
     eps = 1e-7
     pkt = sum(p_t[i][j] * math.log((p_t[i][j] + eps) / (p_s[i][j] + eps)) for i in range(3) for j in range(3)) / 9
-    terms = PKT(settings=PKT.Settings(weight=100.0))(
+    terms = PKT(settings=PKT.Settings(weight=100.0))(Step(
         outputs(LOGITS, student, "avgpool", (3, 2, 1, 1)), torch.tensor(LABELS),
-        outputs(LOGITS, teacher, "avgpool", (3, 2, 1, 1)))
+        outputs(LOGITS, teacher, "avgpool", (3, 2, 1, 1))))
     assert pkt > 1e-3
     assert terms["pkt"].item() == pytest.approx(pkt, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(cross_entropy(LOGITS, LABELS) + 100 * pkt, rel=1e-5)
@@ -140,8 +140,8 @@ def test_sp_matches_hand_computed_gram_matrices_for_maps_of_different_shapes():
 
     g_s, g_t = normalized_gram(student), normalized_gram(teacher)
     sp = sum((g_t[i][j] - g_s[i][j]) ** 2 for i in range(3) for j in range(3)) / 9
-    terms = SP(settings=SP.Settings(weight=10.0))(
-        outputs(LOGITS, student, "layer4"), torch.tensor(LABELS), outputs(LOGITS, teacher, "layer4", (3, 1, 2, 2)))
+    terms = SP(settings=SP.Settings(weight=10.0))(Step(
+        outputs(LOGITS, student, "layer4"), torch.tensor(LABELS), outputs(LOGITS, teacher, "layer4", (3, 1, 2, 2))))
     assert sp > 1e-3
     assert terms["sp"].item() == pytest.approx(sp, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(cross_entropy(LOGITS, LABELS) + 10 * sp, rel=1e-5)
@@ -153,7 +153,8 @@ def test_sp_matches_hand_computed_gram_matrices_for_maps_of_different_shapes():
 
 def crd_built(num_samples=3, dim=2, **settings):
     crd = CRD(settings=CRD.Settings(feat_dim=dim, **settings))
-    crd.build({"avgpool": torch.ones((2, dim, 1, 1))}, {"avgpool": torch.ones((2, dim, 1, 1))}, num_samples)
+    crd.build(BuildContext({"avgpool": torch.ones((2, dim, 1, 1))}, {"avgpool": torch.ones((2, dim, 1, 1))},
+                           num_samples))
     return crd
 
 
@@ -171,8 +172,8 @@ def test_crd_nce_loss_and_memory_update_match_hand_computed_values():
     crd.draw_negatives = lambda positions: torch.tensor(negatives)  # the draw, fixed by hand
     student, teacher = [[4.0, -3.0], [0.0, 2.0]], [[0.0, 2.0], [1.0, 1.0]]
     logits, labels = LOGITS[:2], LABELS[:2]
-    terms = crd(outputs(logits, student, "avgpool", (2, 2, 1, 1)), torch.tensor(labels),
-                outputs(logits, teacher, "avgpool", (2, 2, 1, 1)), torch.tensor(index))
+    terms = crd(Step(outputs(logits, student, "avgpool", (2, 2, 1, 1)), torch.tensor(labels),
+                     outputs(logits, teacher, "avgpool", (2, 2, 1, 1)), torch.tensor(index)))
 
     v_s, v_t = [unit(f) for f in student], [unit(f) for f in teacher]
     rows = [[i] + n for i, n in zip(index, negatives)]
@@ -204,8 +205,8 @@ def test_crd_nce_loss_and_memory_update_match_hand_computed_values():
     assert crd.teacher_memory.flatten().tolist() == pytest.approx(updated(teacher_memory, v_t), rel=1e-5)
     assert crd.student_memory[1].tolist() == [0.0, 1.0]  # a sample not in the batch keeps its entry
 
-    crd(outputs(logits, student, "avgpool"), torch.tensor(labels), outputs(logits, teacher, "avgpool"),
-        torch.tensor(index))
+    crd(Step(outputs(logits, student, "avgpool"), torch.tensor(labels), outputs(logits, teacher, "avgpool"),
+             torch.tensor(index)))
     assert crd.normalizers.tolist() == pytest.approx([z_s, z_t], rel=1e-5)  # Z stays as first set
 
 
@@ -227,7 +228,7 @@ def test_crd_draws_negatives_among_the_other_samples_with_the_global_generator()
 
 def test_crd_build_sizes_heads_and_banks_and_the_state_dict_keeps_them():
     crd = CRD()
-    crd.build({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 40)
+    crd.build(BuildContext({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 40))
     assert crd.embed_student.in_features == 16 and crd.embed_teacher.in_features == 24
     assert crd.embed_student.out_features == crd.embed_teacher.out_features == 128
     assert crd.student_memory.shape == crd.teacher_memory.shape == (40, 128)
@@ -236,16 +237,16 @@ def test_crd_build_sizes_heads_and_banks_and_the_state_dict_keeps_them():
     state = crd.state_dict()
     assert {"student_memory", "teacher_memory", "normalizers", "embed_student.weight"} <= state.keys()
     again = CRD()
-    again.build({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 40)
+    again.build(BuildContext({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 40))
     assert not torch.equal(again.student_memory, crd.student_memory)
     again.load_state_dict(state)
     assert torch.equal(again.student_memory, crd.student_memory) and torch.equal(again.teacher_memory,
                                                                                  crd.teacher_memory)
     conv = CRD(settings=CRD.Settings(student_layer="layer3", teacher_layer="layer3"))
-    conv.build({"layer3": torch.ones((2, 4, 3, 3))}, {"layer3": torch.ones((2, 8, 2, 2))}, 10)
+    conv.build(BuildContext({"layer3": torch.ones((2, 4, 3, 3))}, {"layer3": torch.ones((2, 8, 2, 2))}, 10))
     assert (conv.embed_student.in_features, conv.embed_teacher.in_features) == (36, 32)  # flattened maps
     with pytest.raises(KdistillError, match="crd needs at least 2"):
-        CRD().build({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 1)
+        CRD().build(BuildContext({"avgpool": torch.ones((2, 16, 1, 1))}, {"avgpool": torch.ones((2, 24, 1, 1))}, 1))
 
 
 # ---------------------------------------------------------------- every method
@@ -255,8 +256,8 @@ def prepared(method, student_shape, teacher_shape, num_samples=20):
     torch.manual_seed(0)
     distiller = method()
     student_layer, teacher_layer = distiller.student_features()[0], distiller.teacher_features()[0]
-    distiller.build({student_layer: torch.ones(student_shape)}, {teacher_layer: torch.ones(teacher_shape)},
-                    num_samples)
+    distiller.build(BuildContext({student_layer: torch.ones(student_shape)},
+                                 {teacher_layer: torch.ones(teacher_shape)}, num_samples))
     return distiller, student_layer, teacher_layer
 
 
@@ -274,7 +275,7 @@ def random_batch(method, batch=4, student_shape=(4, 2, 2), teacher_shape=(6, 3, 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_the_students_logits_features_and_heads(method):
     distiller, student, teacher, labels, index = random_batch(method)
-    terms = distiller(student, labels, teacher, index)
+    terms = distiller(Step(student, labels, teacher, index))
     assert all(value.dim() == 0 for value in terms.values()) and torch.isfinite(terms["loss"])
     terms["loss"].backward()
     for tensor in (student.logits, *student.features.values()):
@@ -289,14 +290,14 @@ def test_unlabelled_images_only_drop_the_cross_entropy(method):
     labels = teacher.logits.argmax(1)  # CRD files an unlabelled image under the teacher's top class
     state = copy.deepcopy(distiller.state_dict())
     rng = torch.get_rng_state()
-    labelled = distiller(student, labels, teacher, index)
+    labelled = distiller(Step(student, labels, teacher, index))
     distiller.load_state_dict(state)  # CRD's banks moved: start the second call where the first did
     torch.set_rng_state(rng)
     partly = torch.tensor([labels[0].item(), -1, labels[2].item(), -1])
-    partial = distiller(student, partly, teacher, index)
+    partial = distiller(Step(student, partly, teacher, index))
     distiller.load_state_dict(state)
     torch.set_rng_state(rng)
-    none = distiller(student, torch.full_like(labels, -1), teacher, index)
+    none = distiller(Step(student, torch.full_like(labels, -1), teacher, index))
     relation_terms = [key for key in labelled if key not in ("loss", "ce")]
     assert relation_terms
     for key in relation_terms:
@@ -312,7 +313,7 @@ def test_unlabelled_images_only_drop_the_cross_entropy(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_a_batch_of_one_gives_finite_terms(method):  # fit keeps a last, partial batch
     distiller, student, teacher, labels, index = random_batch(method, batch=1)
-    terms = distiller(student, labels, teacher, index)
+    terms = distiller(Step(student, labels, teacher, index))
     assert all(torch.isfinite(value) for value in terms.values())
     terms["loss"].backward()
 
@@ -386,7 +387,7 @@ def test_crd_fit_trains_its_heads_checkpoints_its_banks_and_resumes_with_the_sam
     tiny_fit(tmp_path / "straight", straight)
     torch.manual_seed(0)
     untrained = CRD()
-    untrained.build({"avgpool": torch.ones((2, 4, 1, 1))}, {"avgpool": torch.ones((2, 6, 1, 1))}, 30)
+    untrained.build(BuildContext({"avgpool": torch.ones((2, 4, 1, 1))}, {"avgpool": torch.ones((2, 6, 1, 1))}, 30))
     assert untrained.negative_count == 29  # 16384 capped at 30 - 1
     assert not torch.equal(straight.embed_student.weight, untrained.embed_student.weight)
     assert not torch.equal(straight.embed_teacher.weight, untrained.embed_teacher.weight)

@@ -11,7 +11,7 @@ from torch import nn
 import kdistill
 from kdistill import pipeline
 from kdistill.config import build_config
-from kdistill.distillers import AT, RKD, FitNets, Outputs
+from kdistill.distillers import AT, RKD, BuildContext, FitNets, Outputs, Step
 from kdistill.errors import KdistillError
 from kdistill.features import FeatureTaps
 from kdistill.fileio import load_torch
@@ -201,13 +201,14 @@ def test_float16_features_change_the_feature_methods_loss_terms_by_less_than_a_t
                                                                                                          "avgpool"))]
     methods[1].settings.student_layers = methods[1].settings.teacher_layers = ["layer1", "layer2"]
     for method in methods:
-        method.build(student_features, {path: value[:, 0] for path, value in stored[torch.float32].items()}, 32)
+        teacher_probe = {path: value[:, 0] for path, value in stored[torch.float32].items()}
+        method.build(BuildContext(student_features, teacher_probe, 32))
         terms = {}
         for dtype, features in stored.items():
             teacher_outputs = Outputs(torch.zeros(32, 10), {path: value[:, 0].float() for path, value in
                                                             features.items()})
             with torch.no_grad():
-                terms[dtype] = method(Outputs(student_logits, student_features), labels, teacher_outputs)
+                terms[dtype] = method(Step(Outputs(student_logits, student_features), labels, teacher_outputs))
         for name, value in terms[torch.float32].items():
             assert abs(terms[torch.float16][name] - value) <= 1e-3 * abs(value) + 1e-7, (type(method), name)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdistill.batches import Batches
 from kdistill.config import TrainConfig
-from kdistill.distillers import AT, CRD, DIST, DISTILLERS, DKD, LSKD, BornAgain, CrossEntropy, Outputs
+from kdistill.distillers import AT, CRD, DIST, DISTILLERS, DKD, LSKD, BuildContext, CrossEntropy, Outputs, Step
 from kdistill.train import fit
 from kdistill.callbacks import Session
 
@@ -40,16 +40,16 @@ def test_dkd_warms_up_over_mdistillers_share_of_training_by_default():
 ])
 def test_dkd_ramps_per_epoch_over_its_share_of_the_run(fraction, epochs, epoch, ramp):
     method = DKD(temperature=4.0, settings=DKD.Settings(warmup_fraction=fraction))
-    method.epoch, method.epochs = epoch, epochs
-    terms = method.logit_terms(*logit_batch())
+    student, labels, teacher = logit_batch()
+    terms = method(Step(Outputs(student), labels, Outputs(teacher), epoch=epoch, epochs=epochs))
     expected = terms["ce"] + ramp * (terms["tckd"] + 8.0 * terms["nckd"])
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 class EpochRecorder(CrossEntropy):
-    def logit_terms(self, student_logits, labels, teacher_logits=None):
-        self.seen.add((self.epoch, self.epochs))
-        return super().logit_terms(student_logits, labels, teacher_logits)
+    def forward(self, step):
+        self.seen.add((step.epoch, step.epochs))
+        return super().forward(step)
 
 
 def test_the_training_loop_tells_the_method_the_runs_epochs(tmp_path):
@@ -84,7 +84,7 @@ def test_lskd_defaults_to_its_cifar_cross_entropy_weight():
 
 def crd_for(num_samples, nce_k=200):
     crd = CRD(settings=CRD.Settings(feat_dim=2, nce_k=nce_k))
-    crd.build({"avgpool": torch.ones(2, 2, 1, 1)}, {"avgpool": torch.ones(2, 2, 1, 1)}, num_samples)
+    crd.build(BuildContext({"avgpool": torch.ones(2, 2, 1, 1)}, {"avgpool": torch.ones(2, 2, 1, 1)}, num_samples))
     return crd
 
 
@@ -92,8 +92,8 @@ def crd_step(crd, labels, index, teacher_logits=None):
     """One forward pass over the samples `index` with these labels (records their classes)."""
     count = len(index)
     teacher_logits = torch.zeros(count, 3) if teacher_logits is None else teacher_logits
-    crd(Outputs(torch.zeros(count, 3), {"avgpool": torch.randn(count, 2, 1, 1)}), labels,
-        Outputs(teacher_logits, {"avgpool": torch.randn(count, 2, 1, 1)}), index)
+    crd(Step(Outputs(torch.zeros(count, 3), {"avgpool": torch.randn(count, 2, 1, 1)}), labels,
+             Outputs(teacher_logits, {"avgpool": torch.randn(count, 2, 1, 1)}), index))
 
 
 def drawn_for_each(crd, index, times=40):
@@ -148,23 +148,23 @@ def test_at_warns_once_at_build_when_a_pair_of_maps_is_1x1():
     student_probe = {"layer3": torch.ones(2, 4, 2, 2), "layer4": torch.ones(2, 8, 1, 1)}
     teacher_probe = {"layer3": torch.ones(2, 6, 4, 4), "layer4": torch.ones(2, 6, 2, 2)}  # pooled to 1x1
     with pytest.warns(UserWarning, match=r"layer4 -> layer4 are 1x1") as caught:
-        at.build(student_probe, teacher_probe, 10)
+        at.build(BuildContext(student_probe, teacher_probe, 10))
     assert len(caught) == 1 and "layer3" not in str(caught[0].message)
     generator = torch.Generator().manual_seed(0)
     student = Outputs(torch.zeros(2, 3), {"layer4": torch.rand(2, 8, 1, 1, generator=generator)})
     teacher = Outputs(torch.zeros(2, 3), {"layer4": torch.rand(2, 6, 2, 2, generator=generator)})
     only_layer4 = AT(settings=AT.Settings(student_layers=["layer4"], teacher_layers=["layer4"]))
-    assert only_layer4(student, torch.tensor([0, 1]), teacher)["at"].item() == 0.0  # why it warns
+    assert only_layer4(Step(student, torch.tensor([0, 1]), teacher))["at"].item() == 0.0  # why it warns
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        AT().build({f"layer{i}": torch.ones(2, 4, 2, 2) for i in range(1, 5)},
-                   {f"layer{i}": torch.ones(2, 4, 2, 1) for i in range(1, 5)}, 10)  # 2x1: no warning
+        AT().build(BuildContext({f"layer{i}": torch.ones(2, 4, 2, 2) for i in range(1, 5)},
+                                {f"layer{i}": torch.ones(2, 4, 2, 1) for i in range(1, 5)}, 10))  # 2x1: no warning
 
 
 # ---------------------------------------------------------------- the teacher gets no gradient
 
 
-TEACHER_METHODS = [name for name, method in DISTILLERS.items() if method.needs_teacher and method is not BornAgain]
+TEACHER_METHODS = [name for name, method in DISTILLERS.items() if method.needs_teacher]
 
 
 @pytest.mark.parametrize("name", TEACHER_METHODS)
@@ -172,14 +172,14 @@ def test_no_gradient_of_a_methods_loss_reaches_the_teacher(name):
     torch.manual_seed(0)
     method = DISTILLERS[name](temperature=4.0)
     student_shape, teacher_shape = (4, 4, 2, 2), (4, 6, 2, 2)
-    method.build({path: torch.rand(student_shape) for path in method.student_features()},
-                 {path: torch.rand(teacher_shape) for path in method.teacher_features()}, 20)
+    method.build(BuildContext({path: torch.rand(student_shape) for path in method.student_features()},
+                              {path: torch.rand(teacher_shape) for path in method.teacher_features()}, 20))
     student = Outputs(torch.randn(4, 3, requires_grad=True),
                       {path: torch.rand(student_shape, requires_grad=True) for path in method.student_features()})
     # Leaves that would take a gradient: as a teacher trained in the same graph would.
     teacher = Outputs(torch.randn(4, 3, requires_grad=True),
                       {path: torch.rand(teacher_shape, requires_grad=True) for path in method.teacher_features()})
-    terms = method(student, torch.tensor([0, 1, 2, -1]), teacher, torch.arange(4) + 3)
+    terms = method(Step(student, torch.tensor([0, 1, 2, -1]), teacher, torch.arange(4) + 3))
     terms["loss"].backward()
     assert student.logits.grad is not None and student.logits.grad.abs().sum() > 0  # the loss does train
     assert teacher.logits.grad is None

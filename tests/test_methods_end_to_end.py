@@ -8,7 +8,7 @@ from conftest import tiny_settings
 
 import kdistill
 from kdistill.config import build_config
-from kdistill.distillers import DISTILLERS
+from kdistill.student_plan import METHODS
 from kdistill.errors import KdistillError
 
 
@@ -18,7 +18,7 @@ def shared_cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.mark.parametrize("method", sorted(DISTILLERS))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_trains_a_student_end_to_end(digits_dataset, tmp_path, shared_cache, method):
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), shared_cache, baseline=False,
                              teacher={"mode": "head", "epochs": 1}, student={"epochs": 1, "lr_step": 0},

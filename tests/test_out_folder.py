@@ -109,3 +109,24 @@ def test_a_run_folder_saved_before_steps_and_patience_existed_resumes(digits_dat
     kdistill.run(settings)  # the same experiment: resumes (finds everything finished)
     with pytest.raises(KdistillError, match="holds a run with other settings"):
         kdistill.run({**settings, "student": {**settings["student"], "patience": 3}})
+
+
+def test_a_born_again_run_folder_resumes_and_its_base_methods_settings_count(digits_dataset, tmp_path):
+    """A run folder saved with distill.method born_again (and its section distill.born_again) resumes
+    as the plan of students it now is; the generations are distilled with the base method, so that
+    method's own settings make another experiment."""
+    import yaml
+
+    settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 1},
+                             distill={"method": "born_again", "born_again": {"generations": 1, "base": "dkd"}})
+    kdistill.run(settings, log=lambda message: None)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["distill"]
+    assert saved["method"] == "born_again" and saved["born_again"] == {"generations": 1, "base": "dkd"}
+    rerun = []
+    metrics = kdistill.run(settings, log=rerun.append)
+    assert not [message for message in rerun if " epoch 1/1" in message]  # finished: nothing trains again
+    assert [(row["generation"], row["run"]) for row in metrics["generations"]] == [(0, "baseline"), (1, "student")]
+    with pytest.raises(KdistillError, match="distill.dkd.nckd_weight"):
+        kdistill.run({**settings, "distill": {**settings["distill"], "dkd": {"nckd_weight": 2.0}}})

@@ -1,12 +1,12 @@
 """Distillation objectives: one small module per method, one interface.
 
-A distiller maps (student Outputs, labels, teacher Outputs, sample indices) to a dict of named loss
-terms (see base.Distiller); "loss" is the one optimized, every term is logged. A new method is one
-new file registered here.
+A distiller maps one training Step (student and teacher Outputs, labels, sample indices, the
+batch, the epoch) to a dict of named loss terms (see base.Distiller); "loss" is the one optimized,
+every term is logged. A new method is one new file registered here. (Born-again networks are no
+loss: a plan of several students, see kdistill/student_plan.py.)
 """
 from .at import AT
-from .base import CrossEntropy, Distiller, LogitDistiller, Outputs
-from .born_again import BornAgain
+from .base import BuildContext, CrossEntropy, Distiller, LogitDistiller, Outputs, Step
 from .crd import CRD
 from .dist import DIST
 from .dkd import DKD
@@ -32,9 +32,7 @@ DISTILLERS: dict[str, type[Distiller]] = {
     "sp": SP,
     "crd": CRD,
     "dml": DML,
-    "born_again": BornAgain,
 }
-BornAgain.methods = DISTILLERS  # the methods a generation may be distilled with
 
 
 def build_distiller(method: str, *, temperature: float, alpha: float, label_smoothing: float = 0.0,
@@ -44,5 +42,5 @@ def build_distiller(method: str, *, temperature: float, alpha: float, label_smoo
                               settings=settings)
 
 
-__all__ = ["AT", "BornAgain", "CRD", "DIST", "DISTILLERS", "DKD", "DML", "KD", "LSKD", "PEFD", "PKT", "RKD", "SP",
-           "CrossEntropy", "Distiller", "FitNets", "LogitDistiller", "Outputs", "build_distiller"]
+__all__ = ["AT", "CRD", "DIST", "DISTILLERS", "DKD", "DML", "KD", "LSKD", "PEFD", "PKT", "RKD", "SP", "BuildContext",
+           "CrossEntropy", "Distiller", "FitNets", "LogitDistiller", "Outputs", "Step", "build_distiller"]

@@ -70,7 +70,8 @@ class AT(Distiller):
     def teacher_features(self):
         return tuple(self.settings.teacher_layers)
 
-    def build(self, student_probe, teacher_probe, num_samples):
+    def build(self, context):
+        student_probe, teacher_probe = context.student_probe, context.teacher_probe
         flat = [f"{student_path} -> {teacher_path}" for student_path, teacher_path
                 in zip(self.settings.student_layers, self.settings.teacher_layers)
                 if math.prod(min(a, b) for a, b in zip(student_probe[student_path].shape[2:],
@@ -80,7 +81,8 @@ class AT(Distiller):
                           f"their term is always zero; pair layers with larger maps (or use larger images)",
                           stacklevel=2)
 
-    def forward(self, student, labels, teacher=None, index=None):
+    def forward(self, step):
+        student, labels, teacher = step.student, step.labels, step.teacher
         at = student.logits.new_zeros(())
         for student_path, teacher_path in zip(self.settings.student_layers, self.settings.teacher_layers):
             student_map, teacher_map = pool_to_common_size(student.features[student_path],

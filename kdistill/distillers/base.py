@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import dataclasses
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,27 +27,54 @@ def detached(outputs: Outputs) -> Outputs:
 
 
 @dataclass
+class Step:
+    """One training batch, as a method sees it. Tests build one from tensors:
+    Step(Outputs(student_logits), labels, Outputs(teacher_logits))."""
+
+    student: Outputs
+    # Class indices (B,), -1 for an unlabelled image (a transfer-set image: only the teacher's terms
+    # apply to it), or class probabilities (B, classes) for mixed images.
+    labels: torch.Tensor
+    teacher: Outputs | None = None  # None where the method reads no teacher
+    index: torch.Tensor | None = None  # the batch's sample indices in the training set (memory banks)
+    inputs: torch.Tensor | None = None  # the batch the student saw, for a model the method runs itself
+    epoch: int = 1  # the epoch being trained, 1-based
+    epochs: int = 1  # the run's number of epochs
+
+
+@dataclass
+class BuildContext:
+    """What a method's build() reads, once before training."""
+
+    # Features (module path -> tensor, batch dimension first) of a forward pass on two training images.
+    student_probe: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_probe: dict[str, torch.Tensor] = field(default_factory=dict)
+    num_samples: int = 0  # training samples
+    # arch -> a new model for this task from scratch, placed like the student and standardizing its
+    # input alike ("student": the student's architecture); None where the caller has none to give.
+    make_model: Callable[[str], nn.Module] | None = None
+    # The student's precision (bf16 autocast where it trains in bf16), for a model the method runs itself.
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+
+
+@dataclass
 class NoSettings:
     """A method without hyperparameters of its own."""
 
 
 class Distiller(nn.Module):
-    """Interface: forward(student: Outputs, labels, teacher: Outputs | None, index) -> {"loss": ..., term: ...}.
-
-    labels are class indices (B,), -1 for an unlabelled image (a transfer-set image: only the
-    teacher's terms apply to it), or class probabilities (B, classes) for mixed images. index holds
-    the batch's sample indices in the training set (for methods with a memory bank).
+    """Interface: forward(step: Step) -> {"loss": ..., term: ...}: the batch's loss terms, "loss" the
+    one optimized.
 
     A method declares what it reads, and that decides how the signal is served:
-      needs_teacher             the teacher's Outputs (else teacher is None)
+      needs_teacher             the teacher's Outputs (else step.teacher is None)
       student_features()        module paths of the student whose outputs it reads
       teacher_features()        module paths of the teacher whose outputs it reads (served online)
-      needs_index               the batch's sample indices
-      needs_input               the batch's model input, as forward(..., inputs=x) (for a method
-                                that runs a model of its own on it, e.g. DML's peer)
-    Trainable parts (regressors, projectors, memory banks) are created in build(), called once
-    before training with the features of a two-image probe; they train and are checkpointed with
-    the student, and are not part of the exported student.
+      needs_index               the batch's sample indices (step.index)
+    Every step also holds the batch the student saw (step.inputs, for a model the method runs
+    itself, e.g. DML's peer) and the epoch. Trainable parts (regressors, projectors, memory banks,
+    a peer) are created in build(context), called once before training; they train and are
+    checkpointed with the student, and are not part of the exported student.
 
     Hyperparameters of a method live in its `Settings` dataclass (fields declared with
     kdistill.settings.setting, defaults from its paper); they appear in config.yaml as
@@ -53,7 +83,6 @@ class Distiller(nn.Module):
 
     needs_teacher = True
     needs_index = False
-    needs_input = False
     Settings: type = NoSettings
 
     def __init__(self, *, temperature: float = 4.0, alpha: float = 0.5, label_smoothing: float = 0.0,
@@ -64,12 +93,12 @@ class Distiller(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
         self.label_smoothing = label_smoothing
-        self.epoch = 1  # the epoch being trained (1-based), set by the training loop
-        self.epochs = 1  # the run's number of epochs, set by the training loop
 
-    def __call__(self, student: Outputs, labels: torch.Tensor, teacher: Outputs | None = None, *args, **kwargs):
+    def __call__(self, step: Step) -> dict[str, torch.Tensor]:
         # The teacher is fixed: no method's loss sends it gradients, whatever produced its outputs.
-        return super().__call__(student, labels, None if teacher is None else detached(teacher), *args, **kwargs)
+        if step.teacher is not None:
+            step = dataclasses.replace(step, teacher=detached(step.teacher))
+        return super().__call__(step)
 
     @staticmethod
     def problems(settings) -> list[tuple[str, str]]:
@@ -89,10 +118,9 @@ class Distiller(nn.Module):
     def teacher_features(self) -> tuple[str, ...]:
         return ()
 
-    def build(self, student_probe: dict[str, torch.Tensor], teacher_probe: dict[str, torch.Tensor],
-              num_samples: int) -> None:
-        """Create trainable parts from the features (module path -> tensor, batch dimension first)
-        of a forward pass on two training images and the number of training samples."""
+    def build(self, context: BuildContext) -> None:
+        """Create trainable parts from what the context says (the probe's features, the number of
+        training samples, a model factory)."""
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against the labels, with label smoothing where set, over the labelled
@@ -114,8 +142,7 @@ class Distiller(nn.Module):
             return labels
         return torch.where(labels >= 0, labels, teacher_logits.argmax(1))
 
-    def forward(self, student: Outputs, labels: torch.Tensor, teacher: Outputs | None = None,
-                index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, step: Step) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -146,8 +173,8 @@ class LayerPairDistiller(Distiller):
 class LogitDistiller(Distiller):
     """A method that reads logits only: it writes logit_terms(student_logits, labels, teacher_logits)."""
 
-    def forward(self, student, labels, teacher=None, index=None):
-        return self.logit_terms(student.logits, labels, None if teacher is None else teacher.logits)
+    def forward(self, step: Step) -> dict[str, torch.Tensor]:
+        return self.logit_terms(step.student.logits, step.labels, None if step.teacher is None else step.teacher.logits)
 
     def logit_terms(self, student_logits: torch.Tensor, labels: torch.Tensor,
                     teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:

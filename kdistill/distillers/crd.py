@@ -67,7 +67,8 @@ class CRD(LayerPairDistiller):
     def problems(settings) -> list[tuple[str, str]]:
         return LayerPairDistiller.layer_problems(settings)
 
-    def build(self, student_probe, teacher_probe, num_samples):
+    def build(self, context):
+        student_probe, teacher_probe, num_samples = context.student_probe, context.teacher_probe, context.num_samples
         if num_samples < 2:
             raise KdistillError(f"distill.method crd needs at least 2 training images, got {num_samples}")
         dim = self.settings.feat_dim
@@ -98,7 +99,8 @@ class CRD(LayerPairDistiller):
         other_class = order[position.clamp(max=count - 1)]
         return torch.where(((own >= 0) & (same < count))[:, None], other_class, any_other)
 
-    def forward(self, student, labels, teacher=None, index=None):
+    def forward(self, step):
+        student, labels, teacher, index = step.student, step.labels, step.teacher, step.index
         self.sample_classes[index] = self.hard_targets(labels, teacher.logits)
         ce = self.cross_entropy(student.logits, labels)
         student_embedding = F.normalize(self.embed_student(student.features[self.settings.student_layer].flatten(1)))

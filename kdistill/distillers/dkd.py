@@ -48,12 +48,17 @@ class DKD(LogitDistiller):
         warmup_fraction: float = setting(20 / 240, "share of the run's epochs over which the KD terms ramp up "
                                                    "linearly, rounded to whole epochs (0: none)", ge=0, le=1)
 
-    def ramp(self) -> float:
-        """The KD terms' weight in the current epoch: linear up to 1 over the warmup's epochs."""
-        warmup = max(1, round(self.settings.warmup_fraction * self.epochs))
-        return min(self.epoch / warmup, 1.0)
+    def ramp(self, epoch: int, epochs: int) -> float:
+        """The KD terms' weight in epoch (1-based) of epochs: linear up to 1 over the warmup's epochs."""
+        warmup = max(1, round(self.settings.warmup_fraction * epochs))
+        return min(epoch / warmup, 1.0)
 
-    def logit_terms(self, student_logits, labels, teacher_logits=None):
+    def forward(self, step):
+        return self.logit_terms(step.student.logits, step.labels, step.teacher.logits,
+                                self.ramp(step.epoch, step.epochs))
+
+    def logit_terms(self, student_logits, labels, teacher_logits=None, ramp: float = 1.0):
+        """ramp: the KD terms' weight (1: after the warmup)."""
         t = self.temperature
         # One-hot mask of the true class; for an unlabelled image, the teacher's top class.
         target = self.hard_targets(labels, teacher_logits)
@@ -69,5 +74,5 @@ class DKD(LogitDistiller):
         nckd = F.kl_div(non_target(student_scaled), non_target(teacher_scaled), reduction="batchmean",
                         log_target=True) * (t * t)
         ce = self.cross_entropy(student_logits, labels)
-        loss = ce + self.ramp() * (self.settings.tckd_weight * tckd + self.settings.nckd_weight * nckd)
+        loss = ce + ramp * (self.settings.tckd_weight * tckd + self.settings.nckd_weight * nckd)
         return {"loss": loss, "ce": ce, "tckd": tckd, "nckd": nckd}

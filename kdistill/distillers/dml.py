@@ -10,24 +10,24 @@ the other's prediction held constant (detached) in each, at temperature 1, weigh
 equations (2)-(3) for two networks). Both losses are summed into one backward pass, so both
 networks are updated in the same step (the paper's Algorithm 1 updates them one after the other).
 
-The peer is this method's trainable part: built in build() (same architecture as the student by
-default, its own random initialization), it trains beside the student, in train mode, is saved
-with the objective in every checkpoint (a killed run resumes it) and is not exported.
+The peer is this method's trainable part: built in build() by the context's model factory (same
+architecture as the student by default, its own random initialization), it trains beside the
+student, in train mode and the student's precision, on the batch the student saw (step.inputs), is
+saved with the objective in every checkpoint (a killed run resumes it) and is not exported.
 distill.temperature and distill.alpha are not used; the pretrained teacher, if trained for the
 report, is never read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ..errors import KdistillError
 from ..models import arch_problem
 from ..settings import setting
-from .base import Distiller, Outputs
+from .base import BuildContext, Distiller, Step
 
 
 def mutual_kl(own_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
@@ -38,11 +38,6 @@ def mutual_kl(own_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Ten
 
 class DML(Distiller):
     needs_teacher = False
-    needs_input = True
-    # arch -> a new model for this task from scratch, placed on the training device, standardizing
-    # its input like the student ("student": the student's architecture). Set by the pipeline,
-    # which knows the classes and the data's statistics.
-    make_model: Callable[[str], nn.Module] | None = None
 
     @dataclass
     class Settings:
@@ -56,12 +51,17 @@ class DML(Distiller):
         problem = None if peer == "student" else arch_problem(peer, 32)
         return [] if problem is None else [("peer", f"must be student or an architecture: {problem}")]
 
-    def build(self, student_probe, teacher_probe, num_samples) -> None:
-        self.peer = self.make_model(self.settings.peer)
+    def build(self, context: BuildContext) -> None:
+        if context.make_model is None:
+            raise KdistillError("distill.method dml trains a peer network, but this training gives no model "
+                                "factory to build it (BuildContext.make_model)")
+        self.peer = context.make_model(self.settings.peer)
+        self.autocast = context.autocast
 
-    def forward(self, student: Outputs, labels: torch.Tensor, teacher: Outputs | None = None,
-                index: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        own, peer = student.logits, self.peer(inputs).float()
+    def forward(self, step: Step) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            peer = self.peer(step.inputs).float()
+        own, labels = step.student.logits, step.labels
         ce, kl = self.cross_entropy(own, labels), mutual_kl(own, peer)
         peer_ce, peer_kl = self.cross_entropy(peer, labels), mutual_kl(peer, own)
         targets = self.hard_targets(labels)

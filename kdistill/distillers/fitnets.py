@@ -57,7 +57,8 @@ class FitNets(LayerPairDistiller):
     def problems(settings) -> list[tuple[str, str]]:
         return LayerPairDistiller.layer_problems(settings)
 
-    def build(self, student_probe, teacher_probe, num_samples):
+    def build(self, context):
+        student_probe, teacher_probe = context.student_probe, context.teacher_probe
         student_channels = conv_map_channels(student_probe, self.settings.student_layer,
                                              "distill.fitnets.student_layer")
         teacher_channels = conv_map_channels(teacher_probe, self.settings.teacher_layer,
@@ -67,7 +68,8 @@ class FitNets(LayerPairDistiller):
             layers.append(nn.ReLU())
         self.regressor = nn.Sequential(*layers)
 
-    def forward(self, student, labels, teacher=None, index=None):
+    def forward(self, step):
+        student, labels, teacher = step.student, step.labels, step.teacher
         hint_map, guide = pool_to_common_size(student.features[self.settings.student_layer],
                                               teacher.features[self.settings.teacher_layer])
         hint = self.settings.hint_weight * F.mse_loss(self.regressor(hint_map), guide)

@@ -42,13 +42,15 @@ class PEFD(LayerPairDistiller):
     def problems(settings) -> list[tuple[str, str]]:
         return LayerPairDistiller.layer_problems(settings)
 
-    def build(self, student_probe, teacher_probe, num_samples):
+    def build(self, context):
+        student_probe, teacher_probe = context.student_probe, context.teacher_probe
         student_dim = student_probe[self.settings.student_layer].shape[1]
         teacher_dim = teacher_probe[self.settings.teacher_layer].shape[1]
         self.ensemble = nn.ModuleList(nn.Linear(student_dim, teacher_dim)
                                       for _ in range(self.settings.projectors))
 
-    def forward(self, student, labels, teacher=None, index=None):
+    def forward(self, step):
+        student, labels, teacher = step.student, step.labels, step.teacher
         features = feature_vectors(student.features[self.settings.student_layer])
         projected = torch.stack([F.relu(projector(features)) for projector in self.ensemble]).mean(0)
         target = feature_vectors(teacher.features[self.settings.teacher_layer])

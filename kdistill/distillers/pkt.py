@@ -39,7 +39,8 @@ class PKT(LayerPairDistiller):
     def problems(settings) -> list[tuple[str, str]]:
         return LayerPairDistiller.layer_problems(settings)
 
-    def forward(self, student, labels, teacher=None, index=None):
+    def forward(self, step):
+        student, labels, teacher = step.student, step.labels, step.teacher
         ce = self.cross_entropy(student.logits, labels)
         student_p = conditional_probabilities(student.features[self.settings.student_layer].flatten(1))
         teacher_p = conditional_probabilities(teacher.features[self.settings.teacher_layer].flatten(1))

@@ -37,7 +37,8 @@ class SP(LayerPairDistiller):
     def problems(settings) -> list[tuple[str, str]]:
         return LayerPairDistiller.layer_problems(settings)
 
-    def forward(self, student, labels, teacher=None, index=None):
+    def forward(self, step):
+        student, labels, teacher = step.student, step.labels, step.teacher
         ce = self.cross_entropy(student.logits, labels)
         student_similarity = similarity_matrix(student.features[self.settings.student_layer])
         teacher_similarity = similarity_matrix(teacher.features[self.settings.teacher_layer])
