@@ -17,7 +17,7 @@ from kdistill.augmentations import stored_views, view_params
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute, resolve_device, resolve_precision
 from kdistill.config import build_config
-from kdistill.data import prepare
+from kdistill.data import prepare, scan_dataset
 from kdistill.distillers import CrossEntropy
 from kdistill.fileio import claim_folder
 from kdistill.pipeline import StudentTraining, make_logger, train_student
@@ -37,8 +37,9 @@ def main() -> None:
     log = make_logger(cfg.out)
     device = resolve_device(cfg.device)
     compute = Compute(device, resolve_precision(cfg.precision, device))
-    data = prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction, seed=cfg.seed,
-                   workers=cfg.workers, max_pixels=cfg.max_image_pixels, log=log)
+    data = prepare(cfg.data, cfg.image_size, cfg.resolved_cache_dir(), workers=cfg.workers,
+                   max_pixels=cfg.max_image_pixels, log=log,
+                   scanned=scan_dataset(cfg.data, cfg.val_fraction, cfg.seed, cache_dir=cfg.resolved_cache_dir()))
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     # The views a views-mode run stores for its student, which its baseline replays (teacher.py).
     views = stored_views(cfg.augment, len(data.splits["train"].files), cfg.distill.views, cfg.image_size, cfg.seed,

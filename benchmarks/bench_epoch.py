@@ -288,11 +288,11 @@ def bench_size(size: int, subset: Path, work: Path, args) -> dict:
     if "kd_views" in args.only:
         started = time.perf_counter()
         views_batches = distillation_batches(VIEWS, augmented_cfg, data, {"teacher": trained_teacher}, augmented,
-                                               COMPUTE, quiet)[0]
+                                               quiet)[0]
         views_seconds = time.perf_counter() - started
         print(f"kdistill teacher logits for {VIEWS} stored views, once per run: {views_seconds:.1f} s", flush=True)
     online_batches, _ = distillation_batches(ONLINE, augmented_cfg, data, {"teacher": trained_teacher}, augmented,
-                                             COMPUTE, quiet)
+                                             quiet)
     distiller = build_distiller(cfg.distill.method, temperature=cfg.distill.temperature, alpha=cfg.distill.alpha)
 
     runs = {

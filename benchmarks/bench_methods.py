@@ -70,7 +70,7 @@ def main() -> None:
         for method in args.methods:
             cfg = dataclasses.replace(base, distill=dataclasses.replace(base.distill, method=method))
             batches, served = distillation_batches(cfg.signal_plan(), cfg, data, {"teacher": trained}, batcher,
-                                                   compute, quiet)
+                                                   quiet)
             runs[method] = (cfg, batches, cfg.distiller, served.kind)
         n = len(data.splits["train"].files)
         print(f"{n} training images at {args.size} px, teacher resnet34, student resnet18, batch "

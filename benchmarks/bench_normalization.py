@@ -21,7 +21,7 @@ import time
 import torch
 
 from kdistill.config import build_config
-from kdistill.data import prepare
+from kdistill.data import prepare, scan_dataset
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute
 from kdistill.teacher import train_teacher
@@ -47,8 +47,8 @@ def main() -> None:
                 "data": args.data, "out": f"{work}/{normalize}-{seed}", "image_size": args.size, "seed": seed,
                 "cache_dir": f"{work}/cache", "device": "cpu",
                 "teacher": {"arch": args.arch, "weights": "none", "normalize": normalize, "epochs": args.epochs}})
-            data = prepare(cfg.data, cfg.image_size, cfg.cache_dir, val_fraction=cfg.val_fraction, seed=seed,
-                           log=lambda m: None)
+            data = prepare(cfg.data, cfg.image_size, cfg.cache_dir, log=lambda m: None, scanned=scan_dataset(
+                cfg.data, cfg.val_fraction, seed, cache_dir=cfg.cache_dir))
             started = time.perf_counter()
             teacher = train_teacher(dataclasses.replace(cfg), data, ImageBatcher(data, cfg, compute.device),
                                     compute, lambda m: None)

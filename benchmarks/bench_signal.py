@@ -105,17 +105,17 @@ def main() -> None:
         plain_batcher, mixed_batcher = ImageBatcher(data, base, compute.device), ImageBatcher(data, mixed,
                                                                                                 compute.device)
         started = time.perf_counter()
-        views, _ = distillation_batches(VIEWS, base, data, {"teacher": trained}, plain_batcher, compute, quiet)
+        views, _ = distillation_batches(VIEWS, base, data, {"teacher": trained}, plain_batcher, quiet)
         views_seconds = time.perf_counter() - started
         kd = base.distiller
         runs = {
             "plain": (base, plain_batcher, plain_batcher("train", augment=True), CrossEntropy),
             "views": (base, plain_batcher, views, kd),
             "online": (base, plain_batcher, distillation_batches(ONLINE, base, data, {"teacher": trained},
-                                                                 plain_batcher, compute, quiet)[0], kd),
+                                                                 plain_batcher, quiet)[0], kd),
             "plain_mix": (mixed, mixed_batcher, mixed_batcher("train", augment=True, mix=True), CrossEntropy),
             "online_mix": (mixed, mixed_batcher, distillation_batches(ONLINE, mixed, data, {"teacher": trained},
-                                                                      mixed_batcher, compute, quiet)[0], kd),
+                                                                      mixed_batcher, quiet)[0], kd),
         }
         n = len(data.splits["train"].files)
         print(f"{n} training images at {args.size} px, teacher {args.teacher}, student {base.student.arch}, "

@@ -238,16 +238,17 @@ def _load_cache(folder: str) -> tuple[dict | None, str]:
         return None, f"it is unreadable ({type(e).__name__})"
 
 
-def prepare(data_dir: str, image_size: int, cache_dir: str, *, val_fraction: float = 0.2,
-            seed: int = 0, workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, skip_bad: bool = False,
-            log=print, scanned: DatasetFiles | None = None) -> PreparedData:
+def prepare(data_dir: str, image_size: int, cache_dir: str, *, workers: int = 0,
+            max_pixels: int = DEFAULT_MAX_PIXELS, skip_bad: bool = False, log=print,
+            scanned: DatasetFiles | None = None) -> PreparedData:
     """Decode the dataset once into the cache (or reuse it) and map it as tensors.
 
-    scanned: scan_dataset's result for these arguments, when the caller has it already."""
+    scanned: scan_dataset's result for data_dir (its split, transfer set and file index); default:
+    scanned here with a seed-0 20% val split where DATA/val is absent, and no transfer set."""
     if image_size > MAX_IMAGE_SIZE:  # as the settings check it, for callers of prepare itself; before any hashing
         raise KdistillError(f"setting image_size must be <= {MAX_IMAGE_SIZE}, got {image_size} (each image would "
                             f"take {3 * image_size ** 2 / 1e6:,.0f} MB in the data cache)")
-    dataset = scanned or scan_dataset(data_dir, val_fraction, seed, cache_dir=cache_dir)
+    dataset = scanned or scan_dataset(data_dir, cache_dir=cache_dir)
     for notice in dataset.notices:
         log(notice)
     key = cache_key(dataset, image_size, max_pixels)

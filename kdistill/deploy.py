@@ -301,9 +301,8 @@ def run_data(run_dir: str, cfg: Config, log) -> PreparedData:
     if not same_data(identity["key"], dataset, cfg.image_size, cfg.max_image_pixels):
         raise KdistillError(f"{changed} (files added, removed or their content changed): its val accuracy would "
                             f"not be the run's")
-    return prepare(cfg.data, cfg.image_size, cache_dir, val_fraction=cfg.val_fraction, seed=cfg.seed,
-                   workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log,
-                   scanned=dataset)
+    return prepare(cfg.data, cfg.image_size, cache_dir, workers=cfg.workers, max_pixels=cfg.max_image_pixels,
+                   skip_bad=cfg.skip_bad, log=log, scanned=dataset)
 
 
 def run_teacher(run_dir: str, cfg: Config, classes: list[str], trust_arch: bool, log) -> Standardized | None:

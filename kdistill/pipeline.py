@@ -244,8 +244,8 @@ def _model_checkpoints(cfg: Config, checkpoints: dict[str, str]) -> dict[str, li
     (the baseline computes as the student does)."""
     seeds = cfg.seeds or [cfg.seed]
     return {**{name: [os.path.join(checkpoints["teacher"], name, "last.pt")] for name in cfg.teachers()},
-            "student": [os.path.join(checkpoints.get(kind, checkpoints["student"]), run_name(kind, seed, cfg), "last.pt")
-                        for seed in seeds for kind in ("student", "baseline")]}
+            "student": [os.path.join(checkpoints.get(kind, checkpoints["student"]), run_name(kind, seed, cfg),
+                                     "last.pt") for seed in seeds for kind in ("student", "baseline")]}
 
 
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
@@ -269,8 +269,8 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     checkpoints |= shared_checkpoints or {}
     log(f"prepare: {cfg.data}")
     data = ranks.main_first(lambda: prepare(
-        cfg.data, cfg.image_size, cfg.resolved_cache_dir(), val_fraction=cfg.val_fraction, seed=cfg.seed,
-        workers=cfg.workers, max_pixels=cfg.max_image_pixels, skip_bad=cfg.skip_bad, log=log, scanned=dataset))
+        cfg.data, cfg.image_size, cfg.resolved_cache_dir(), workers=cfg.workers, max_pixels=cfg.max_image_pixels,
+        skip_bad=cfg.skip_bad, log=log, scanned=dataset))
     threads, computes = ranks.from_main(choose_computation(
         cfg, len(data.classes), device, folder.compute_choice, _model_checkpoints(cfg, checkpoints), log)
         if ranks.main else None)
@@ -279,7 +279,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     stopwatch.lap("prepare")
     teachers = train_teachers(cfg, data, batcher, computes, models_dir, log, checkpoints["teacher"], ranks)
-    ensemble = ensemble_summary(cfg, teachers, batcher("val"), compute, log) if ranks.main else None
+    ensemble = ensemble_summary(cfg, teachers, batcher("val"), log) if ranks.main else None
     stopwatch.lap("teacher")
 
     transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
@@ -288,7 +288,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
 
     def served(plan, sources: dict[str, TrainedTeacher]):  # the teachers' signal, or a born-again generation's
-        return distillation_batches(plan, cfg, data, sources, batcher, compute, log, transfer, ranks)
+        return distillation_batches(plan, cfg, data, sources, batcher, log, transfer, ranks)
     student_train, signal = served(cfg.signal_plan(), teachers)
     stopwatch.lap("teacher_signal")
     students = train_students(StudentTraining(cfg, data, batcher("val"), compute, log, ranks, checkpoints),

@@ -158,8 +158,7 @@ def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compu
     return TrainedTeacher(model, head, normalize, history, None, compute, arch, seed)
 
 
-def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batches, compute: Compute,
-                     log) -> dict | None:
+def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batches, log) -> dict | None:
     """With several teachers: their names, weights and the val accuracy of their combined
     probabilities (argmax of p, at distill.temperature); None for one teacher."""
     if len(teachers) == 1:
@@ -174,11 +173,12 @@ def ensemble_summary(cfg: Config, teachers: dict[str, TrainedTeacher], val: Batc
 
 
 def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teachers: dict[str, TrainedTeacher],
-                         batcher: ImageBatcher, compute: Compute, log,
-                         transfer: str | None = None, ranks: Ranks = ONE_PROCESS) -> tuple[Batches, SignalPlan]:
+                         batcher: ImageBatcher, log, transfer: str | None = None,
+                         ranks: Ranks = ONE_PROCESS) -> tuple[Batches, SignalPlan]:
     """The student's training batches with the teachers' signal as planned (Config.signal_plan:
     cached, stored views, or online), and the plan served: under auto, a stored signal turns online
-    where the teacher features a method reads would not fit in distill.max_signal_memory_gb.
+    where the teacher features a method reads would not fit in distill.max_signal_memory_gb. Each
+    teacher's outputs are computed as it computes (TrainedTeacher.compute).
 
     transfer: the split of unlabelled images the teacher labels, served after the training images
     (labels -1: they reach the student through the teacher's terms only). A stored signal is

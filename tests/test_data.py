@@ -173,8 +173,8 @@ def test_a_damaged_cache_is_rebuilt_with_a_message(photos, tmp_path):
 def test_missing_val_folder_gives_an_announced_stratified_split(tmp_path):
     data_dir = write_digits_dataset(str(tmp_path / "data"), ["zero", "one"], {"train": 10}, test=0)
     messages = []
-    data = prepare(data_dir, 16, str(tmp_path / "cache"), val_fraction=0.2, seed=1, workers=1,
-                   log=messages.append)
+    data = prepare(data_dir, 16, str(tmp_path / "cache"), workers=1, log=messages.append,
+                   scanned=scan_dataset(data_dir, 0.2, 1, cache_dir=str(tmp_path / "cache")))
     assert any("holding out 20%" in m for m in messages)
     assert data.splits["val"].labels.tolist() == [0, 0, 1, 1]
     assert len(set(data.splits["train"].files) & set(data.splits["val"].files)) == 0
