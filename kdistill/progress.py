@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -39,8 +39,24 @@ def counted(batches: Iterable[Item], bar: tqdm | None) -> Iterator[Item]:
             bar.update(len(batch.labels))  # a shape: read without waiting for the device
 
 
-def with_progress(batches: Iterable[Item], total: int, description: str) -> Iterator[Item]:
-    """The batches with a bar of their own. It closes when they end or the loop stops (an error,
-    Ctrl-C: the generator is closed as the loop unwinds), so no half-drawn line stays behind."""
+POSTFIX_EVERY = 10  # batches between postfix updates: reading a loss makes the CPU wait for the GPU
+
+
+def with_progress(batches: Iterable[Item], total: int, description: str,
+                  postfix: Callable[[], str] | None = None) -> Iterator[Item]:
+    """The batches with a bar of their own, and postfix() (the running loss) beside it every
+    POSTFIX_EVERY batches, only where the bar is drawn. It closes when they end or the loop stops
+    (an error, Ctrl-C: the generator is closed as the loop unwinds), so no half-drawn line stays behind."""
     with progress_bar(total, description) as bar:
-        yield from counted(batches, bar)
+        for count, batch in enumerate(counted(batches, bar), 1):
+            yield batch
+            if postfix is not None and not bar.disable and count % POSTFIX_EVERY == 0:
+                bar.set_postfix_str(postfix())
+
+
+def time_left(past_epoch_seconds: list[float], epochs_left: int) -> str:
+    """', about N min left' for epochs_left more epochs at the mean of the past ones ('' before any)."""
+    if not past_epoch_seconds or epochs_left < 1:
+        return ""
+    seconds = sum(past_epoch_seconds) / len(past_epoch_seconds) * epochs_left
+    return f", about {seconds / 60:.0f} min left" if seconds >= 90 else f", about {seconds:.0f} s left"

@@ -25,7 +25,7 @@ from .distillers import Distiller, Outputs, Step
 from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import load_torch
-from .progress import with_progress
+from .progress import time_left, with_progress
 from .progressive import progressive_resizing
 from .compute import Ranks, autocast, first_line
 
@@ -255,9 +255,11 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
     lr = optimizer.param_groups[0]["lr"]
     batches = train.iterate(cfg.batch_size, device, shuffle=True, generator=state.generators[0],
                             view_generator=state.generators[1], precision=precision, shard=ranks.shard)
+    # The bar: this model's time left (its epochs so far, this one included), the running loss.
+    left = time_left([row["seconds"] for row in state.history], cfg.epochs - epoch + 1)
     for batch, (x, y, teacher, index) in enumerate(with_progress(
-            batches, shard_size(len(train), cfg.batch_size, ranks.shard), f"{session.name} epoch {epoch}/{cfg.epochs}"),
-            1):
+            batches, shard_size(len(train), cfg.batch_size, ranks.shard), f"{session.name} epoch {epoch}/{cfg.epochs}"
+            f"{left}", lambda: f"loss {(sums['loss'] / seen).item():.3f}"), 1):
         with autocast(device, precision):
             logits = forward(x)
         terms = objective_forward(Step(Outputs(logits.float(), student_taps.take()), y, teacher, index, x, epoch,

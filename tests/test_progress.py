@@ -101,3 +101,20 @@ def test_one_bar_counts_every_image_of_several_passes(monkeypatch):
         for _ in range(2):  # as the stored views are: one pass per view
             predict_logits(model, Batches(IMAGES, LABELS, lambda x: x), 10, CPU, bar=bar)
         assert bar.n == 2 * len(LABELS)
+
+
+def test_a_training_bar_shows_the_running_loss_and_the_models_time_left(tmp_path, capsys, monkeypatch):
+    import re
+
+    from kdistill.progress import time_left
+
+    monkeypatch.setattr(kdistill.progress, "show_progress", lambda: True)
+    monkeypatch.setattr(kdistill.progress, "POSTFIX_EVERY", 2)  # 3 batches an epoch: after the second
+    lines = tiny_fit(tmp_path, epochs=3)
+    err = capsys.readouterr().err
+    assert re.search(r"model epoch 1/3:.*loss \d+\.\d{3}", err)
+    assert "model epoch 1/3, about" not in err  # no epoch timed yet
+    assert re.search(r"model epoch 2/3, about \d+ s left", err) and re.search(r"model epoch 3/3, about \d+ s left", err)
+    assert not any("loss 0" in line and "left" in line for line in lines)  # the log lines stay as they were
+    assert time_left([100.0, 140.0], 3) == ", about 6 min left" and time_left([10.0], 2) == ", about 20 s left"
+    assert time_left([], 5) == "" and time_left([10.0], 0) == ""
