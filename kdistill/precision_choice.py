@@ -85,7 +85,7 @@ def _machine() -> dict:
 
 def _what_is_timed(part, image_size: int, classes: int) -> dict:
     """What a model's speed depends on: the architecture, its batch shape, whether it trains whole."""
-    trains = part.epochs > 0 and getattr(part, "mode", "full") == "full"
+    trains = getattr(part, "mode", "full") == "full"  # a frozen backbone runs forward only
     return {"arch": part.arch, "side": upsampled_side(part, image_size) or image_size, "image_size": image_size,
             "batch": part.batch_size, "classes": classes, "trains": trains, "dropout": part.dropout}
 
@@ -115,17 +115,27 @@ def _fastest(table: dict[str, float | None]) -> str:
     return max(finite, key=finite.get) if finite else "fp32"
 
 
+def _cached_table(path: str) -> dict[str, float | None] | None:
+    """A table measured before, None where there is none or it is not one (a damaged file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)["images_per_second"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    valid = isinstance(table, dict) and table and all(
+        label in LABELS and (speed is None or isinstance(speed, (int, float)) and speed > 0)
+        for label, speed in table.items())
+    return table if valid else None
+
+
 def _measured_choice(name: str, part, image_size: int, classes: int, device: torch.device, cache_dir: str,
                      log: Callable[[str], None]) -> Compute:
     timed = _what_is_timed(part, image_size, classes)
     key = hashlib.sha256(json.dumps({**_machine(), **timed}, sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, "precision", f"{key}.json")
     where = f"{part.arch} at {timed['side']} px, batch {timed['batch']}, {'training' if timed['trains'] else 'forward'}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            table = json.load(f)["images_per_second"]
-        how = "measured on this machine before"
-    except (OSError, ValueError, KeyError, TypeError):
+    table, how = _cached_table(path), "measured on this machine before"
+    if table is None:
         start = time.perf_counter()
         try:
             table = measure(timed, device)
@@ -190,8 +200,10 @@ def choose_computation(cfg: Config, classes: int, device: torch.device, recorded
         compute = Compute(device, resolve_precision(cfg.precision, device))
         computes = {name: compute for name in models}
     else:
+        # A given teacher (epochs 0) only predicts, and its architecture is the file's: the default rule.
         computes = {name: _started_in(checkpoints.get(name, []), device) or recorded.get(name) or
-                    _measured_choice(name, part, cfg.image_size, classes, device, cfg.resolved_cache_dir(), log)
+                    (Compute(device, resolve_precision("auto", device)) if part.epochs == 0 else
+                     _measured_choice(name, part, cfg.image_size, classes, device, cfg.resolved_cache_dir(), log))
                     for name, part in models.items()}
         log("precision: " + ", ".join(f"{name} {compute.label()}" for name, compute in computes.items()))
     os.makedirs(os.path.dirname(recorded_path), exist_ok=True)

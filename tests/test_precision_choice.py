@@ -75,6 +75,23 @@ def test_auto_measures_once_per_machine_and_model_and_a_run_keeps_what_it_record
         Compute(CPU, "bf16")}
 
 
+def test_a_damaged_cached_table_is_measured_again_and_a_given_teacher_is_not_timed(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(precision_choice, "measure", _fake_measure({"fp32": 2.0, "bf16+cl": 1.0}, calls))
+    cfg = build_config(overrides={"cache_dir": str(tmp_path / "cache"), "precision": "auto", "threads": 1})
+    precision_choice.choose_computation(cfg, 3, CPU, str(tmp_path / "a.json"), {}, quiet)
+    for cached in (tmp_path / "cache" / "precision").iterdir():  # a table no measurement wrote
+        cached.write_text(json.dumps({"images_per_second": {"fp64": 9.0, "bf16+cl": "fast"}}))
+    computes = precision_choice.choose_computation(cfg, 3, CPU, str(tmp_path / "b.json"), {}, quiet)[1]
+    assert len(calls) == 4 and computes["student"] == Compute(CPU, "fp32")
+    given = tmp_path / "teacher.pt"
+    save_torch({}, str(given))
+    cfg = build_config(overrides={"cache_dir": str(tmp_path / "cache"), "precision": "auto", "threads": 1,
+                                  "teacher": {"epochs": 0, "weights": str(given)}})
+    computes = precision_choice.choose_computation(cfg, 3, CPU, str(tmp_path / "c.json"), {}, quiet)[1]
+    assert len(calls) == 4 and computes["teacher"] == Compute(CPU, precision_choice.resolve_precision("auto", CPU))
+
+
 def test_a_model_that_started_training_keeps_the_computation_its_checkpoint_records(tmp_path, monkeypatch):
     monkeypatch.setattr(precision_choice, "measure", _fake_measure({"fp32": 5.0, "bf16+cl": 1.0}, []))
     cfg = build_config(overrides={"cache_dir": str(tmp_path / "cache"), "precision": "auto", "threads": 1})
