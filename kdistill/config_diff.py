@@ -11,7 +11,8 @@ from .student_plan import BORN_AGAIN, METHODS
 NON_RESULT_KEYS = {"out", "device", "threads", "workers", "loggers", "keep_checkpoints", "cache_dir", "skip_bad",
                    "baseline", "compile", "deploy_check", "ddp_timeout_s"}
 # Model settings added later whose value then reproduces what kdistill did before them.
-LATER_MODEL_SETTINGS = {"steps": 0, "patience": 0, "progressive_from": 1.0, "progressive_until": 0.75}
+LATER_MODEL_SETTINGS = {"steps": 0, "patience": 0, "progressive_from": 1.0, "progressive_until": 0.75,
+                        "head_epochs": 0}
 
 
 def _unused_method_section(section: str, *methods: str | None) -> bool:

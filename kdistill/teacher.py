@@ -26,6 +26,7 @@ from .ensemble import EnsembleTeacher, combined_logits, ensemble_val_acc
 from .errors import KdistillError
 from .fileio import save_weights, tensors_sha256
 from .given_teacher import load_given_teacher
+from .head_warmup import head_warmup
 from .loggers import make_loggers
 from .models import Standardized, standardized_model, trainable_part, weights_source
 from .progress import progress_bar
@@ -116,8 +117,9 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     checkpoint_dir = checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name)
     train, val = data.splits["train"], data.splits["val"]
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
-                      make_loggers(cfg.loggers, cfg.out) if ranks.main else [], cfg.keep_checkpoints,
-                      layout=compute.layout)
+                      [*(make_loggers(cfg.loggers, cfg.out) if ranks.main else []),
+                       *head_warmup(teacher, head, t.head_epochs if not head_only else 0, ranks.joined)],
+                      cfg.keep_checkpoints, layout=compute.layout)
     features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and

@@ -342,11 +342,11 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
         for epoch in range(state.start_epoch, cfg.epochs + 1):
             if state.stop:
                 break
-            for callback in callbacks:
-                callback.on_epoch_start(state, epoch)
             started = time.perf_counter()
             model.eval()
             trainable.train()
+            for callback in callbacks:  # after the modes are set: a callback may change them (head warm-up)
+                callback.on_epoch_start(state, epoch)
             row = _train_epoch(state, epoch, forward, objective_forward, train, student_taps)
             offered = _validate(state, model, val, row)
             row["seconds"] = time.perf_counter() - started

@@ -291,6 +291,7 @@ CASES = {
     "teacher.momentum": ("1", "0.95", 0.95),
     "teacher.schedule": ("linear", "cosine", "cosine"),
     "teacher.progressive_from": ("0", "0.5", 0.5),
+    "teacher.head_epochs": ("-1", "0", 0),
     "teacher.progressive_until": ("1.5", "0.5", 0.5),
     "teacher.warmup_epochs": ("1", "0.0", 0),  # warmup needs cosine or onecycle; the default is step
     "teacher.decay_norm_and_bias": ("sometimes", "false", False),
