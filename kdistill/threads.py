@@ -16,45 +16,55 @@ import time
 SAMPLE_SECONDS = 0.5  # how long the start of a run watches the machine
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity, capped by a cgroup (v2) CPU quota."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _affinity() -> set[int]:
+    """The CPUs this process may run on."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
+def quota_cores() -> int | None:
+    """The cores a cgroup (v2) CPU quota allows this process, None without a quota."""
     try:
         with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
             quota, period = f.read().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
-
-
-def _busy_seconds() -> float | None:
-    """CPU seconds all processes have been busy since boot (/proc/stat), None where unreadable."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(value) for value in f.readline().split()[1:]]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds(cpus: set[int]) -> float | None:
+    """CPU seconds the given CPUs have been busy since boot (/proc/stat's cpuN lines), None where
+    unreadable."""
+    busy = 0
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *values = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    fields = [int(value) for value in values]
+                    busy += sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # less idle, iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def others_busy_cores(seconds: float = SAMPLE_SECONDS) -> float:
-    """How many cores other processes keep busy, watched for `seconds`: the machine's busy time less
-    this process's own; 0 where /proc/stat is not available."""
-    before, own_before, start = _busy_seconds(), sum(os.times()[:2]), time.monotonic()
+    """How many of this process's CPUs other processes keep busy, watched for `seconds`: their busy
+    time less this process's own; 0 where /proc/stat is not available."""
+    cpus = _affinity()
+    before, own_before, start = _busy_seconds(cpus), sum(os.times()[:2]), time.monotonic()
     time.sleep(seconds)
-    after, own_after, elapsed = _busy_seconds(), sum(os.times()[:2]), time.monotonic() - start
+    after, own_after, elapsed = _busy_seconds(cpus), sum(os.times()[:2]), time.monotonic() - start
     if before is None or after is None:
         return 0.0
     return max(0.0, (after - before - (own_after - own_before)) / elapsed)
 
 
-def auto_threads(cores: int, others: float) -> int:
-    """One thread per core that others leave free (at least one); a core counts as taken where others
-    keep it busy half the time or more."""
-    return max(1, cores - math.floor(others + 0.5))
+def auto_threads(cpus: int, others: float, quota: int | None = None) -> int:
+    """One thread per CPU that others leave free (at least one), at most the quota's cores; a CPU
+    counts as taken where others keep it busy half the time or more. On a shared host whose other
+    CPUs are busy, a quota of 2 still gets 2 threads where enough CPUs are free."""
+    free = max(1, cpus - math.floor(others + 0.5))
+    return min(free, quota) if quota else free
 
 
 def choose_threads(setting: int, recorded: int | None) -> tuple[int, str]:
@@ -67,9 +77,9 @@ def choose_threads(setting: int, recorded: int | None) -> tuple[int, str]:
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     if recorded:
         return recorded, "as this run started"
-    cores, others = usable_cores(), others_busy_cores()
-    threads = auto_threads(cores, others)
-    if threads == cores:
+    cpus, quota, others = len(_affinity()), quota_cores(), others_busy_cores()
+    threads = auto_threads(cpus, others, quota)
+    if threads == min(cpus, quota or cpus):
         return threads, "one per core this process may use"
-    return threads, (f"other processes keep {others:.1f} of the {cores} cores this process may use busy; threads that "
+    return threads, (f"other processes keep {others:.1f} of the {cpus} cores this process may use busy; threads that "
                      f"share cores slow training several-fold in bf16 (set threads to override)")

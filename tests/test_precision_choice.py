@@ -133,9 +133,10 @@ def test_a_run_under_auto_trains_each_model_as_chosen_and_resumes_as_it_started(
 def test_threads_leave_the_cores_others_keep_busy(monkeypatch):
     assert [threads.auto_threads(2, others) for others in (0.0, 0.4, 0.6, 1.4, 2.0, 5.0)] == [2, 2, 1, 1, 1, 1]
     assert threads.auto_threads(8, 2.6) == 5
-    # The machine's busy time less this process's own: 1.5 s busy in 1 s, 0.5 s of it ours.
+    assert threads.auto_threads(64, 30.0, quota=2) == 2 and threads.auto_threads(64, 63.0, quota=2) == 1
+    # The CPUs' busy time less this process's own: 1.5 s busy in 1 s, 0.5 s of it ours.
     busy, own, clock = iter([100.0, 101.5]), iter([(2.0, 0.0), (2.4, 0.1)]), iter([0.0, 1.0])
-    monkeypatch.setattr(threads, "_busy_seconds", lambda: next(busy))
+    monkeypatch.setattr(threads, "_busy_seconds", lambda cpus: next(busy))
     monkeypatch.setattr(threads.os, "times", lambda: next(own))
     monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
@@ -149,7 +150,8 @@ def test_the_thread_count_comes_from_the_setting_then_omp_then_the_record(monkey
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert threads.choose_threads(0, 2) == (2, "as this run started")
     monkeypatch.setattr(threads, "others_busy_cores", lambda: 1.0)
-    monkeypatch.setattr(threads, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threads, "_affinity", lambda: {0, 1})
+    monkeypatch.setattr(threads, "quota_cores", lambda: None)
     count, why = threads.choose_threads(0, None)
     assert count == 1 and "keep 1.0 of the 2 cores" in why
 
