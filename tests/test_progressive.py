@@ -103,3 +103,14 @@ def test_a_run_killed_mid_ramp_resumes_to_the_same_end(tmp_path):
         {k: v for k, v in row.items() if k != "seconds"} for row in straight_history]
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))
     assert straight.train_scale == 1.0  # left whole for whatever uses the model next
+
+
+def test_a_feature_method_distills_through_the_smaller_views(digits_dataset, tmp_path):
+    # FitNets' hint: the student's map shrinks with its views; the stored teacher map is pooled to it.
+    out = str(tmp_path / "run")
+    metrics = kdistill.run(tiny_settings(digits_dataset, out, str(tmp_path / "cache"), baseline=False,
+                                         image_size=32, student={"epochs": 2, "progressive_from": 0.5,
+                                                                 "progressive_until": 1.0},
+                                         distill={"method": "fitnets"}), log=lambda message: None)
+    assert _history_sides(out, "student") == [16, 32]
+    assert metrics["models"]["student"]["epochs"] == 2
