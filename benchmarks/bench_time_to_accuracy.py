@@ -56,8 +56,10 @@ def run_variant(root: Path, name: str, commit: str | None, arguments: list[str],
     metrics_path, wall_path = folder / "metrics.json", root / f"{name}.wall.json"
     if not metrics_path.exists():
         sets = [part for setting in PRESET_SETS for part in ("--set", setting)]
+        # One seed is a plain run with that seed; several, kdistill's --seeds.
+        seeding = ["--seeds", seeds] if "," in seeds else ["--set", f"seed={seeds}"]
         command = [sys.executable, "-m", "kdistill", "run", "--data", str(data), "--out", str(folder),
-                   "--preset", "recommended", "--seeds", seeds, *sets, *arguments]
+                   "--preset", "recommended", *seeding, *sets, *arguments]
         print(f"{name}: {' '.join(shlex.quote(part) for part in command)}", flush=True)
         walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
         started = time.perf_counter()
@@ -80,7 +82,7 @@ def described(name: str, result: dict) -> tuple[str, float]:
              f"teacher {teacher['best_val_acc']:.2%} (epoch {teacher['best_epoch']})"]
     student_mean = 0.0
     for kind in ("student", "baseline"):
-        rows = metrics["seeds"][kind]
+        rows = metrics["seeds"][kind] if "seeds" in metrics else [metrics["models"][kind]]
         accs = [row["best_val_acc"] * 100 for row in rows]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         parts.append(f"{kind} {statistics.mean(accs):.2f} ± {spread:.2f}% "

@@ -92,7 +92,9 @@ def test_head_epochs_is_refused_where_it_cannot_apply():
 def test_a_run_warms_its_teachers_head_up(digits_dataset, tmp_path):
     lines = []
     kdistill.run(tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False,
-                               teacher={"mode": "full", "epochs": 2, "head_epochs": 1}, student={"epochs": 1}),
+                               teacher={"arch": "tiny_nets:tiny_teacher", "mode": "full", "epochs": 2,
+                                        "head_epochs": 1},
+                               student={"arch": "tiny_nets:tiny_student", "epochs": 1}),
                  log=lines.append)
     assert "teacher: epoch 1 trains the head alone (head warm-up)" in lines
     assert "teacher: epoch 2 trains the whole model" in lines

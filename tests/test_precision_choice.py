@@ -106,11 +106,12 @@ def test_a_model_that_started_training_keeps_the_computation_its_checkpoint_reco
 
 def test_a_run_under_auto_trains_each_model_as_chosen_and_resumes_as_it_started(digits_dataset, tmp_path,
                                                                                  monkeypatch):
-    tables = {"resnet34": {"fp32": 1.0, "fp32+cl": 2.0, "bf16+cl": 1.5},  # the teacher: fp32 + channels_last
-              "resnet18": {"fp32": 1.0, "fp32+cl": 1.2, "bf16+cl": 2.0}}  # the student: bf16 + channels_last
+    tables = {"tiny_nets:tiny_teacher": {"fp32": 1.0, "fp32+cl": 2.0, "bf16+cl": 1.5},  # fp32 + channels_last
+              "tiny_nets:tiny_student": {"fp32": 1.0, "fp32+cl": 1.2, "bf16+cl": 2.0}}  # bf16 + channels_last
     monkeypatch.setattr(precision_choice, "measure", lambda timed, device: tables[timed["arch"]])
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), precision="auto",
-                             threads=1, teacher={"arch": "resnet34", "epochs": 1}, student={"epochs": 2})
+                             threads=1, teacher={"arch": "tiny_nets:tiny_teacher", "mode": "full", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 2})
     metrics = kdistill.run(settings, log=quiet)
     assert metrics["computed_in"] == {"teacher": "fp32+cl", "student": "bf16+cl"} and metrics["threads"] == 1
     checkpoints = tmp_path / "run" / "checkpoints"

@@ -63,7 +63,9 @@ def test_the_student_and_the_baseline_train_on_the_same_growing_views(digits_dat
     messages = []
     out = str(tmp_path / "run")
     settings = tiny_settings(digits_dataset, out, str(tmp_path / "cache"),
-                             student={"epochs": 4, "progressive_from": 0.5, "progressive_until": 1.0})
+                             teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 4, "progressive_from": 0.5,
+                                      "progressive_until": 1.0})
     kdistill.run(settings, log=messages.append)
     # 16 px views: 8 px at epoch 1 (0.5), 0.667 and 0.833 round to 8 and 16, whole from epoch 4.
     assert _history_sides(out, "student") == _history_sides(out, "baseline") == [8, 8, 16, 16]
@@ -109,8 +111,9 @@ def test_a_feature_method_distills_through_the_smaller_views(digits_dataset, tmp
     # FitNets' hint: the student's map shrinks with its views; the stored teacher map is pooled to it.
     out = str(tmp_path / "run")
     metrics = kdistill.run(tiny_settings(digits_dataset, out, str(tmp_path / "cache"), baseline=False,
-                                         image_size=32, student={"epochs": 2, "progressive_from": 0.5,
-                                                                 "progressive_until": 1.0},
+                                         image_size=32, teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                                         student={"arch": "tiny_nets:tiny_student", "epochs": 2,
+                                                  "progressive_from": 0.5, "progressive_until": 1.0},
                                          distill={"method": "fitnets"}), log=lambda message: None)
     assert _history_sides(out, "student") == [16, 32]
     assert metrics["models"]["student"]["epochs"] == 2
