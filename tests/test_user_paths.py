@@ -21,7 +21,7 @@ from kdistill import data as data_module
 from kdistill.cli import main
 from kdistill.data import prepare
 
-ENVIRONMENT = dict(os.environ, PYTHONPATH=ROOT)
+ENVIRONMENT = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))  # tiny_nets
 
 
 def run_command(data: str, out: str, config_file: str, *flags: str) -> list[str]:
@@ -64,8 +64,9 @@ def start_and_signal_after_first_student_epoch(command: list[str], out: str, sig
 ], ids=["stored-views", "online-teacher", "resized-crop-mixup", "fitnets", "crd", "dml", "born-again"])
 def test_an_augmented_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, tmp_path,
                                                                           augment_settings, signal_name):
-    settings = tiny_settings(digits_dataset, "", "", teacher={"epochs": 1}, student={"epochs": 3},
-                             baseline=False, **augment_settings)
+    settings = tiny_settings(digits_dataset, "", "", teacher={"arch": "tiny_nets:tiny_teacher", "epochs": 1},
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 3}, baseline=False,
+                             **augment_settings)
     config_file = write_config(settings, str(tmp_path / "settings.yaml"))
 
     def command(name: str) -> list[str]:  # a cache per run, so each computes its own teacher signal
