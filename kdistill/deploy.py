@@ -199,8 +199,8 @@ def deployment_check(out: str, data: PreparedData, student: Standardized, teache
     """Write OUT/student-int8.onnx from OUT/student.onnx and add the deployment table to metrics
     ("deployment": row -> size_mb (MiB), val_acc, latency_ms_b1, latency_ms_b32, threads; and
     "deployment_setup": how it was measured), on torch's number of threads."""
-    threads = torch.get_num_threads()
-    fp32_path, int8_path = RunFolder(out).student_onnx, RunFolder(out).student_int8
+    threads, folder = torch.get_num_threads(), RunFolder(out)
+    fp32_path, int8_path = folder.student_onnx, folder.student_int8
     try:
         quantize_int8(fp32_path, int8_path, data.splits["train"].images)
     except (AssertionError, ValueError, RuntimeError) as e:
@@ -209,12 +209,12 @@ def deployment_check(out: str, data: PreparedData, student: Standardized, teache
         log(f"deploy: int8 quantization failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             "the deployment table has no int8 row")
         int8_path = None
-    engines = {"student_torch_fp32": Engine(torch_engine(student), RunFolder(out).student_bundle, True),
+    engines = {"student_torch_fp32": Engine(torch_engine(student), folder.student_bundle, True),
                "student_onnx_fp32": Engine(onnx_engine(fp32_path, threads), fp32_path, False)}
     if int8_path:
         engines["student_onnx_int8"] = Engine(onnx_engine(int8_path, threads), int8_path, False)
     if teacher is not None:
-        engines["teacher_torch_fp32"] = Engine(torch_engine(teacher), RunFolder(out).model_weights("teacher"), True)
+        engines["teacher_torch_fp32"] = Engine(torch_engine(teacher), folder.model_weights("teacher"), True)
     val = data.splits["val"]
     rows = measure(engines, val.images, val.labels, timing, threads)
     metrics["deployment"] = rows
@@ -308,7 +308,7 @@ def run_data(run_dir: str, cfg: Config, log) -> PreparedData:
 def run_teacher(run_dir: str, cfg: Config, classes: list[str], trust_arch: bool, log) -> Standardized | None:
     """The run's teacher (best weights), or None where its file is gone or its architecture would
     run untrusted code."""
-    path = os.path.join(run_dir, "models", "teacher.pt")
+    path = RunFolder(run_dir).model_weights("teacher")
     if not os.path.exists(path):
         log(f"export: {path} not found; the table has no teacher row")
         return None

@@ -22,7 +22,9 @@ SHADE = "31, 119, 180"  # matplotlib's tab:blue, the tables' cell colour at a sh
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, classes: int) -> np.ndarray:
     """(classes, classes) counts: row = true class, column = predicted class."""
-    return np.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, predicted, labels=list(range(classes)))
 
 
 def row_shares(matrix: np.ndarray) -> np.ndarray:
@@ -40,18 +42,17 @@ def share_text(count: int, total: int) -> str:
     return "<1%" if text == "0%" else ">99%" if text == "100%" and count < total else text
 
 
-def confusion_figure(labels: np.ndarray, predicted: dict[str, np.ndarray], classes: list[str]):
-    """One panel per model, coloured by row share (0 to 1 in every panel); up to ANNOTATED_UP_TO
-    classes each non-empty cell shows its share over its count."""
+def confusion_figure(matrices: dict[str, np.ndarray], classes: list[str]):
+    """One panel per model's confusion matrix, coloured by row share (0 to 1 in every panel); up to
+    ANNOTATED_UP_TO classes each non-empty cell shows its share over its count."""
     count = len(classes)
     side = min(max(3.2, 0.36 * count + 1.5), 9)
-    figure, axes = plt.subplots(1, len(predicted), figsize=(side * len(predicted), side), squeeze=False)
-    for axis, (kind, answer) in zip(axes[0], predicted.items()):
-        matrix = confusion(labels, answer, count)
+    figure, axes = plt.subplots(1, len(matrices), figsize=(side * len(matrices), side), squeeze=False)
+    for axis, (kind, matrix) in zip(axes[0], matrices.items()):
         shares = row_shares(matrix)
         axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-        axis.set_title(f"{LABELS.get(kind, kind)} ({(answer == labels).mean():.1%}): share of each true class",
-                       fontsize=9)
+        accuracy = matrix.trace() / max(matrix.sum(), 1)
+        axis.set_title(f"{LABELS.get(kind, kind)} ({accuracy:.1%}): share of each true class", fontsize=9)
         axis.set_xlabel("predicted")
         axis.set_ylabel("true")
         if count <= 30:
@@ -99,13 +100,13 @@ def confusion_table(matrix: np.ndarray, classes: list[str], kind: str) -> str:
 def confusion_section(labels: np.ndarray, predicted: dict[str, np.ndarray], classes: list[str], img) -> str:
     """The section's note, figure and (up to TABLE_UP_TO classes) one table per model, the distilled
     student's open; img(figure, alt) inlines a matplotlib figure."""
-    parts = [("<p class='note'>Each row is one true class, as shares of that class's val images, so that "
-              "classes of different sizes compare: the diagonal is each class's accuracy (recall). The small "
-              "number under each share is its count of images.</p>"),
-             img(confusion_figure(labels, predicted, classes), "confusion matrices")]
+    matrices = {kind: confusion(labels, answer, len(classes)) for kind, answer in predicted.items()}
+    parts = ["<p class='note'>Each row is one true class, as shares of that class's val images, so that classes of "
+             "different sizes compare: the diagonal is each class's accuracy (recall). The small number under each "
+             "share is its count of images.</p>", img(confusion_figure(matrices, classes), "confusion matrices")]
     if len(classes) <= TABLE_UP_TO:
-        for kind, answer in sorted(predicted.items(), key=lambda item: item[0] != "student"):
-            table = confusion_table(confusion(labels, answer, len(classes)), classes, kind)
+        for kind, matrix in sorted(matrices.items(), key=lambda item: item[0] != "student"):
+            table = confusion_table(matrix, classes, kind)
             parts.append(f"<details{' open' if kind == 'student' else ''}><summary>"
                          f"{html.escape(LABELS.get(kind, kind))}: shares of each true class</summary>{table}</details>")
     return "\n".join(parts)

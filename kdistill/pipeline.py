@@ -112,6 +112,12 @@ class TrainedStudents(NamedTuple):
     generations: list[dict]  # born again, per seed and generation: run name, best_val_acc, best_epoch, final_val_acc
 
 
+def _checkpoint_dir(checkpoints: dict[str, str], kind: str, name: str) -> str:
+    """The checkpoint folder of the run `name` of a kind: under that kind's folder (a sweep's shared
+    baseline), else under the student's (born-again's generations)."""
+    return os.path.join(checkpoints.get(kind, checkpoints["student"]), name)
+
+
 def train_students(training: StudentTraining, student_train: Batches, models_dir: str, lap,
                    signal_of: Callable[[TrainedTeacher], Batches]) -> TrainedStudents:
     """Train the students of cfg.student_plan() for each seed (cfg.seeds, else cfg.seed): the
@@ -147,7 +153,7 @@ def train_students(training: StudentTraining, student_train: Batches, models_dir
             # Objectives are made anew for each student: a method's trainable parts must not carry over.
             objective = (cfg.distiller(planned.method) if planned.method
                          else CrossEntropy(label_smoothing=cfg.student.label_smoothing))
-            checkpoint_dir = os.path.join(training.checkpoints.get(planned.kind, training.checkpoints["student"]), name)
+            checkpoint_dir = _checkpoint_dir(training.checkpoints, planned.kind, name)
             model, normalize, history = train_student(baseline_training if planned.kind == "baseline" else training,
                                                       name, seed, train, objective, checkpoint_dir)
             if plan.teaches(planned.kind):
@@ -244,8 +250,8 @@ def _model_checkpoints(cfg: Config, checkpoints: dict[str, str]) -> dict[str, li
     (the baseline computes as the student does)."""
     seeds = cfg.seeds or [cfg.seed]
     return {**{name: [os.path.join(checkpoints["teacher"], name, "last.pt")] for name in cfg.teachers()},
-            "student": [os.path.join(checkpoints.get(kind, checkpoints["student"]), run_name(kind, seed, cfg),
-                                     "last.pt") for seed in seeds for kind in ("student", "baseline")]}
+            "student": [os.path.join(_checkpoint_dir(checkpoints, kind, run_name(kind, seed, cfg)), "last.pt")
+                        for seed in seeds for kind in ("student", "baseline")]}
 
 
 def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: Ranks, device: torch.device,
@@ -264,7 +270,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     torch.backends.cudnn.benchmark = device.type == "cuda"
     stopwatch = Stopwatch()
 
-    models_dir = os.path.dirname(folder.model_weights("teacher"))
+    models_dir = folder.models
     checkpoints = {kind: folder.checkpoints for kind in ("teacher", "student", "baseline")}
     checkpoints |= shared_checkpoints or {}
     log(f"prepare: {cfg.data}")

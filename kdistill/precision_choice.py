@@ -185,23 +185,23 @@ def choose_computation(cfg: Config, classes: int, device: torch.device, recorded
                        checkpoints: dict[str, list[str]], log: Callable[[str], None]) -> tuple[int, dict[str, Compute]]:
     """(CPU threads, {teacher, teacher-2, ..., student: Compute}), recorded in recorded_path for a
     rerun, which keeps them. Threads: see threads.py (set here, for the run). Precision: the setting
-    where it names one, else (auto) on the CPU for each model the computation its checkpoint records
-    (checkpoints: model -> the last.pt files of its runs), else the one recorded, else the measured."""
+    where it names one, else (auto) on the CPU for each model the one this run recorded, else the one
+    its checkpoint records (checkpoints: model -> the last.pt files of its runs, read only where the run
+    recorded none, e.g. a sweep's shared teacher), else the measured."""
     recorded_threads, recorded = _recorded(recorded_path, device)
     if device.type == "cpu":
         threads, why = choose_threads(cfg.threads, recorded_threads)
-        torch.set_num_threads(threads)
         log(f"threads: {threads} ({why})")
     else:
         threads = cfg.threads or torch.get_num_threads()
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     models = {**cfg.teachers(), "student": cfg.student}
     if cfg.precision != "auto" or device.type != "cpu":
         compute = Compute(device, resolve_precision(cfg.precision, device))
         computes = {name: compute for name in models}
     else:
         # A given teacher (epochs 0) only predicts, and its architecture is the file's: the default rule.
-        computes = {name: _started_in(checkpoints.get(name, []), device) or recorded.get(name) or
+        computes = {name: recorded.get(name) or _started_in(checkpoints.get(name, []), device) or
                     (Compute(device, resolve_precision("auto", device)) if part.epochs == 0 else
                      _measured_choice(name, part, cfg.image_size, classes, device, cfg.resolved_cache_dir(), log))
                     for name, part in models.items()}

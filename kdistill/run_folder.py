@@ -68,9 +68,13 @@ class RunFolder:
         (precision_choice); beside config.yaml, so that it marks no training as started."""
         return self.file("compute.json")
 
+    @property
+    def models(self) -> str:
+        return self.file("models")
+
     def model_weights(self, name: str) -> str:
         """models/<name>.pt: a model's best weights (teacher, student, baseline, student-seed1, ...)."""
-        return os.path.join(self.root, "models", f"{name}.pt")
+        return os.path.join(self.models, f"{name}.pt")
 
     def history(self, name: str) -> str:
         return os.path.join(self.root, "history", f"{name}.csv")
