@@ -10,7 +10,10 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 # user's cache, and test processes never share one (tests that need their own set cache_dir).
 import atexit  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 os.environ["KDISTILL_CACHE"] = tempfile.mkdtemp(prefix="kdistill-test-cache-")
 atexit.register(shutil.rmtree, os.environ["KDISTILL_CACHE"], True)
@@ -78,3 +81,24 @@ def tiny_settings(data: str, out: str, cache: str, **extra) -> dict:
         else:
             settings[key] = value
     return settings
+
+
+# Runs in a subprocess find the tiny networks (tests/tiny_nets.py) as module:callable architectures.
+ENVIRONMENT = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+
+
+def start_and_signal_after_first_student_epoch(command: list[str], out: str, signal_number: int,
+                                               **popen) -> subprocess.Popen:
+    """Starts the command and sends it the signal once the student's first checkpoint is on disk; tiny
+    networks then hold still (tiny_nets.hold_while_asked) until the signal arrives.
+
+    SIGINT is reset to its default in the run: a suite started in the background (`nohup ... &`)
+    inherits it ignored, and the run would then finish instead of stopping."""
+    checkpoint = os.path.join(out, "checkpoints", "student", "last.pt")
+    process = subprocess.Popen(command, env=dict(ENVIRONMENT, TINY_NETS_HOLD_WHEN=checkpoint),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+    deadline = time.time() + 300
+    while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal_number)
+    return process

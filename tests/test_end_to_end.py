@@ -5,14 +5,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 
 import kdistill
-from conftest import ROOT, tiny_settings
+from conftest import ENVIRONMENT, start_and_signal_after_first_student_epoch, tiny_settings
 from fault.kill_resume import comparable
 from kdistill.cli import main
 from kdistill.errors import KdistillError
@@ -128,28 +127,22 @@ def test_rerun_reuses_finished_stages_and_other_settings_are_refused(finished_ru
 def test_a_run_killed_mid_training_resumes_to_identical_metrics(digits_dataset, tmp_path):
     settings = tiny_settings(digits_dataset, "", str(tmp_path / "cache"),
                              teacher={"arch": "resnet18", "mode": "head", "dropout": 0.5, "epochs": 2},
-                             student={"epochs": 4})
+                             student={"arch": "tiny_nets:tiny_student", "epochs": 4})
     config_file = str(tmp_path / "settings.yaml")
     yaml.safe_dump({k: v for k, v in settings.items() if k not in ("data", "out")}, open(config_file, "w"))
-    environment = dict(os.environ, PYTHONPATH=ROOT)
 
     def command(out):
         return [sys.executable, "-m", "kdistill", "run", "--data", digits_dataset, "--out", out,
                 "--config", config_file]
     reference = str(tmp_path / "reference")
-    subprocess.run(command(reference), check=True, env=environment, capture_output=True)
+    subprocess.run(command(reference), check=True, env=ENVIRONMENT, capture_output=True)
 
     interrupted = str(tmp_path / "interrupted")
-    process = subprocess.Popen(command(interrupted), env=environment, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    checkpoint = os.path.join(interrupted, "checkpoints", "student", "last.pt")
-    deadline = time.time() + 300
-    while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    process = start_and_signal_after_first_student_epoch(command(interrupted), interrupted, signal.SIGKILL,
+                                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     process.wait()
     assert not os.path.exists(os.path.join(interrupted, "metrics.json")), "the run finished before the kill"
-    resumed = subprocess.run(command(interrupted), env=environment, capture_output=True, text=True)
+    resumed = subprocess.run(command(interrupted), env=ENVIRONMENT, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "student: resuming after epoch" in resumed.stdout
     assert comparable(interrupted) == comparable(reference)

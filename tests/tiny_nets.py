@@ -1,7 +1,20 @@
 """Networks small enough for runs of a few seconds on a busy CPU, as module:callable architectures
 (tests/ is on sys.path): module names as in a torchvision ResNet (layer1, layer2, avgpool, fc), so
-the methods' default module paths find them."""
+the methods' default module paths find them.
+
+A test that stops a run mid-training sets TINY_NETS_HOLD_WHEN to a file the run writes (the student's
+first checkpoint): from then on every forward waits, so the signal lands mid-training however loaded
+the machine is, instead of racing epochs that take a fraction of a second."""
+import os
+import time
+
 from torch import nn
+
+
+def hold_while_asked():
+    path = os.environ.get("TINY_NETS_HOLD_WHEN")
+    while path and os.path.exists(path):
+        time.sleep(0.05)
 
 
 class TinyResNetLike(nn.Module):
@@ -15,6 +28,7 @@ class TinyResNetLike(nn.Module):
         self.fc = nn.Linear(2 * width, 10)
 
     def forward(self, x):
+        hold_while_asked()
         return self.fc(self.avgpool(self.layer2(self.layer1(self.conv1(x)))).flatten(1))
 
 
