@@ -39,6 +39,8 @@ class Session:
     # arch -> a new model placed like the trained one, for a method that trains a model of its own
     # (DML's peer; see distillers.BuildContext); None: none to give.
     make_model: Callable[[str], nn.Module] | None = None
+    # The run's clock (run_clock.RunClock), for the whole run's time left in the bar; None: the model's alone.
+    clock: Any = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .data_key import cache_key
 from .distillers import CrossEntropy
 from .errors import KdistillError, printable
 from .features import resolve_auto_layers
+from .run_clock import RunClock, plan_clock
 from .run_folder import RunFolder
 from .steps import baseline_part, resolve_steps
 from .student_plan import TEACHER, PlannedStudent
@@ -71,6 +72,7 @@ class StudentTraining:
     # kind -> the folder holding that kind's checkpoint folders; a kind not named: the student's
     # (train_students needs its entry; train_student alone defaults to OUT/checkpoints).
     checkpoints: dict[str, str] = field(default_factory=dict)
+    clock: RunClock | None = None  # the run's, for the bar's time left
 
 
 def train_student(training: StudentTraining, name: str, seed: int, train: Batches, objective: nn.Module,
@@ -93,7 +95,7 @@ def train_student(training: StudentTraining, name: str, seed: int, train: Batche
     history = fit(name, student, student, train, training.val, objective, s, Session(
         checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name), compute.device, seed + 1, log,
         compute.precision, training.ranks, make_loggers(cfg.loggers, cfg.out) if training.ranks.main else [],
-        cfg.keep_checkpoints, layout=compute.layout,
+        cfg.keep_checkpoints, layout=compute.layout, clock=training.clock,
         # A method that trains a model of its own beside the student (DML's peer) gets it built like
         # the student, from scratch.
         make_model=lambda arch: compute.place(standardized_model(
@@ -284,11 +286,12 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     compute = computes["student"]  # the baseline's too: it differs from the student by the teacher alone
     batcher = ImageBatcher(data, cfg, device, channels_last=compute.channels_last)
     stopwatch.lap("prepare")
-    teachers = train_teachers(cfg, data, batcher, computes, models_dir, log, checkpoints["teacher"], ranks)
+    transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
+    clock = plan_clock(cfg, len(data.splits["train"].files), len(data.splits[transfer].files) if transfer else 0)
+    teachers = train_teachers(cfg, data, batcher, computes, models_dir, log, checkpoints["teacher"], ranks, clock)
     ensemble = ensemble_summary(cfg, teachers, batcher("val"), log) if ranks.main else None
     stopwatch.lap("teacher")
 
-    transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
     if transfer:
         log(f"teacher signal: {len(data.splits[transfer].files)} unlabelled images of {cfg.distill.unlabeled} "
             f"join the student's training set, labelled by the teacher (the baseline trains without them)")
@@ -297,7 +300,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
         return distillation_batches(plan, cfg, data, sources, batcher, log, transfer, ranks)
     student_train, signal = served(cfg.signal_plan(), teachers)
     stopwatch.lap("teacher_signal")
-    students = train_students(StudentTraining(cfg, data, batcher("val"), compute, log, ranks, checkpoints),
+    students = train_students(StudentTraining(cfg, data, batcher("val"), compute, log, ranks, checkpoints, clock),
                               student_train, models_dir, stopwatch.lap,
                               lambda generation: served(signal, {"teacher": generation})[0])
     if not ranks.main:

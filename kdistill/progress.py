@@ -54,9 +54,19 @@ def with_progress(batches: Iterable[Item], total: int, description: str,
                 bar.set_postfix_str(postfix())
 
 
-def time_left(past_epoch_seconds: list[float], epochs_left: int) -> str:
-    """', about N min left' for epochs_left more epochs at the mean of the past ones ('' before any)."""
+def seconds_left(past_epoch_seconds: list[float], epochs_left: int) -> float | None:
+    """epochs_left more epochs at the mean of the past ones (None before any)."""
     if not past_epoch_seconds or epochs_left < 1:
-        return ""
-    seconds = sum(past_epoch_seconds) / len(past_epoch_seconds) * epochs_left
-    return f", about {seconds / 60:.0f} min left" if seconds >= 90 else f", about {seconds:.0f} s left"
+        return None
+    return sum(past_epoch_seconds) / len(past_epoch_seconds) * epochs_left
+
+
+def seconds_text(seconds: float) -> str:
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def time_left(seconds: float | None) -> str:
+    """', about N min left' ('' where not known)."""
+    return "" if seconds is None else f", about {seconds_text(seconds)} left"

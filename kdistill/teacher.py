@@ -30,6 +30,7 @@ from .head_warmup import head_warmup
 from .loggers import make_loggers
 from .models import Standardized, standardized_model, trainable_part, weights_source
 from .progress import progress_bar
+from .run_clock import RunClock
 from .run_folder import RunFolder
 from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
                              hooked_outputs, signal_key)
@@ -75,14 +76,14 @@ class TrainedTeacher(NamedTuple):
 
 def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, computes: dict[str, Compute],
                    models_dir: str, log, checkpoints_root: str,
-                   ranks: Ranks = ONE_PROCESS) -> dict[str, TrainedTeacher]:
+                   ranks: Ranks = ONE_PROCESS, clock: RunClock | None = None) -> dict[str, TrainedTeacher]:
     """Every teacher by run name (teacher, teacher-2, ...), each trained once into
     checkpoints_root/<name> (a finished one is loaded, not retrained) in computes[name], seeded with
     seed + its position, and saved to models/<name>.pt (by rank 0 alone)."""
     teachers = {}
     for name in cfg.teachers():
         teachers[name] = train_teacher(cfg, data, batcher, computes[name], log, name,
-                                       os.path.join(checkpoints_root, name), ranks)
+                                       os.path.join(checkpoints_root, name), ranks, clock)
         if ranks.main:
             save_weights(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
                          os.path.join(checkpoints_root, name, "best.pt"), f"{name} weights")
@@ -97,10 +98,10 @@ def _settings_and_seed(cfg: Config, name: str):
 
 def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
                   name: str = "teacher", checkpoint_dir: str | None = None,
-                  ranks: Ranks = ONE_PROCESS) -> TrainedTeacher:
+                  ranks: Ranks = ONE_PROCESS, clock: RunClock | None = None) -> TrainedTeacher:
     """The teacher `name` (teacher, teacher-2, ...), checkpointed in checkpoint_dir (default:
     OUT/checkpoints/<name>); trained by every process (see fit), its frozen backbone features
-    computed once per node, by its first process."""
+    computed once per node, by its first process. clock: the run's, for the bar's time left."""
     t, seed = _settings_and_seed(cfg, name)
     if t.epochs == 0:
         return _given_teacher(cfg, data, batcher, compute, log, name, ranks)
@@ -119,7 +120,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
                       [*(make_loggers(cfg.loggers, cfg.out) if ranks.main else []),
                        *head_warmup(teacher, head, t.head_epochs if not head_only else 0, ranks.joined)],
-                      cfg.keep_checkpoints, layout=compute.layout)
+                      cfg.keep_checkpoints, layout=compute.layout, clock=clock)
     features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and

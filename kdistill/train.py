@@ -25,7 +25,7 @@ from .distillers import Distiller, Outputs, Step
 from .errors import KdistillError
 from .features import FeatureTaps, build_objective
 from .fileio import load_torch
-from .progress import time_left, with_progress
+from .progress import seconds_left, time_left, with_progress
 from .progressive import progressive_resizing
 from .compute import Ranks, autocast, first_line
 
@@ -255,8 +255,9 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
     lr = optimizer.param_groups[0]["lr"]
     batches = train.iterate(cfg.batch_size, device, shuffle=True, generator=state.generators[0],
                             view_generator=state.generators[1], precision=precision, shard=ranks.shard)
-    # The bar: this model's time left (its epochs so far, this one included), the running loss.
-    left = time_left([row["seconds"] for row in state.history], cfg.epochs - epoch + 1)
+    # The bar: this model's time left (its epochs so far, this one included) and the run's, the running loss.
+    model_left = seconds_left([row["seconds"] for row in state.history], cfg.epochs - epoch + 1)
+    left = time_left(model_left) + (session.clock.bar_text(session.name, model_left) if session.clock else "")
     for batch, (x, y, teacher, index) in enumerate(with_progress(
             batches, shard_size(len(train), cfg.batch_size, ranks.shard), f"{session.name} epoch {epoch}/{cfg.epochs}"
             f"{left}", lambda: f"loss {(sums['loss'] / seen).item():.3f}"), 1):
@@ -335,7 +336,8 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
     forward = session.ranks.distribute(model, session.device)
     objective_forward = session.ranks.distribute(objective, session.device, False)
     # Progressive resizing first: it adds the epoch's view side to the row the others save and log.
-    callbacks = [*progressive_resizing(model, cfg), Checkpointer(), EpochLog(), *session.callbacks, EarlyStopping()]
+    callbacks = [*progressive_resizing(model, cfg), Checkpointer(), EpochLog(), *session.callbacks, EarlyStopping(),
+                 *([session.clock] if session.clock else [])]
     try:
         for callback in callbacks:
             callback.on_fit_start(state)

@@ -106,7 +106,7 @@ def test_one_bar_counts_every_image_of_several_passes(monkeypatch):
 def test_a_training_bar_shows_the_running_loss_and_the_models_time_left(tmp_path, capsys, monkeypatch):
     import re
 
-    from kdistill.progress import time_left
+    from kdistill.progress import seconds_left, time_left
 
     monkeypatch.setattr(kdistill.progress, "show_progress", lambda: True)
     monkeypatch.setattr(kdistill.progress, "POSTFIX_EVERY", 2)  # 3 batches an epoch: after the second
@@ -116,5 +116,7 @@ def test_a_training_bar_shows_the_running_loss_and_the_models_time_left(tmp_path
     assert "model epoch 1/3, about" not in err  # no epoch timed yet
     assert re.search(r"model epoch 2/3, about \d+ s left", err) and re.search(r"model epoch 3/3, about \d+ s left", err)
     assert not any("loss 0" in line and "left" in line for line in lines)  # the log lines stay as they were
-    assert time_left([100.0, 140.0], 3) == ", about 6 min left" and time_left([10.0], 2) == ", about 20 s left"
-    assert time_left([], 5) == "" and time_left([10.0], 0) == ""
+    assert seconds_left([100.0, 140.0], 3) == 360 and seconds_left([10.0], 2) == 20
+    assert seconds_left([], 5) is None and seconds_left([10.0], 0) is None
+    assert time_left(360) == ", about 6 min left" and time_left(20) == ", about 20 s left" and time_left(None) == ""
+    assert time_left(7200) == ", about 2.0 h left"
