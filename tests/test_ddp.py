@@ -70,7 +70,8 @@ def free_port() -> int:
 class TwoProcesses:
     """Two `kdistill run` processes with torchrun's environment, each one's output collected as it comes."""
 
-    def __init__(self, data: str, config: str, out: str, args_of_rank: dict | None = None):
+    def __init__(self, data: str, config: str, out: str, args_of_rank: dict | None = None,
+                 env_of_rank: dict | None = None):
         port = free_port()
         self.out = out
         self.outputs = [[], []]
@@ -78,7 +79,7 @@ class TwoProcesses:
         for rank in range(2):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
-                       PYTHONUNBUFFERED="1")
+                       PYTHONUNBUFFERED="1", **(env_of_rank or {}).get(rank, {}))
             command = [sys.executable, WORKER, f"{out}-writes-{rank}.json", "run", "--data", data, "--out", out,
                        "--config", config, *(args_of_rank or {}).get(rank, [])]
             process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -200,7 +201,10 @@ def test_only_rank_0_writes_the_run_folder(runs):
 def test_a_killed_process_stops_the_other_and_the_run_resumes_to_the_same_numbers(ddp_data, runs):
     data, config, base = ddp_data
     out = str(base / "killed")
-    ranks = TwoProcesses(data, config, out)
+    # Process 1 holds still once the first student checkpoint exists (ddp_worker.HoldWhileAsked), so
+    # the kill lands mid-training however loaded the machine is; process 0 then waits on it.
+    ranks = TwoProcesses(data, config, out, env_of_rank={
+        1: {"TINY_NETS_HOLD_WHEN": os.path.join(out, "checkpoints", "student", "last.pt")}})
     ranks.wait_for(0, "student epoch 1/3")
     ranks.processes[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
