@@ -70,7 +70,8 @@ def main() -> None:
         pairs.append((a, b, only_a, only_b, mcnemar(only_a, only_b)["p_value"]))
     adjusted = holm([pair[4] for pair in pairs])
     print(f"\n{len(pairs)} pairs, McNemar pooled over the seeds, Holm-adjusted at {LEVEL}:")
-    print("| pair | only the first right | only the second right | p | Holm p | beyond the noise |\n|---|---|---|---|---|---|")
+    print("| pair | only the first right | only the second right | p | Holm p | beyond the noise |")
+    print("|---|---|---|---|---|---|")
     for (a, b, only_a, only_b, p), p_holm in sorted(zip(pairs, adjusted), key=lambda item: item[1]):
         print(f"| {a} vs {b} | {only_a} | {only_b} | {p:.2g} | {p_holm:.2g} | {'yes' if p_holm < LEVEL else 'no'} |")
 
