@@ -110,9 +110,18 @@ def _from_label(device: torch.device, label: str) -> Compute:
     return Compute.of(device, label.removesuffix("+cl"), label.endswith("+cl"))
 
 
+# Plain fp32 is kept unless another candidate is at least this much faster: a near tie is within the
+# noise of a few timed steps (a competing process shifts it either way), and fp32 gives the same
+# numbers on every CPU kind, so a noisy measurement cannot flip a run's numerics.
+PLAIN_MARGIN = 1.1
+
+
 def _fastest(table: dict[str, float | None]) -> str:
     finite = {label: speed for label, speed in table.items() if speed is not None}
-    return max(finite, key=finite.get) if finite else "fp32"
+    if not finite:
+        return "fp32"
+    fastest, plain = max(finite, key=finite.get), finite.get("fp32")
+    return "fp32" if plain is not None and finite[fastest] < plain * PLAIN_MARGIN else fastest
 
 
 def _cached_table(path: str) -> dict[str, float | None] | None:

@@ -107,8 +107,10 @@ def run_faults(workdir: str, kills: int = 10, seed: int = 0, log=print) -> dict:
 
     data = write_digits(os.path.join(workdir, "data"))
     settings = {  # the demo's data at a size that trains in seconds
-        # No deploy check: its latencies are wall-clock times, which no two runs share.
-        "image_size": 16, "seed": 0, "device": "cpu", "workers": 2, "deploy_check": False,
+        # No deploy check: its latencies are wall-clock times, which no two runs share. float32: under
+        # precision auto each run (separate caches) would time the candidates itself, and on a loaded
+        # machine two timings can choose differently.
+        "image_size": 16, "seed": 0, "device": "cpu", "workers": 2, "deploy_check": False, "precision": "fp32",
         "teacher": {"arch": "resnet18", "weights": "none", "mode": "full", "epochs": 3, "batch_size": 64},
         "student": {"arch": "resnet18", "weights": "none", "epochs": 4, "batch_size": 64, "lr_step": 3},
         "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.7},
