@@ -13,13 +13,21 @@ Prints per variant: wall time per stage and in all, the teacher's best val accur
 student's and the baseline's mean ± std over the seeds (best epochs), and each variant's wall time
 and student accuracy against the first variant's.
 
-    python benchmarks/bench_time_to_accuracy.py --root /work/runs/tta --seeds 0,1,2 \\
-        --variant "today@e5a909a=" \\
+A variant given with --sampled instead of --variant is timed, not trained to the end: it runs with
+SAMPLE's few epochs and stored views, and its whole run's wall time is extrapolated per stage (each
+model's mean epoch times its full epochs, plus what the stage spent outside epochs; the views pass
+per view; prepare and the report as they were). Valid for a variant whose epochs all cost alike (no
+progressive resizing or head warm-up); its accuracy is the full run's, measured elsewhere. So
+today's code, whose accuracy is known, is timed in minutes beside a new variant run in full:
+
+    python benchmarks/bench_time_to_accuracy.py --root /work/runs/tta --seeds 0 \\
+        --sampled "today@e5a909a=" \\
         --variant "progressive=--set student.progressive_from=0.5"
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import shlex
@@ -29,9 +37,14 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-seedlike"
 PRESET_SETS = ["image_size=64", "teacher.arch=kdistill.zoo:efficientnet_lite0", "teacher.weights=none"]
+# A sampled variant's shortened run: two teacher epochs (one of warmup), three student epochs (two of
+# warmup), two stored views (stored even though fewer than the epochs, to time the views pass).
+SAMPLE = {"teacher.epochs": 2, "student.epochs": 3, "distill.views": 2, "distill.teacher_signal": "views"}
 
 
 def parse_variant(text: str) -> tuple[str, str | None, list[str]]:
@@ -74,6 +87,32 @@ def run_variant(root: Path, name: str, commit: str | None, arguments: list[str],
     return {"metrics": metrics, "wall": sum(walls), "invocations": len(walls)}
 
 
+def full_settings(root: Path, commit: str | None, arguments: list[str]) -> dict:
+    """The variant's resolved settings at full length (`kdistill config` of its code)."""
+    sets = [part for setting in PRESET_SETS for part in ("--set", setting)]
+    printed = subprocess.run([sys.executable, "-m", "kdistill", "config", "--preset", "recommended", *sets,
+                              *arguments], env={**os.environ, "PYTHONPATH": str(code_path(root, commit))},
+                             capture_output=True, text=True, check=True).stdout
+    return yaml.safe_load(printed)
+
+
+def epoch_seconds(folder: Path, model: str) -> list[float]:
+    with open(folder / "history" / f"{model}.csv") as f:
+        return [float(row["seconds"]) for row in csv.DictReader(f)]
+
+
+def extrapolated(folder: Path, settings: dict, stage_seconds: dict[str, float]) -> dict[str, float]:
+    """The whole run's seconds per stage, from a sample run in folder (see the module's docstring)."""
+    full_epochs = {"teacher": settings["teacher"]["epochs"], "student": settings["student"]["epochs"],
+                   "baseline": settings["student"]["epochs"]}
+    stages = dict(stage_seconds)
+    for model, epochs in full_epochs.items():
+        seconds = epoch_seconds(folder, model)
+        stages[model] = stage_seconds[model] - sum(seconds) + statistics.mean(seconds) * epochs
+    stages["teacher_signal"] = stage_seconds["teacher_signal"] * settings["distill"]["views"] / SAMPLE["distill.views"]
+    return stages
+
+
 def described(name: str, result: dict) -> tuple[str, float]:
     metrics = result["metrics"]
     stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in metrics["stage_seconds"].items())
@@ -91,28 +130,46 @@ def described(name: str, result: dict) -> tuple[str, float]:
     return " | ".join(parts), student_mean
 
 
+def described_sample(name: str, result: dict, stages: dict[str, float]) -> str:
+    listed = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in stages.items())
+    return (f"{name}: about {sum(stages.values()):.0f} s in all, extrapolated from a sample run of "
+            f"{result['wall']:.0f} s ({listed}); no accuracy (not trained to the end)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--variant", action="append", required=True,
+    parser.add_argument("--variant", action="append", dest="variants", type=lambda text: (text, False),
                         help="name[@commit]=more kdistill run arguments (the first variant is the reference)")
+    parser.add_argument("--sampled", action="append", dest="variants", type=lambda text: (text, True),
+                        help="as --variant, timed on a sample and extrapolated (one seed)")
     args = parser.parse_args()
+    if not args.variants:
+        parser.error("give at least one --variant or --sampled")
     args.root.mkdir(parents=True, exist_ok=True)
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     print(f"machine: {cpu}, {len(os.sched_getaffinity(0))} cores; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", flush=True)
-    reference = None
-    for text in args.variant:
+    reference = None  # (wall seconds, student accuracy or None)
+    for text, sampled in args.variants:
         name, commit, arguments = parse_variant(text)
-        line, student = described(name, run_variant(args.root, name, commit, arguments, args.seeds, args.data))
-        wall = json.loads((args.root / f"{name}.wall.json").read_text())
-        if reference is None:
-            reference = (sum(wall), student)
+        if sampled:
+            sample = [part for key, value in SAMPLE.items() for part in ("--set", f"{key}={value}")]
+            result = run_variant(args.root, name, commit, arguments + sample, args.seeds.split(",")[0], args.data)
+            stages = extrapolated(args.root / name, full_settings(args.root, commit, arguments),
+                                  result["metrics"]["stage_seconds"])
+            line, wall, student = described_sample(name, result, stages), sum(stages.values()), None
         else:
-            line += (f" | {sum(wall) / reference[0]:.2f}x the reference's wall time, student "
-                     f"{student - reference[1]:+.2f} points")
+            result = run_variant(args.root, name, commit, arguments, args.seeds, args.data)
+            (line, student), wall = described(name, result), result["wall"]
+        if reference is None:
+            reference = (wall, student)
+        else:
+            line += f" | {wall / reference[0]:.2f}x the reference's wall time"
+            if student is not None and reference[1] is not None:
+                line += f", student {student - reference[1]:+.2f} points"
         print(line, flush=True)
 
 

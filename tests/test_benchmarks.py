@@ -61,11 +61,34 @@ def test_the_time_to_accuracy_benchmark_runs_each_variant_once_and_compares_it_w
             "--set teacher.batch_size=16 --set student.batch_size=16 --set deploy_check=false --set precision=fp32 "
             f"--set workers=1 --set cache_dir={tmp_path / 'cache'}")
     args = ("--root", str(tmp_path / "tta"), "--data", digits_dataset, "--seeds", "0",
-            "--variant", f"plain={tiny}", "--variant", f"progressive={tiny} --set student.progressive_from=0.5")
+            "--variant", f"plain={tiny}", "--variant", f"progressive={tiny} --set student.progressive_from=0.5",
+            "--sampled", f"sampled={tiny} --set teacher.epochs=4 --set student.epochs=6 --set distill.views=6")
     printed = run_benchmark("bench_time_to_accuracy.py", *args)
-    lines = {line.split(":")[0]: line for line in printed.splitlines() if line.startswith(("plain:", "progressive:"))}
-    assert set(lines) == {"plain", "progressive"}
+    lines = {line.split(":")[0]: line for line in printed.splitlines()
+             if line.startswith(("plain:", "progressive:", "sampled:"))}
+    assert set(lines) == {"plain", "progressive", "sampled"}
     assert re.search(r"student \d+\.\d\d ± 0\.00% \(epochs \d\)", lines["plain"])  # one seed: no spread
     assert re.search(r"\d\.\d\dx the reference's wall time, student [+-]\d+\.\d\d points", lines["progressive"])
+    assert re.search(r"about \d+ s in all, extrapolated from a sample run of \d+ s", lines["sampled"])
+    assert re.search(r"\d\.\d\dx the reference's wall time$", lines["sampled"])  # no accuracy to compare
+    with open(tmp_path / "tta" / "sampled" / "history" / "student.csv") as f:
+        assert len(f.readlines()) == 1 + 3  # the sample's 3 epochs, not the variant's 6
     again = run_benchmark("bench_time_to_accuracy.py", *args)  # finished: read, not retrained
     assert "kdistill run" not in again and "1 invocation(s)" in again
+
+
+def test_a_sampled_run_is_extrapolated_per_model_epoch_and_per_stored_view(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from bench_time_to_accuracy import extrapolated
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "history").mkdir()
+    for model, seconds in (("teacher", [10, 12]), ("student", [4, 5, 6]), ("baseline", [3, 3, 3])):
+        (tmp_path / "history" / f"{model}.csv").write_text(
+            "epoch,seconds\n" + "".join(f"{i},{s}\n" for i, s in enumerate(seconds, 1)))
+    stages = {"prepare": 7.0, "teacher": 25.0, "teacher_signal": 8.0, "student": 16.0, "baseline": 9.0, "deploy": 2.0}
+    full = {"teacher": {"epochs": 15}, "student": {"epochs": 30}, "distill": {"views": 30}}
+    assert extrapolated(tmp_path, full, stages) == {
+        "prepare": 7.0, "teacher": 3.0 + 11.0 * 15, "teacher_signal": 8.0 * 15, "student": 1.0 + 5.0 * 30,
+        "baseline": 0.0 + 3.0 * 30, "deploy": 2.0}
