@@ -3,8 +3,8 @@ baseline per seed), as it is and with speed levers, side by side on one machine.
 
 Each variant is one `kdistill run --preset recommended --seeds ...` on cifar10-seedlike at 64 px with
 the offline EfficientNet-Lite0 teacher (the figures of docs/results.md), in ROOT/<variant>. A
-variant may run another commit's code (`--variant today@e5a909a=`): the benchmark checks that commit
-out into ROOT/code-<commit> (git worktree) and runs it with the same interpreter, so "today's code
+variant may run another commit's code (`--variant today@e5a909a=`): the benchmark writes that commit's
+files into ROOT/code-<commit> (git archive) and runs it with the same interpreter, so "today's code
 against the new" is one command. Resumable: rerun the same command; a finished variant is read, not
 retrained, and the wall time of every invocation is kept in ROOT/<variant>/wall.json (a variant that
 was interrupted says so: its wall time sums its invocations).
@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -55,13 +58,34 @@ def parse_variant(text: str) -> tuple[str, str | None, list[str]]:
 
 
 def code_path(root: Path, commit: str | None) -> Path:
-    """The source tree a variant runs: this checkout, or a worktree of the commit."""
+    """The source tree a variant runs: this checkout, or the commit's files (`git archive`: nothing
+    is written into the repository)."""
     if commit is None:
         return REPO_ROOT
     tree = root / f"code-{commit}"
     if not tree.exists():
-        subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(tree), commit], check=True)
+        partial = root / f".code-{commit}-partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", commit], capture_output=True, check=True)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
+            files.extractall(partial, filter="data")
+        partial.rename(tree)
     return tree
+
+
+def kdistill_process(root: Path, commit: str | None) -> dict:
+    """subprocess.run's cwd and env for running the variant's code. In its tree: `python -m` puts the
+    working directory first on sys.path, ahead of PYTHONPATH, so from this checkout another commit's
+    code would silently not run. Checked, since a wrong tree would compare the code with itself."""
+    code = code_path(root, commit).resolve()
+    where = {"cwd": str(code), "env": {**os.environ, "PYTHONPATH": str(code)}}
+    imported = subprocess.run([sys.executable, "-c", "import kdistill; print(kdistill.__file__)"], capture_output=True,
+                              text=True, check=True, **where).stdout.strip()
+    if not imported.startswith(str(code) + os.sep):
+        sys.exit(f"the code of {commit or 'this checkout'} should run from {code}, but kdistill came from {imported}")
+    print(f"code: {imported}", flush=True)
+    return where
 
 
 def run_variant(root: Path, name: str, commit: str | None, arguments: list[str], seeds: str, data: Path) -> dict:
@@ -76,8 +100,7 @@ def run_variant(root: Path, name: str, commit: str | None, arguments: list[str],
         print(f"{name}: {' '.join(shlex.quote(part) for part in command)}", flush=True)
         walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
         started = time.perf_counter()
-        env = {**os.environ, "PYTHONPATH": str(code_path(root, commit))}
-        result = subprocess.run(command, env=env)
+        result = subprocess.run(command, **kdistill_process(root, commit))
         walls.append(round(time.perf_counter() - started, 1))
         wall_path.write_text(json.dumps(walls))
         if result.returncode:
@@ -91,8 +114,8 @@ def full_settings(root: Path, commit: str | None, arguments: list[str]) -> dict:
     """The variant's resolved settings at full length (`kdistill config` of its code)."""
     sets = [part for setting in PRESET_SETS for part in ("--set", setting)]
     printed = subprocess.run([sys.executable, "-m", "kdistill", "config", "--preset", "recommended", *sets,
-                              *arguments], env={**os.environ, "PYTHONPATH": str(code_path(root, commit))},
-                             capture_output=True, text=True, check=True).stdout
+                              *arguments], **kdistill_process(root, commit), capture_output=True, text=True,
+                             check=True).stdout
     return yaml.safe_load(printed)
 
 
@@ -146,6 +169,7 @@ def main() -> None:
     parser.add_argument("--sampled", action="append", dest="variants", type=lambda text: (text, True),
                         help="as --variant, timed on a sample and extrapolated (one seed)")
     args = parser.parse_args()
+    args.root, args.data = args.root.resolve(), args.data.resolve()  # the runs start in their code's tree
     if not args.variants:
         parser.error("give at least one --variant or --sampled")
     args.root.mkdir(parents=True, exist_ok=True)

@@ -61,12 +61,16 @@ def test_the_time_to_accuracy_benchmark_runs_each_variant_once_and_compares_it_w
             "--set teacher.batch_size=16 --set student.batch_size=16 --set deploy_check=false --set precision=fp32 "
             f"--set workers=1 --set cache_dir={tmp_path / 'cache'}")
     args = ("--root", str(tmp_path / "tta"), "--data", digits_dataset, "--seeds", "0",
-            "--variant", f"plain={tiny}", "--variant", f"progressive={tiny} --set student.progressive_from=0.5",
+            "--variant", f"plain={tiny}", "--variant", f"progressive@HEAD={tiny} --set student.progressive_from=0.5",
             "--sampled", f"sampled={tiny} --set teacher.epochs=4 --set student.epochs=6 --set distill.views=6")
     printed = run_benchmark("bench_time_to_accuracy.py", *args)
     lines = {line.split(":")[0]: line for line in printed.splitlines()
              if line.startswith(("plain:", "progressive:", "sampled:"))}
     assert set(lines) == {"plain", "progressive", "sampled"}
+    # A variant of a commit runs that commit's files, not this checkout's (python -m would prefer the
+    # working directory's package to PYTHONPATH's).
+    assert f"code: {tmp_path / 'tta' / 'code-HEAD' / 'kdistill' / '__init__.py'}" in printed
+    assert f"code: {os.path.join(ROOT, 'kdistill', '__init__.py')}" in printed
     assert re.search(r"student \d+\.\d\d ± 0\.00% \(epochs \d\)", lines["plain"])  # one seed: no spread
     assert re.search(r"\d\.\d\dx the reference's wall time, student [+-]\d+\.\d\d points", lines["progressive"])
     assert re.search(r"about \d+ s in all, extrapolated from a sample run of \d+ s", lines["sampled"])
