@@ -65,7 +65,7 @@ from kdistill.models import standardized_model
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute, cpu_has_bf16
 from kdistill.pipeline import StudentTraining, train_student
-from kdistill.teacher import TrainedTeacher, distillation_batches, train_teacher
+from kdistill.teacher import TeacherScope, TrainedTeacher, distillation_batches, train_teacher
 from kdistill.batches import Batches
 from kdistill.inference import predict_logits
 
@@ -212,7 +212,7 @@ def kdistill_teacher_stage(cfg, data, batcher, work: Path) -> float:
     shutil.rmtree(os.path.join(data.folder, "signal"), ignore_errors=True)  # no reuse across repeats
     out = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     started = time.perf_counter()
-    train_teacher(dataclasses.replace(cfg, out=str(out)), data, batcher, COMPUTE, quiet)
+    train_teacher(dataclasses.replace(cfg, out=str(out)), data, batcher, COMPUTE, TeacherScope(quiet))
     elapsed = time.perf_counter() - started
     shutil.rmtree(out)
     return elapsed

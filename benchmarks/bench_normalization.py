@@ -24,7 +24,7 @@ from kdistill.config import build_config
 from kdistill.data import prepare, scan_dataset
 from kdistill.batcher import ImageBatcher
 from kdistill.compute import Compute
-from kdistill.teacher import train_teacher
+from kdistill.teacher import TeacherScope, train_teacher
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
                 cfg.data, cfg.val_fraction, seed, cache_dir=cfg.cache_dir))
             started = time.perf_counter()
             teacher = train_teacher(dataclasses.replace(cfg), data, ImageBatcher(data, cfg, compute.device),
-                                    compute, lambda m: None)
+                                    compute, TeacherScope(lambda m: None))
             best = max(teacher.history, key=lambda row: row["val_acc"])
             accuracies.append(best["val_acc"])
             print(f"{normalize:8s} seed {seed}: best val acc {best['val_acc']:.2%} (epoch {best['epoch']}), "

@@ -288,7 +288,7 @@ def _experiment(cfg: Config, dataset: DatasetFiles, data_identity: dict, ranks: 
     stopwatch.lap("prepare")
     transfer = {"": None, "test": "test"}.get(cfg.distill.unlabeled, "unlabeled")
     clock = plan_clock(cfg, len(data.splits["train"].files), len(data.splits[transfer].files) if transfer else 0)
-    teachers = train_teachers(cfg, data, batcher, computes, models_dir, log, checkpoints["teacher"], ranks, clock)
+    teachers = train_teachers(cfg, data, batcher, computes, log, checkpoints["teacher"], ranks, clock)
     ensemble = ensemble_summary(cfg, teachers, batcher("val"), log) if ranks.main else None
     stopwatch.lap("teacher")
 

@@ -74,18 +74,26 @@ class TrainedTeacher(NamedTuple):
             return torch.cat([logits, predict_logits(self.model, batcher(transfer), batch_size, *where, bar=bar)])
 
 
+@dataclass(frozen=True)
+class TeacherScope:
+    """What a teacher's training shares with the rest of its run: the log, the processes, the clock."""
+    log: Callable[[str], None]
+    ranks: Ranks = ONE_PROCESS
+    clock: RunClock | None = None  # the run's, for the bar's time left
+
+
 def train_teachers(cfg: Config, data: PreparedData, batcher: ImageBatcher, computes: dict[str, Compute],
-                   models_dir: str, log, checkpoints_root: str,
-                   ranks: Ranks = ONE_PROCESS, clock: RunClock | None = None) -> dict[str, TrainedTeacher]:
+                   log, checkpoints_root: str, ranks: Ranks = ONE_PROCESS,
+                   clock: RunClock | None = None) -> dict[str, TrainedTeacher]:
     """Every teacher by run name (teacher, teacher-2, ...), each trained once into
     checkpoints_root/<name> (a finished one is loaded, not retrained) in computes[name], seeded with
-    seed + its position, and saved to models/<name>.pt (by rank 0 alone)."""
+    seed + its position, and saved to OUT/models/<name>.pt (by rank 0 alone)."""
     teachers = {}
     for name in cfg.teachers():
-        teachers[name] = train_teacher(cfg, data, batcher, computes[name], log, name,
-                                       os.path.join(checkpoints_root, name), ranks, clock)
+        teachers[name] = train_teacher(cfg, data, batcher, computes[name], TeacherScope(log, ranks, clock), name,
+                                       os.path.join(checkpoints_root, name))
         if ranks.main:
-            save_weights(teachers[name].model.state_dict(), os.path.join(models_dir, f"{name}.pt"),
+            save_weights(teachers[name].model.state_dict(), os.path.join(RunFolder(cfg.out).models, f"{name}.pt"),
                          os.path.join(checkpoints_root, name, "best.pt"), f"{name} weights")
     return teachers
 
@@ -96,12 +104,12 @@ def _settings_and_seed(cfg: Config, name: str):
     return teachers[name], cfg.seed + list(teachers).index(name)
 
 
-def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, log,
-                  name: str = "teacher", checkpoint_dir: str | None = None,
-                  ranks: Ranks = ONE_PROCESS, clock: RunClock | None = None) -> TrainedTeacher:
+def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compute: Compute, scope: TeacherScope,
+                  name: str = "teacher", checkpoint_dir: str | None = None) -> TrainedTeacher:
     """The teacher `name` (teacher, teacher-2, ...), checkpointed in checkpoint_dir (default:
     OUT/checkpoints/<name>); trained by every process (see fit), its frozen backbone features
-    computed once per node, by its first process. clock: the run's, for the bar's time left."""
+    computed once per node, by its first process."""
+    log, ranks = scope.log, scope.ranks
     t, seed = _settings_and_seed(cfg, name)
     if t.epochs == 0:
         return _given_teacher(cfg, data, batcher, compute, log, name, ranks)
@@ -120,7 +128,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
                       [*(make_loggers(cfg.loggers, cfg.out) if ranks.main else []),
                        *head_warmup(teacher, head, t.head_epochs if not head_only else 0, ranks.joined)],
-                      cfg.keep_checkpoints, layout=compute.layout, clock=clock)
+                      cfg.keep_checkpoints, layout=compute.layout, clock=scope.clock)
     features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and
