@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -48,6 +49,11 @@ PRESET_SETS = ["image_size=64", "teacher.arch=kdistill.zoo:efficientnet_lite0", 
 # A sampled variant's shortened run: two teacher epochs (one of warmup), three student epochs (two of
 # warmup), two stored views (stored even though fewer than the epochs, to time the views pass).
 SAMPLE = {"teacher.epochs": 2, "student.epochs": 3, "distill.views": 2, "distill.teacher_signal": "views"}
+
+
+def set_flags(settings: list[str]) -> list[str]:
+    """["key=value", ...] -> ["--set", "key=value", ...]"""
+    return [part for setting in settings for part in ("--set", setting)]
 
 
 def parse_variant(text: str) -> tuple[str, str | None, list[str]]:
@@ -74,10 +80,12 @@ def code_path(root: Path, commit: str | None) -> Path:
     return tree
 
 
+@functools.cache
 def kdistill_process(root: Path, commit: str | None) -> dict:
     """subprocess.run's cwd and env for running the variant's code. In its tree: `python -m` puts the
     working directory first on sys.path, ahead of PYTHONPATH, so from this checkout another commit's
-    code would silently not run. Checked, since a wrong tree would compare the code with itself."""
+    code would silently not run. Checked once per tree, since a wrong tree would compare the code
+    with itself."""
     code = code_path(root, commit).resolve()
     where = {"cwd": str(code), "env": {**os.environ, "PYTHONPATH": str(code)}}
     imported = subprocess.run([sys.executable, "-c", "import kdistill; print(kdistill.__file__)"], capture_output=True,
@@ -92,11 +100,10 @@ def run_variant(root: Path, name: str, commit: str | None, arguments: list[str],
     folder = root / name
     metrics_path, wall_path = folder / "metrics.json", root / f"{name}.wall.json"
     if not metrics_path.exists():
-        sets = [part for setting in PRESET_SETS for part in ("--set", setting)]
         # One seed is a plain run with that seed; several, kdistill's --seeds.
         seeding = ["--seeds", seeds] if "," in seeds else ["--set", f"seed={seeds}"]
         command = [sys.executable, "-m", "kdistill", "run", "--data", str(data), "--out", str(folder),
-                   "--preset", "recommended", *seeding, *sets, *arguments]
+                   "--preset", "recommended", *seeding, *set_flags(PRESET_SETS), *arguments]
         print(f"{name}: {' '.join(shlex.quote(part) for part in command)}", flush=True)
         walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
         started = time.perf_counter()
@@ -112,10 +119,9 @@ def run_variant(root: Path, name: str, commit: str | None, arguments: list[str],
 
 def full_settings(root: Path, commit: str | None, arguments: list[str]) -> dict:
     """The variant's resolved settings at full length (`kdistill config` of its code)."""
-    sets = [part for setting in PRESET_SETS for part in ("--set", setting)]
-    printed = subprocess.run([sys.executable, "-m", "kdistill", "config", "--preset", "recommended", *sets,
-                              *arguments], **kdistill_process(root, commit), capture_output=True, text=True,
-                             check=True).stdout
+    printed = subprocess.run([sys.executable, "-m", "kdistill", "config", "--preset", "recommended",
+                              *set_flags(PRESET_SETS), *arguments], **kdistill_process(root, commit),
+                             capture_output=True, text=True, check=True).stdout
     return yaml.safe_load(printed)
 
 
@@ -180,7 +186,7 @@ def main() -> None:
     for text, sampled in args.variants:
         name, commit, arguments = parse_variant(text)
         if sampled:
-            sample = [part for key, value in SAMPLE.items() for part in ("--set", f"{key}={value}")]
+            sample = set_flags([f"{key}={value}" for key, value in SAMPLE.items()])
             result = run_variant(args.root, name, commit, arguments + sample, args.seeds.split(",")[0], args.data)
             stages = extrapolated(args.root / name, full_settings(args.root, commit, arguments),
                                   result["metrics"]["stage_seconds"])

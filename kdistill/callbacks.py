@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from .compute import ONE_PROCESS, Ranks
 from .fileio import BackgroundSaver, save_torch
+
+if TYPE_CHECKING:  # run_clock builds on this module's Callback
+    from .run_clock import RunClock
 
 
 @dataclass
@@ -39,8 +42,8 @@ class Session:
     # arch -> a new model placed like the trained one, for a method that trains a model of its own
     # (DML's peer; see distillers.BuildContext); None: none to give.
     make_model: Callable[[str], nn.Module] | None = None
-    # The run's clock (run_clock.RunClock), for the whole run's time left in the bar; None: the model's alone.
-    clock: Any = None
+    # The run's clock, for the whole run's time left in the bar; None: the model's alone.
+    clock: RunClock | None = None
 
 
 @dataclass

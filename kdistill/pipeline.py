@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -137,7 +136,7 @@ def train_students(training: StudentTraining, student_train: Batches, models_dir
     kinds = [planned.kind for planned in plan.students]
     trained = TrainedStudents({}, {}, {kind: [] for kind in kinds if kind in ("student", "baseline")}, {}, {}, [])
     baseline_training = dataclasses.replace(training, cfg=dataclasses.replace(cfg, student=baseline_part(
-        cfg.student, math.ceil(len(plain) / cfg.student.batch_size))))
+        cfg.student, len(plain))))
     if "baseline" in kinds and baseline_training.cfg.student.epochs != cfg.student.epochs:
         log(f"baseline: {cfg.student.steps} steps of batch {cfg.student.batch_size} make "
             f"{baseline_training.cfg.student.epochs} epochs on the {len(plain)} labelled training images (the "

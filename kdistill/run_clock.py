@@ -9,7 +9,6 @@ time left alone. Times between trainings (the teacher's signal, the report) are 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .callbacks import Callback, FitState
@@ -75,7 +74,7 @@ def plan_clock(cfg: Config, train_images: int, transfer_images: int) -> RunClock
     epochs 0, trains nothing), then for each seed the student plan (student and baseline, or
     born-again's generations)."""
     stages = [Stage(name, part.epochs, train_images, name) for name, part in cfg.teachers().items() if part.epochs]
-    baseline_epochs = baseline_part(cfg.student, math.ceil(train_images / cfg.student.batch_size)).epochs
+    baseline_epochs = baseline_part(cfg.student, train_images).epochs
     for seed in cfg.seeds or [cfg.seed]:
         for planned in cfg.student_plan().students:
             stages.append(Stage(run_name(planned.kind, seed, cfg), baseline_epochs, train_images, "student")

@@ -28,11 +28,12 @@ def resolve_steps(cfg, train_images: int, transfer_images: int):
                                student=resolved("student", cfg.student, train_images + transfer_images))
 
 
-def baseline_part(student, steps_per_epoch: int):
+def baseline_part(student, labelled_images: int):
     """The baseline's training settings: the student's, and where steps are set, at least as many
-    optimizer steps on its own training batches (steps_per_epoch of them; without the transfer set
+    optimizer steps on its own training batches (of its labelled_images; without the transfer set
     the teacher labels for the student, so more epochs): it gets the student's training budget, not
     the fraction of it that the student's epoch count would give it."""
     if not student.steps or student.epochs == 0:
         return student
-    return dataclasses.replace(student, epochs=math.ceil(student.steps / steps_per_epoch))
+    return dataclasses.replace(student, epochs=math.ceil(student.steps / math.ceil(labelled_images /
+                                                                                   student.batch_size)))
