@@ -13,12 +13,14 @@ Prints per variant: wall time per stage and in all, the teacher's best val accur
 student's and the baseline's mean ± std over the seeds (best epochs), and each variant's wall time
 and student accuracy against the first variant's.
 
-A variant given with --sampled instead of --variant is timed, not trained to the end: it runs with
-SAMPLE's few epochs and stored views, and its whole run's wall time is extrapolated per stage (each
-model's mean epoch times its full epochs, plus what the stage spent outside epochs; the views pass
-per view; prepare and the report as they were). Valid for a variant whose epochs all cost alike (no
-progressive resizing or head warm-up); its accuracy is the full run's, measured elsewhere. So
-today's code, whose accuracy is known, is timed in minutes beside a new variant run in full:
+A variant given with --sampled instead of --variant is timed, not trained to the end: it runs a few
+epochs of each model and two stored views (sample_settings), and its whole run's wall time is
+extrapolated per stage: each epoch of the full schedule costs what the sample's epochs of its kind
+cost (a head warm-up epoch, or a whole-model epoch at its progressive view side: a + b·side² fitted
+through the sampled sides), plus what the stage spent outside epochs; the views pass per view;
+prepare and the report as they were. Early stopping (patience) is not sampled: every epoch is counted.
+Its accuracy is the full run's, measured elsewhere. So today's code, whose accuracy is known, is
+timed in minutes beside a new variant run in full:
 
     python benchmarks/bench_time_to_accuracy.py --root /work/runs/tta --seeds 0 \\
         --sampled "today@e5a909a=" \\
@@ -41,14 +43,18 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kdistill.models import scaled_side  # noqa: E402
+from kdistill.progressive import scale_at  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA = REPO_ROOT.parent / "shared" / "data" / "cifar10-seedlike"
 PRESET_SETS = ["image_size=64", "teacher.arch=kdistill.zoo:efficientnet_lite0", "teacher.weights=none"]
-# A sampled variant's shortened run: two teacher epochs (one of warmup), three student epochs (two of
-# warmup), two stored views (stored even though fewer than the epochs, to time the views pass).
-SAMPLE = {"teacher.epochs": 2, "student.epochs": 3, "distill.views": 2, "distill.teacher_signal": "views"}
+# A sampled variant's two stored views (stored even though fewer than the epochs, to time the views pass).
+SAMPLE_VIEWS = 2
 
 
 def set_flags(settings: list[str]) -> list[str]:
@@ -125,20 +131,68 @@ def full_settings(root: Path, commit: str | None, arguments: list[str]) -> dict:
     return yaml.safe_load(printed)
 
 
-def epoch_seconds(folder: Path, model: str) -> list[float]:
+def progressive(part: dict) -> bool:
+    return part.get("progressive_from", 1.0) < 1
+
+
+def sample_settings(settings: dict) -> list[str]:
+    """`--set` flags for a variant's sample run, from its resolved settings: the teacher's first head
+    warm-up epoch (if it has them) and its whole-model epochs, three student (and baseline) epochs; a
+    progressive model's sampled epochs span its sides (progressive_until 1: the first at
+    progressive_from, the last whole), so the cost of every side of the full schedule is known."""
+    teacher, student = settings["teacher"], settings["student"]
+    head = min(teacher.get("head_epochs", 0), 1)
+    sample = {"teacher.epochs": head + (3 if progressive(teacher) else 2 - head), "student.epochs": 3,
+              "distill.views": SAMPLE_VIEWS, "distill.teacher_signal": "views"}
+    # Settings an older commit may not have are only set where the variant uses them.
+    sample.update({"teacher.head_epochs": head} if head else {})
+    sample.update({f"{name}.patience": 0 for name in ("teacher", "student") if settings[name].get("patience")})
+    sample.update({f"{name}.progressive_until": 1.0 for name in ("teacher", "student")
+                   if progressive(settings[name])})
+    return set_flags([f"{key}={value}" for key, value in sample.items()])
+
+
+def sampled_epochs(folder: Path, model: str) -> list[tuple[float, float | None]]:
+    """(seconds, view side or None) of each epoch of the sample's model."""
     with open(folder / "history" / f"{model}.csv") as f:
-        return [float(row["seconds"]) for row in csv.DictReader(f)]
+        return [(float(row["seconds"]), float(row["view_side"]) if row.get("view_side") else None)
+                for row in csv.DictReader(f)]
+
+
+def epoch_cost(epochs: list[tuple[float, float | None]]):
+    """side -> seconds of a whole-model epoch: a + b·side² through the sampled sides, or their mean
+    where the sample saw one side."""
+    sides = {side for _, side in epochs}
+    if len(sides) < 2 or None in sides:
+        mean = statistics.mean(seconds for seconds, _ in epochs)
+        return lambda side: mean
+    slope, intercept = np.polyfit([side ** 2 for _, side in epochs], [seconds for seconds, _ in epochs], 1)
+    return lambda side: intercept + slope * side ** 2
+
+
+def schedule_seconds(sample: list[tuple[float, float | None]], part: dict, sample_head: int, side: int) -> float:
+    """The seconds of a model's full schedule (part: its resolved settings; side: its view side)."""
+    head_epochs = part.get("head_epochs", 0)
+    total = statistics.mean(seconds for seconds, _ in sample[:sample_head]) * head_epochs if head_epochs else 0.0
+    cost = epoch_cost(sample[sample_head:])
+    for epoch in range(head_epochs + 1, part["epochs"] + 1):
+        scale = scale_at(epoch, part["epochs"], part["progressive_from"], part["progressive_until"]) \
+            if progressive(part) else 1.0
+        total += cost(scaled_side(side, scale))
+    return total
 
 
 def extrapolated(folder: Path, settings: dict, stage_seconds: dict[str, float]) -> dict[str, float]:
     """The whole run's seconds per stage, from a sample run in folder (see the module's docstring)."""
-    full_epochs = {"teacher": settings["teacher"]["epochs"], "student": settings["student"]["epochs"],
-                   "baseline": settings["student"]["epochs"]}
+    parts = {"teacher": settings["teacher"], "student": settings["student"], "baseline": settings["student"]}
     stages = dict(stage_seconds)
-    for model, epochs in full_epochs.items():
-        seconds = epoch_seconds(folder, model)
-        stages[model] = stage_seconds[model] - sum(seconds) + statistics.mean(seconds) * epochs
-    stages["teacher_signal"] = stage_seconds["teacher_signal"] * settings["distill"]["views"] / SAMPLE["distill.views"]
+    for model, part in parts.items():
+        sample = sampled_epochs(folder, model)
+        side = max(part.get("input_size", 0), settings.get("image_size", 0))
+        sample_head = min(part.get("head_epochs", 0), 1)
+        stages[model] = (stage_seconds[model] - sum(seconds for seconds, _ in sample)
+                         + schedule_seconds(sample, part, sample_head, side))
+    stages["teacher_signal"] = stage_seconds["teacher_signal"] * settings["distill"]["views"] / SAMPLE_VIEWS
     return stages
 
 
@@ -186,10 +240,10 @@ def main() -> None:
     for text, sampled in args.variants:
         name, commit, arguments = parse_variant(text)
         if sampled:
-            sample = set_flags([f"{key}={value}" for key, value in SAMPLE.items()])
-            result = run_variant(args.root, name, commit, arguments + sample, args.seeds.split(",")[0], args.data)
-            stages = extrapolated(args.root / name, full_settings(args.root, commit, arguments),
-                                  result["metrics"]["stage_seconds"])
+            settings = full_settings(args.root, commit, arguments)
+            result = run_variant(args.root, name, commit, arguments + sample_settings(settings),
+                                 args.seeds.split(",")[0], args.data)
+            stages = extrapolated(args.root / name, settings, result["metrics"]["stage_seconds"])
             line, wall, student = described_sample(name, result, stages), sum(stages.values()), None
         else:
             result = run_variant(args.root, name, commit, arguments, args.seeds, args.data)

@@ -1,5 +1,6 @@
 """The benchmark scripts keep running against today's kdistill (they are not imported by anything
 else, so an interface change would break them unnoticed): each on the tiny digits data, one repeat."""
+import json
 import os
 import re
 import subprocess
@@ -81,12 +82,17 @@ def test_the_time_to_accuracy_benchmark_runs_each_variant_once_and_compares_it_w
     assert "kdistill run" not in again and "1 invocation(s)" in again
 
 
-def test_a_sampled_run_is_extrapolated_per_model_epoch_and_per_stored_view(tmp_path):
+def time_to_accuracy_benchmark():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        from bench_time_to_accuracy import extrapolated
+        import bench_time_to_accuracy
     finally:
         sys.path.pop(0)
+    return bench_time_to_accuracy
+
+
+def test_a_sampled_run_is_extrapolated_per_model_epoch_and_per_stored_view(tmp_path):
+    extrapolated = time_to_accuracy_benchmark().extrapolated
     (tmp_path / "history").mkdir()
     for model, seconds in (("teacher", [10, 12]), ("student", [4, 5, 6]), ("baseline", [3, 3, 3])):
         (tmp_path / "history" / f"{model}.csv").write_text(
@@ -96,3 +102,63 @@ def test_a_sampled_run_is_extrapolated_per_model_epoch_and_per_stored_view(tmp_p
     assert extrapolated(tmp_path, full, stages) == {
         "prepare": 7.0, "teacher": 3.0 + 11.0 * 15, "teacher_signal": 8.0 * 15, "student": 1.0 + 5.0 * 30,
         "baseline": 0.0 + 3.0 * 30, "deploy": 2.0}
+
+
+def test_a_sampled_run_costs_head_epochs_and_progressive_sides_as_the_full_schedule_has_them(tmp_path):
+    benchmark = time_to_accuracy_benchmark()
+    settings = {"image_size": 64, "distill": {"views": 20},
+                "teacher": {"epochs": 8, "head_epochs": 2, "input_size": 128, "progressive_from": 1.0},
+                "student": {"epochs": 4, "input_size": 128, "progressive_from": 0.5, "progressive_until": 0.75,
+                            "patience": 3}}
+    flags = benchmark.sample_settings(settings)
+    sample = dict(flag.split("=") for flag in flags[1::2])
+    # One head epoch and one whole-model epoch of the teacher; the student's three epochs span its sides.
+    assert sample == {"teacher.epochs": "2", "teacher.head_epochs": "1", "student.epochs": "3",
+                      "student.progressive_until": "1.0", "student.patience": "0", "distill.views": "2",
+                      "distill.teacher_signal": "views"}
+    (tmp_path / "history").mkdir()
+    rows = {"teacher": "epoch,seconds\n1,5\n2,12\n",  # a head epoch, then a whole-model one
+            # a + b·side² with a = 1, b = 0.001 at the sides 64, 96, 128
+            "student": "epoch,seconds,view_side\n1,5.096,64\n2,10.216,96\n3,17.384,128\n",
+            "baseline": "epoch,seconds,view_side\n1,5.096,64\n2,10.216,96\n3,17.384,128\n"}
+    for model, text in rows.items():
+        (tmp_path / "history" / f"{model}.csv").write_text(text)
+    stages = {"teacher": 20.0, "teacher_signal": 4.0, "student": 33.696, "baseline": 32.696}
+    whole = benchmark.extrapolated(tmp_path, settings, stages)
+    assert whole["teacher"] == 3.0 + 5 * 2 + 12 * 6
+    # The full schedule's sides: 64, 96, then 128 from epoch round(0.75 * 4) = 3 on.
+    assert abs(whole["student"] - (1.0 + 5.096 + 10.216 + 17.384 * 2)) < 1e-9
+    assert abs(whole["baseline"] - (0.0 + 5.096 + 10.216 + 17.384 * 2)) < 1e-9
+    assert whole["teacher_signal"] == 4.0 * 20 / 2
+
+
+def write_sweep_point(folder, accuracies: dict[str, list[bool]], seeds=(0, 1)):
+    """A finished sweep point: metrics.json and val_predictions.csv with the given per-image correctness
+    of the student and the baseline (the same on every seed)."""
+    folder.mkdir(parents=True)
+    rows = {kind: [{"seed": seed, "best_val_acc": sum(right) / len(right), "best_epoch": 8} for seed in seeds]
+            for kind, right in accuracies.items()}
+    (folder / "metrics.json").write_text(json.dumps({"seeds": rows}))
+    lines = ["filename,label," + ",".join(f"{kind}-seed{seed}" for seed in seeds for kind in accuracies)]
+    for i in range(len(accuracies["student"])):
+        lines.append(f"{i}.png,cat," + ",".join("cat" if accuracies[kind][i] else "dog" for seed in seeds
+                                                for kind in accuracies))
+    (folder / "val_predictions.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_the_pairwise_methods_table_ranks_the_methods_and_the_baseline_and_marks_only_real_differences(tmp_path):
+    baseline = [i < 50 for i in range(200)]
+    write_sweep_point(tmp_path / "points" / "distill.method=kd", {"student": [i < 120 for i in range(200)],
+                                                                  "baseline": baseline})
+    write_sweep_point(tmp_path / "points" / "distill.method=rkd", {"student": [i < 52 for i in range(200)],
+                                                                   "baseline": baseline})
+    (tmp_path / "points" / "distill.method=crd").mkdir()  # not finished: left out
+    printed = run_benchmark("methods_pairwise.py", str(tmp_path))
+    table = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in table] == ["| kd", "| rkd", "| baseline"]
+    assert printed.startswith("3 pairs")
+    kd, rkd = table[0].split(" | "), table[1].split(" | ")
+    assert kd[1] == "60.00 ± 0.00%"
+    # kd is right on 68 images per seed that rkd gets wrong, and never the reverse: 136/0 pooled.
+    assert kd[4].startswith("136/0, Holm p") and kd[4].endswith("* (rkd)")
+    assert rkd[4].startswith("4/0, Holm p") and "*" not in rkd[4] and rkd[5].startswith("4/0")
