@@ -23,6 +23,9 @@ class Compute(NamedTuple):
     device: torch.device
     precision: str  # "fp32" or "bf16" (autocast)
     layout: str = ""  # "channels_last" or "contiguous"; "": the default of the device and precision
+    # The precision of the forward passes whose outputs are kept (a teacher's stored signal), where it
+    # is not the training's: a forward pass can be fastest in another (precision_choice.py).
+    outputs: str = ""
 
     @classmethod
     def of(cls, device: torch.device, precision: str, channels_last: bool) -> Compute:
@@ -33,11 +36,19 @@ class Compute(NamedTuple):
             device, precision, "channels_last" if channels_last else "contiguous")
 
     def key(self) -> str:
-        return f"{self.device.type}-{self.precision}" + (f"-{self.layout}" if self.layout else "")
+        return (f"{self.device.type}-{self.precision}" + (f"-{self.layout}" if self.layout else "")
+                + (f"-outputs-{self.outputs}" if self.outputs else ""))
 
     def label(self) -> str:
-        """fp32, fp32+cl, bf16 or bf16+cl: the precision and, where channels_last, the memory format."""
-        return self.precision + ("+cl" if self.channels_last else "")
+        """fp32, fp32+cl, bf16 or bf16+cl: the precision and, where channels_last, the memory format;
+        then the outputs' precision where it is another (fp32+cl, outputs bf16)."""
+        outputs = f", outputs {self.outputs}" if self.outputs else ""
+        return self.precision + ("+cl" if self.channels_last else "") + outputs
+
+    @property
+    def output_precision(self) -> str:
+        """The precision of forward passes whose outputs are kept."""
+        return self.outputs or self.precision
 
     @property
     def channels_last(self) -> bool:

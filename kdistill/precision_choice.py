@@ -12,6 +12,12 @@ gradients stay finite trains it. The choice is
 - cached per machine and model (KDISTILL_CACHE/precision/), so the next run on this machine skips
   the measurement; a run started on a loaded machine measures what that machine gives.
 
+A teacher's outputs that are kept (its stored logits and features, the report's val logits) come
+from forward passes alone, which can be fastest in another precision than its training step: each
+trained teacher's forward pass is timed in fp32 and bf16 in the memory format it trains in, and the
+clearly faster one computes them (on the Xeon: EfficientNet-Lite0 trains in fp32 + channels_last and
+runs forward 2.5x faster in bf16). Its val accuracy per epoch stays in its training precision.
+
 The baseline is the student's architecture and gets the student's choice: it differs from the
 student only by the teacher. On CUDA, auto stays bf16 autocast + channels_last (not measured).
 """
@@ -90,24 +96,40 @@ def _what_is_timed(part, image_size: int, classes: int) -> dict:
             "batch": part.batch_size, "classes": classes, "trains": trains, "dropout": part.dropout}
 
 
-def measure(timed: dict, device: torch.device) -> dict[str, float | None]:
-    """{candidate label: images per second, None where not finite} for the model described by timed."""
+def _timed_inputs(timed: dict) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The model described by timed (random weights), a batch of random images and labels."""
     torch.manual_seed(0)
     model = standardized_model(timed["arch"], timed["classes"], timed["dropout"], "none", "dataset",
                                [0.5] * 3, [0.25] * 3, timed["side"] if timed["side"] > timed["image_size"] else 0)[0]
     images = torch.rand(timed["batch"], 3, timed["image_size"], timed["image_size"])
-    labels = torch.arange(timed["batch"]) % timed["classes"]
+    return model, images, torch.arange(timed["batch"]) % timed["classes"]
+
+
+def measure(timed: dict, device: torch.device) -> dict[str, float | None]:
+    """{candidate label: images per second, None where not finite} for the model described by timed."""
+    model, images, labels = _timed_inputs(timed)
     return {candidate.label(): step_images_per_second(model, candidate, images, labels, timed["trains"])
             for candidate in candidates(device)}
+
+
+def measure_outputs(timed: dict, device: torch.device, channels_last: bool) -> dict[str, float | None]:
+    """{precision: images per second of a forward pass} for the model described by timed, in the
+    memory format it trains in (its weights stay in it)."""
+    model, images, labels = _timed_inputs(timed)
+    precisions = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+    return {precision: step_images_per_second(model, Compute.of(device, precision, channels_last), images, labels,
+                                              False) for precision in precisions}
 
 
 LABELS = ("fp32", "fp32+cl", "bf16", "bf16+cl")
 
 
 def _from_label(device: torch.device, label: str) -> Compute:
-    if label not in LABELS:
+    """The Compute a label names (Compute.label)."""
+    label, _, outputs = label.partition(", outputs ")
+    if label not in LABELS or outputs not in ("", "fp32", "bf16") or outputs == label.removesuffix("+cl"):
         raise ValueError(f"not a precision: {label!r}")
-    return Compute.of(device, label.removesuffix("+cl"), label.endswith("+cl"))
+    return Compute.of(device, label.removesuffix("+cl"), label.endswith("+cl"))._replace(outputs=outputs)
 
 
 # Plain fp32 is kept unless another candidate is at least this much faster: a near tie is within the
@@ -116,12 +138,13 @@ def _from_label(device: torch.device, label: str) -> Compute:
 PLAIN_MARGIN = 1.1
 
 
-def _fastest(table: dict[str, float | None]) -> str:
+def _fastest(table: dict[str, float | None], plain_label: str = "fp32") -> str:
+    """The fastest finite candidate, or plain_label unless another is PLAIN_MARGIN faster."""
     finite = {label: speed for label, speed in table.items() if speed is not None}
     if not finite:
-        return "fp32"
-    fastest, plain = max(finite, key=finite.get), finite.get("fp32")
-    return "fp32" if plain is not None and finite[fastest] < plain * PLAIN_MARGIN else fastest
+        return plain_label
+    fastest, plain = max(finite, key=finite.get), finite.get(plain_label)
+    return plain_label if plain is not None and finite[fastest] < plain * PLAIN_MARGIN else fastest
 
 
 def _cached_table(path: str) -> dict[str, float | None] | None:
@@ -137,28 +160,66 @@ def _cached_table(path: str) -> dict[str, float | None] | None:
     return table if valid else None
 
 
+def _cached_or_measured(timed: dict, cache_dir: str, measure_it: Callable[[], dict]) -> tuple[dict, str]:
+    """(the table of images per second for what timed describes, how it was had): cached per machine."""
+    key = hashlib.sha256(json.dumps({**_machine(), **timed}, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, "precision", f"{key}.json")
+    table = _cached_table(path)
+    if table is not None:
+        return table, "measured on this machine before"
+    start = time.perf_counter()
+    table = measure_it()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps({"machine": _machine(), "model": timed, "images_per_second": table}))
+    return table, f"measured in {time.perf_counter() - start:.1f} s"
+
+
+def _speeds(table: dict[str, float | None]) -> str:
+    return ", ".join(f"{label} {'not finite' if speed is None else f'{speed:.1f}'}" for label, speed in table.items())
+
+
 def _measured_choice(name: str, part, image_size: int, classes: int, device: torch.device, cache_dir: str,
                      log: Callable[[str], None]) -> Compute:
     timed = _what_is_timed(part, image_size, classes)
-    key = hashlib.sha256(json.dumps({**_machine(), **timed}, sort_keys=True).encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir, "precision", f"{key}.json")
     where = f"{part.arch} at {timed['side']} px, batch {timed['batch']}, {'training' if timed['trains'] else 'forward'}"
-    table, how = _cached_table(path), "measured on this machine before"
-    if table is None:
-        start = time.perf_counter()
-        try:
-            table = measure(timed, device)
-        except Exception as e:  # a model that cannot be built without its weights: the default rule
-            fallback = Compute(device, resolve_precision("auto", device))
-            log(f"precision: {name} {where} could not be timed ({first_line(e)[:120]}); {fallback.label()}")
-            return fallback
-        how = f"measured in {time.perf_counter() - start:.1f} s"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write_text(path, json.dumps({"machine": _machine(), "model": timed, "images_per_second": table}))
+    try:
+        table, how = _cached_or_measured(timed, cache_dir, lambda: measure(timed, device))
+    except Exception as e:  # a model that cannot be built without its weights: the default rule
+        fallback = Compute(device, resolve_precision("auto", device))
+        log(f"precision: {name} {where} could not be timed ({first_line(e)[:120]}); {fallback.label()}")
+        return fallback
     choice = _fastest(table)
-    speeds = ", ".join(f"{label} {'not finite' if speed is None else f'{speed:.1f}'}" for label, speed in table.items())
-    log(f"precision: {name} {where}, images/s: {speeds}; {choice} ({how})")
+    log(f"precision: {name} {where}, images/s: {_speeds(table)}; {choice} ({how})")
     return _from_label(device, choice)
+
+
+def _measured_outputs(name: str, part, image_size: int, classes: int, cache_dir: str, log: Callable[[str], None],
+                      training: Compute) -> Compute:
+    """training, with the precision of the teacher's kept outputs (its stored signal) where a forward
+    pass is clearly faster in another: on an Intel Xeon with AMX, EfficientNet-Lite0 trains fastest in
+    fp32 + channels_last and runs forward 2.5x faster in bf16 (benchmarks/RESULTS.md)."""
+    timed = {**_what_is_timed(part, image_size, classes), "trains": False, "layout": training.label()}
+    try:
+        table, how = _cached_or_measured(timed, cache_dir,
+                                         lambda: measure_outputs(timed, training.device, training.channels_last))
+    except Exception as e:
+        log(f"precision: {name}'s outputs could not be timed ({first_line(e)[:120]}); {training.precision}")
+        return training
+    choice = _fastest(table, training.precision)
+    log(f"precision: {name}'s outputs (forward, {training.label()}), images/s: {_speeds(table)}; {choice} ({how})")
+    return training if choice == training.precision else training._replace(outputs=choice)
+
+
+def _auto_choice(name: str, part, cfg: Config, classes: int, device: torch.device, started: list[str],
+                 log: Callable[[str], None]) -> Compute:
+    """precision: auto for one model on the CPU, where its run recorded none (see choose_computation)."""
+    if part.epochs == 0:  # a given teacher only predicts, and its architecture is the file's: the default rule
+        return Compute(device, resolve_precision("auto", device))
+    training = _started_in(started, device) or _measured_choice(name, part, cfg.image_size, classes, device,
+                                                                cfg.resolved_cache_dir(), log)
+    if name == "student":  # its outputs are the evaluation's, in the precision it trains in
+        return training
+    return _measured_outputs(name, part, cfg.image_size, classes, cfg.resolved_cache_dir(), log, training)
 
 
 def _recorded(path: str, device: torch.device) -> tuple[int | None, dict[str, Compute]]:
@@ -209,10 +270,8 @@ def choose_computation(cfg: Config, classes: int, device: torch.device, recorded
         compute = Compute(device, resolve_precision(cfg.precision, device))
         computes = {name: compute for name in models}
     else:
-        # A given teacher (epochs 0) only predicts, and its architecture is the file's: the default rule.
-        computes = {name: recorded.get(name) or _started_in(checkpoints.get(name, []), device) or
-                    (Compute(device, resolve_precision("auto", device)) if part.epochs == 0 else
-                     _measured_choice(name, part, cfg.image_size, classes, device, cfg.resolved_cache_dir(), log))
+        computes = {name: recorded.get(name) or _auto_choice(name, part, cfg, classes, device,
+                                                             checkpoints.get(name, []), log)
                     for name, part in models.items()}
         log("precision: " + ", ".join(f"{name} {compute.label()}" for name, compute in computes.items()))
     os.makedirs(os.path.dirname(recorded_path), exist_ok=True)

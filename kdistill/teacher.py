@@ -52,7 +52,7 @@ class TrainedTeacher(NamedTuple):
     @property
     def where(self) -> tuple[torch.device, str]:
         """(device, precision) of its outputs, as predict_logits takes them."""
-        return self.compute.device, self.compute.precision
+        return self.compute.device, self.compute.output_precision
 
     def train_logits(self, batcher: ImageBatcher, batch_size: int, transfer: str | None = None) -> torch.Tensor:
         """The teacher's logits for every training image (unaugmented view), then for every image

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 import kdistill
+import kdistill.teacher
 from conftest import tiny_settings
 from kdistill import precision_choice, threads
 from kdistill.compute import Compute
 from kdistill.config import build_config
 from kdistill.fileio import load_torch, save_torch
+from kdistill.inference import predict_logits
 from kdistill.sweep import baseline_settings, teacher_settings
 
 CPU = torch.device("cpu")
@@ -56,6 +58,14 @@ def _fake_measure(table: dict, calls: list):
         calls.append(timed["arch"])
         return dict(table)
     return measure
+
+
+@pytest.fixture(autouse=True)
+def forward_in_the_training_precision(monkeypatch):
+    """A teacher's forward pass timed as no faster in another precision (tests that fake the training
+    table would otherwise time real forward passes)."""
+    monkeypatch.setattr(precision_choice, "measure_outputs", lambda timed, device, channels_last: {"fp32": 1.0,
+                                                                                                    "bf16": 1.0})
 
 
 def test_auto_measures_once_per_machine_and_model_and_a_run_keeps_what_it_recorded(tmp_path, monkeypatch):
@@ -112,16 +122,54 @@ def test_a_model_that_started_training_keeps_the_computation_its_checkpoint_reco
     assert computes["student"] == Compute(CPU, "bf16") and computes["teacher"] == Compute(CPU, "fp32")
 
 
+def test_a_teachers_outputs_take_the_precision_its_forward_pass_is_clearly_fastest_in(tmp_path, monkeypatch):
+    fake = _fake_measure({"fp32": 1.0, "fp32+cl": 3.0, "bf16+cl": 2.0}, [])
+    monkeypatch.setattr(precision_choice, "measure", fake)
+    timed_layouts = []
+
+    def forward(timed, device, channels_last):
+        timed_layouts.append((timed["arch"], timed["trains"], channels_last))
+        return {"fp32": 131.0, "bf16": 322.0}  # EfficientNet-Lite0 at 128 px on the Xeon, fp32+cl and bf16+cl
+    monkeypatch.setattr(precision_choice, "measure_outputs", forward)
+    cfg = build_config(overrides={"cache_dir": str(tmp_path / "cache"), "precision": "auto", "threads": 1,
+                                  "teacher": {"arch": "resnet34"}, "student": {"arch": "resnet18"}})
+    recorded = str(tmp_path / "run" / "compute.json")
+    computes = precision_choice.choose_computation(cfg, 3, CPU, recorded, {}, quiet)[1]
+    # The teacher trains in fp32 + channels_last and keeps its outputs in bf16; the student's outputs are
+    # its evaluation's, in the precision it trains in.
+    assert computes["teacher"] == Compute.of(CPU, "fp32", True)._replace(outputs="bf16")
+    assert computes["teacher"].output_precision == "bf16" and computes["student"].output_precision == "fp32"
+    assert computes["teacher"].key() == "cpu-fp32-channels_last-outputs-bf16"  # another stored signal
+    assert timed_layouts == [("resnet34", False, True)]
+    assert json.load(open(recorded))["models"]["teacher"] == "fp32+cl, outputs bf16"
+    # A rerun reads it back; a near tie keeps the training's precision.
+    assert precision_choice.choose_computation(cfg, 3, CPU, recorded, {}, quiet)[1] == computes
+    assert precision_choice._fastest({"fp32": 100.0, "bf16": 108.0}, "fp32") == "fp32"
+    assert precision_choice._fastest({"fp32": 120.0, "bf16": 100.0}, "bf16") == "fp32"
+    with pytest.raises(ValueError):
+        precision_choice._from_label(CPU, "fp32+cl, outputs fp32")  # no other precision: not a label written
+
+
 def test_a_run_under_auto_trains_each_model_as_chosen_and_resumes_as_it_started(digits_dataset, tmp_path,
                                                                                  monkeypatch):
     tables = {"tiny_nets:tiny_teacher": {"fp32": 1.0, "fp32+cl": 2.0, "bf16+cl": 1.5},  # fp32 + channels_last
               "tiny_nets:tiny_student": {"fp32": 1.0, "fp32+cl": 1.2, "bf16+cl": 2.0}}  # bf16 + channels_last
     monkeypatch.setattr(precision_choice, "measure", lambda timed, device: tables[timed["arch"]])
+    monkeypatch.setattr(precision_choice, "measure_outputs", lambda timed, device, channels_last: {"fp32": 1.0,
+                                                                                                    "bf16": 2.0})
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), precision="auto",
                              threads=1, teacher={"arch": "tiny_nets:tiny_teacher", "mode": "full", "epochs": 1},
                              student={"arch": "tiny_nets:tiny_student", "epochs": 2})
+    teacher_passes = []
+
+    def spied(model, batches, batch_size, device, precision="fp32", **kwargs):
+        teacher_passes.append(precision)
+        return predict_logits(model, batches, batch_size, device, precision, **kwargs)
+    monkeypatch.setattr(kdistill.teacher, "predict_logits", spied)
     metrics = kdistill.run(settings, log=quiet)
-    assert metrics["computed_in"] == {"teacher": "fp32+cl", "student": "bf16+cl"} and metrics["threads"] == 1
+    assert metrics["computed_in"] == {"teacher": "fp32+cl, outputs bf16", "student": "bf16+cl"}
+    assert metrics["threads"] == 1
+    assert teacher_passes and set(teacher_passes) == {"bf16"}  # the teacher's stored logits: in bf16
     checkpoints = tmp_path / "run" / "checkpoints"
     computed_on = {name: load_torch(str(checkpoints / name / "last.pt"))["computed_on"]
                    for name in ("teacher", "student", "baseline")}
@@ -131,6 +179,7 @@ def test_a_run_under_auto_trains_each_model_as_chosen_and_resumes_as_it_started(
     # checkpoint records, the student and baseline (trained again) what the run recorded; a changed
     # computation would be refused, and nothing is measured again.
     monkeypatch.setattr(precision_choice, "measure", lambda timed, device: pytest.fail("measured again"))
+    monkeypatch.setattr(precision_choice, "measure_outputs", lambda *args: pytest.fail("measured again"))
     for cached in (tmp_path / "cache" / "precision").iterdir():
         cached.unlink()
     (checkpoints / "student" / "last.pt").unlink()  # the student trains again, from its recorded choice
