@@ -39,6 +39,9 @@ class Session:
     keep_checkpoints: bool = True
     name: str = ""  # the run name (teacher, student, baseline, student-seed1, ...), set by fit
     layout: str = ""  # the memory format where not the default of device and precision (Compute.layout)
+    # The precision of its val evaluation where not its training's: a teacher's, that of its kept
+    # outputs (Compute.outputs), so that its best epoch is picked on the numbers it then gives.
+    eval_precision: str = ""
     # arch -> a new model placed like the trained one, for a method that trains a model of its own
     # (DML's peer; see distillers.BuildContext); None: none to give.
     make_model: Callable[[str], nn.Module] | None = None

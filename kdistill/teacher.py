@@ -128,7 +128,7 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
                       [*(make_loggers(cfg.loggers, cfg.out) if ranks.main else []),
                        *head_warmup(teacher, head, t.head_epochs if not head_only else 0, ranks.joined)],
-                      cfg.keep_checkpoints, layout=compute.layout, clock=scope.clock)
+                      cfg.keep_checkpoints, layout=compute.layout, clock=scope.clock, eval_precision=compute.outputs)
     features = None
     if head_only and cfg.augment == "none":
         # The frozen backbone is a fixed function of the image: compute its features once and
@@ -161,7 +161,7 @@ def _given_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, compu
     model, head, normalize, arch = load_given_teacher(t, data.classes, data.mean, data.std,
                                                       upsampled_side(t, cfg.image_size), log)
     model = compute.place(model).eval().requires_grad_(False)
-    val_loss, val_acc = evaluate(model, batcher("val"), t.batch_size, compute.device, compute.precision, ranks)
+    val_loss, val_acc = evaluate(model, batcher("val"), t.batch_size, compute.device, compute.output_precision, ranks)
     if not math.isfinite(val_loss):
         raise KdistillError(f"{name}: the weights {t.weights} give non-finite logits on the val images")
     log(f"{name}: given, not trained: val loss {val_loss:.3f} acc {val_acc:.3f}")

@@ -302,7 +302,7 @@ def _validate(state: FitState, model: nn.Module, val: Batches, row: dict) -> nn.
     session, cfg, trainable, ema = state.session, state.cfg, state.parts["model"], state.parts["ema"]
     session.ranks.share_buffers(trainable)
     session.ranks.share_buffers(ema)
-    evaluated = (cfg.batch_size, session.device, session.precision, session.ranks)
+    evaluated = (cfg.batch_size, session.device, session.eval_precision or session.precision, session.ranks)
     row["val_loss"], row["val_acc"] = evaluate(model, val, *evaluated)
     offered = trainable
     if ema is not None:

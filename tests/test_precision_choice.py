@@ -9,12 +9,13 @@ from torch import nn
 
 import kdistill
 import kdistill.teacher
+import kdistill.train
 from conftest import tiny_settings
 from kdistill import precision_choice, threads
 from kdistill.compute import Compute
 from kdistill.config import build_config
 from kdistill.fileio import load_torch, save_torch
-from kdistill.inference import predict_logits
+from kdistill.inference import evaluate, predict_logits
 from kdistill.sweep import baseline_settings, teacher_settings
 
 CPU = torch.device("cpu")
@@ -166,10 +167,18 @@ def test_a_run_under_auto_trains_each_model_as_chosen_and_resumes_as_it_started(
         teacher_passes.append(precision)
         return predict_logits(model, batches, batch_size, device, precision, **kwargs)
     monkeypatch.setattr(kdistill.teacher, "predict_logits", spied)
+    evaluations = []
+
+    def spied_evaluate(model, batches, batch_size, device, precision="fp32", ranks=None):
+        evaluations.append(precision)
+        return evaluate(model, batches, batch_size, device, precision, ranks)
+    monkeypatch.setattr(kdistill.train, "evaluate", spied_evaluate)
     metrics = kdistill.run(settings, log=quiet)
     assert metrics["computed_in"] == {"teacher": "fp32+cl, outputs bf16", "student": "bf16+cl"}
     assert metrics["threads"] == 1
     assert teacher_passes and set(teacher_passes) == {"bf16"}  # the teacher's stored logits: in bf16
+    # Every epoch's val evaluation too: the teacher's best epoch is picked on the outputs it then gives.
+    assert len(evaluations) >= 1 + 2 * 2 and set(evaluations) == {"bf16"}
     checkpoints = tmp_path / "run" / "checkpoints"
     computed_on = {name: load_torch(str(checkpoints / name / "last.pt"))["computed_on"]
                    for name in ("teacher", "student", "baseline")}
