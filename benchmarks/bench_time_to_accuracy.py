@@ -18,9 +18,9 @@ epochs of each model and two stored views (sample_settings), and its whole run's
 extrapolated per stage: each epoch of the full schedule costs what the sample's epochs of its kind
 cost (a head warm-up epoch, or a whole-model epoch at its progressive view side: a + b·side² fitted
 through the sampled sides), plus what the stage spent outside epochs; the views pass per view;
-prepare and the report as they were. Early stopping (patience) is not sampled: every epoch is counted.
-Its accuracy is the full run's, measured elsewhere. So today's code, whose accuracy is known, is
-timed in minutes beside a new variant run in full:
+prepare, the report and the time outside stages as they were. Early stopping (patience) is not
+sampled: every epoch is counted. Its accuracy is the full run's, measured elsewhere. So today's
+code, whose accuracy is known, is timed in minutes beside a new variant run in full:
 
     python benchmarks/bench_time_to_accuracy.py --root /work/runs/tta --seeds 0 \\
         --sampled "today@e5a909a=" \\
@@ -182,10 +182,12 @@ def schedule_seconds(sample: list[tuple[float, float | None]], part: dict, sampl
     return total
 
 
-def extrapolated(folder: Path, settings: dict, stage_seconds: dict[str, float]) -> dict[str, float]:
-    """The whole run's seconds per stage, from a sample run in folder (see the module's docstring)."""
+def extrapolated(folder: Path, settings: dict, stage_seconds: dict[str, float], wall: float) -> dict[str, float]:
+    """The whole run's seconds per stage, from a sample run in folder that took `wall` seconds (see the
+    module's docstring). What the run spent outside its stages (starting, and in an older commit's
+    code, the int8 export, which it did not count as a stage) is kept as it was."""
     parts = {"teacher": settings["teacher"], "student": settings["student"], "baseline": settings["student"]}
-    stages = dict(stage_seconds)
+    stages = {**stage_seconds, "outside stages": wall - sum(stage_seconds.values())}
     for model, part in parts.items():
         sample = sampled_epochs(folder, model)
         side = max(part.get("input_size", 0), settings.get("image_size", 0))
@@ -243,7 +245,7 @@ def main() -> None:
             settings = full_settings(args.root, commit, arguments)
             result = run_variant(args.root, name, commit, arguments + sample_settings(settings),
                                  args.seeds.split(",")[0], args.data)
-            stages = extrapolated(args.root / name, settings, result["metrics"]["stage_seconds"])
+            stages = extrapolated(args.root / name, settings, result["metrics"]["stage_seconds"], result["wall"])
             line, wall, student = described_sample(name, result, stages), sum(stages.values()), None
         else:
             result = run_variant(args.root, name, commit, arguments, args.seeds, args.data)

@@ -99,9 +99,9 @@ def test_a_sampled_run_is_extrapolated_per_model_epoch_and_per_stored_view(tmp_p
             "epoch,seconds\n" + "".join(f"{i},{s}\n" for i, s in enumerate(seconds, 1)))
     stages = {"prepare": 7.0, "teacher": 25.0, "teacher_signal": 8.0, "student": 16.0, "baseline": 9.0, "deploy": 2.0}
     full = {"teacher": {"epochs": 15}, "student": {"epochs": 30}, "distill": {"views": 30}}
-    assert extrapolated(tmp_path, full, stages) == {
+    assert extrapolated(tmp_path, full, stages, wall=70.0) == {
         "prepare": 7.0, "teacher": 3.0 + 11.0 * 15, "teacher_signal": 8.0 * 15, "student": 1.0 + 5.0 * 30,
-        "baseline": 0.0 + 3.0 * 30, "deploy": 2.0}
+        "baseline": 0.0 + 3.0 * 30, "deploy": 2.0, "outside stages": 70.0 - 67.0}
 
 
 def test_a_sampled_run_costs_head_epochs_and_progressive_sides_as_the_full_schedule_has_them(tmp_path):
@@ -124,7 +124,7 @@ def test_a_sampled_run_costs_head_epochs_and_progressive_sides_as_the_full_sched
     for model, text in rows.items():
         (tmp_path / "history" / f"{model}.csv").write_text(text)
     stages = {"teacher": 20.0, "teacher_signal": 4.0, "student": 33.696, "baseline": 32.696}
-    whole = benchmark.extrapolated(tmp_path, settings, stages)
+    whole = benchmark.extrapolated(tmp_path, settings, stages, wall=90.0)
     assert whole["teacher"] == 3.0 + 5 * 2 + 12 * 6
     # The full schedule's sides: 64, 96, then 128 from epoch round(0.75 * 4) = 3 on.
     assert abs(whole["student"] - (1.0 + 5.096 + 10.216 + 17.384 * 2)) < 1e-9
