@@ -15,8 +15,8 @@ gradients stay finite trains it. The choice is
 A teacher's outputs that are kept (its stored logits and features, the report's val logits) come
 from forward passes alone, which can be fastest in another precision than its training step: each
 trained teacher's forward pass is timed in fp32 and bf16 in the memory format it trains in, and the
-clearly faster one computes them (on the Xeon: EfficientNet-Lite0 trains in fp32 + channels_last and
-runs forward 2.5x faster in bf16). Its val accuracy per epoch stays in its training precision.
+clearly faster one computes them and its val evaluation every epoch (on the Xeon, EfficientNet-Lite0
+trains fastest in fp32 + channels_last and runs forward 2.1x faster in bf16 + channels_last).
 
 The baseline is the student's architecture and gets the student's choice: it differs from the
 student only by the teacher. On CUDA, auto stays bf16 autocast + channels_last (not measured).
@@ -197,7 +197,7 @@ def _measured_outputs(name: str, part, image_size: int, classes: int, cache_dir:
                       training: Compute) -> Compute:
     """training, with the precision of the teacher's kept outputs (its stored signal) where a forward
     pass is clearly faster in another: on an Intel Xeon with AMX, EfficientNet-Lite0 trains fastest in
-    fp32 + channels_last and runs forward 2.5x faster in bf16 (benchmarks/RESULTS.md)."""
+    fp32 + channels_last and runs forward 2.1x faster in bf16 (benchmarks/RESULTS.md)."""
     timed = {**_what_is_timed(part, image_size, classes), "trains": False, "layout": training.label()}
     try:
         table, how = _cached_or_measured(timed, cache_dir,

@@ -162,3 +162,12 @@ def test_the_pairwise_methods_table_ranks_the_methods_and_the_baseline_and_marks
     # kd is right on 68 images per seed that rkd gets wrong, and never the reverse: 136/0 pooled.
     assert kd[4].startswith("136/0, Holm p") and kd[4].endswith("* (rkd)")
     assert rkd[4].startswith("4/0, Holm p") and "*" not in rkd[4] and rkd[5].startswith("4/0")
+
+
+def test_the_precision_benchmark_times_a_zoo_teachers_forward_pass_in_each_variant():
+    printed = run_benchmark("bench_precision.py", "--arch", "kdistill.zoo:efficientnet_lite0", "--size", "32",
+                            "--batch", "4", "--rounds", "1", "--forward", "--min-time", "0.05")
+    assert "kdistill.zoo:efficientnet_lite0 forward pass, 32 px, batch 4, median of 1 rounds:" in printed
+    speeds = re.findall(r"^  (.+?) +(\d+\.\d) img/s +(\d\.\d\d)x float32$", printed, re.M)
+    assert [name for name, _, _ in speeds] == ["fp32", "fp32 + channels_last", "bf16", "bf16 + channels_last"]
+    assert float(speeds[0][2]) == 1.0 and all(float(rate) > 0 for _, rate, _ in speeds)
