@@ -1,11 +1,11 @@
-"""How much storing teacher features in float16 instead of float32 changes the feature methods' loss
-terms, on real images with a pretrained teacher.
+"""How much storing teacher features in float16, or in 8 bits (distill.feature_storage int8), instead
+of float32 changes the feature methods' loss terms, on real images with a pretrained teacher.
 
 Teacher: EfficientNet-Lite0 with its ImageNet weights (kdistill.zoo, offline); student: ResNet18
 from scratch; --images images of a folder's class subfolders at --size px. The teacher's features
-are taken once, stored as float16 and as float32 (kdistill.teacher_signal.hooked_outputs, as a run
-stores them), and each method's terms computed from both; prints the largest relative difference
-per method and term.
+are taken once, stored as float16, int8 and float32 (kdistill.teacher_signal.hooked_outputs, as a
+run stores them), and each method's terms computed from each; prints the relative difference from
+float32 per method, term and storage.
 
     python benchmarks/bench_feature_fp16.py ../shared/data/hymenoptera/val --images 32
 """
@@ -21,7 +21,7 @@ from PIL import Image
 from kdistill.distillers import AT, PKT, RKD, SP, BuildContext, FitNets, Outputs, Step
 from kdistill.features import FeatureTaps
 from kdistill.models import standardized_model
-from kdistill.teacher_signal import hooked_outputs
+from kdistill.teacher_signal import COMPACT_DTYPE, hooked_outputs
 from kdistill.batches import Batches
 
 CPU = torch.device("cpu")
@@ -55,7 +55,7 @@ def main() -> None:
     teacher_paths = sorted({t for _, t in pairs.values()})
     batches = Batches(x, labels, lambda batch: batch)
     stored = {dtype: hooked_outputs(teacher, teacher_paths, [batches], 16, CPU, dtype=dtype)[1]
-              for dtype in (torch.float16, torch.float32)}
+              for dtype in (torch.float16, COMPACT_DTYPE, torch.float32)}
     taps = FeatureTaps(student, sorted({s for s, _ in pairs.values()}), "the student")
     with torch.no_grad():
         student_outputs = Outputs(student(x), taps.take())
@@ -77,8 +77,10 @@ def main() -> None:
             with torch.no_grad():
                 terms[dtype] = method(Step(student_outputs, labels, teacher_outputs))
         for term, value in terms[torch.float32].items():
-            difference = abs(terms[torch.float16][term].item() - value.item()) / max(abs(value.item()), 1e-12)
-            print(f"{name:8s} {term:9s} float32 {value.item():.6g}  max relative difference {difference:.1e}")
+            differences = ", ".join(
+                f"{label} {abs(terms[dtype][term].item() - value.item()) / max(abs(value.item()), 1e-12):.1e}"
+                for label, dtype in (("float16", torch.float16), ("int8", COMPACT_DTYPE)))
+            print(f"{name:8s} {term:9s} float32 {value.item():.6g}  relative difference: {differences}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from .compute import autocast
 from .data import batch_indices
 from .distillers import Outputs
 
-# extras key prefix of stored teacher features: TEACHER_FEATURES + module path (float16 or float32)
+# extras key prefix of stored teacher features: TEACHER_FEATURES + module path (float16 or float32, or
+# teacher_signal.CompactRows in 8 bits: indexed and moved alike, .float() serves them)
 TEACHER_FEATURES = "teacher_features:"
 
 

@@ -55,6 +55,11 @@ class _DistillSettings:
     max_signal_memory_gb: float = setting(4.0, "most memory (GB) the stored teacher features of a method reading "
                                                "them may take (cached or views); above it auto runs the teacher "
                                                "online and cached or views is refused", gt=0)
+    feature_storage: str = setting(
+        "auto", "stored teacher features in float16, or in int8 (8-bit codes and a scale per image and view: half "
+                "of float16's memory, each value within half a step, 1/254 of its row's largest magnitude); auto: "
+                "float16 where it fits in max_signal_memory_gb, else int8",
+        choices=("auto", "float16", "int8"))
     ensemble_weights: list = setting([], "weight of each teacher (teacher, then the ensemble's in order) in the "
                                          "average of their softened probabilities; empty: equal",
                                      item_kind=float, ge=0)

@@ -32,8 +32,8 @@ from .models import Standardized, standardized_model, trainable_part, weights_so
 from .progress import progress_bar
 from .run_clock import RunClock
 from .run_folder import RunFolder
-from .teacher_signal import (FEATURE_DTYPE, cached_tensors, feature_megabytes, feature_shapes, head_inputs,
-                             hooked_outputs, signal_key)
+from .teacher_signal import (COMPACT_DTYPE, FEATURE_DTYPE, CompactRows, as_tensors, cached_tensors, feature_megabytes,
+                             feature_shapes, from_tensors, head_inputs, hooked_outputs, signal_key)
 from .batches import TEACHER_FEATURES, Batches
 from .inference import evaluate, predict_logits
 from .train import fit
@@ -204,8 +204,11 @@ def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teac
         views = stored_views(cfg.augment, count, cfg.distill.views, cfg.image_size, cfg.seed, view_params(cfg))
         if views.shape[1] != cfg.distill.views:
             log(f"teacher signal: augment={cfg.augment} has {views.shape[1]} distinct views per image; storing those")
-    if paths and signal != "online" and not _features_fit(cfg, members[0], paths, batcher(served), signal,
-                                                          count * (1 if views is None else views.shape[1]), log):
+    storage = FEATURE_DTYPE
+    if paths and signal != "online":
+        storage = _feature_storage(cfg, members[0], paths, batcher(served), signal,
+                                   count * (1 if views is None else views.shape[1]), log)
+    if storage is None:
         plan = SignalPlan("online", f"its features would not fit in distill.max_signal_memory_gb="
                                     f"{cfg.distill.max_signal_memory_gb}")
         signal = plan.kind
@@ -216,7 +219,7 @@ def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teac
                    EnsembleTeacher([member.model for member in members], cfg.teacher_weights(),
                                    cfg.distill.temperature))
         return batcher(served, augment=True, mix=True, teacher=teacher), plan
-    stored = StoredSignal(cfg, data, batcher, served, transfer, views, log, ranks)
+    stored = StoredSignal(cfg, data, batcher, served, transfer, views, log, ranks, storage)
     # A method reading features gets them and its first teacher's logits from one pass of that teacher.
     first_pass = stored.first_pass(members[0], paths) if paths else None
     logits = [stored.logits(member, first_pass if i == 0 else None) for i, member in enumerate(members)]
@@ -228,23 +231,30 @@ def distillation_batches(plan: SignalPlan, cfg: Config, data: PreparedData, teac
     return batcher(served, views=views, extras=extras), plan
 
 
-def _features_fit(cfg: Config, teacher: TrainedTeacher, paths, batches: Batches, signal: str, samples: int,
-                  log) -> bool:
-    """Whether the teacher features of `samples` images (or views) fit in distill.max_signal_memory_gb;
-    stated in the log. Where they don't: False under auto, else a one-line error."""
+STORAGE = {"float16": FEATURE_DTYPE, "int8": COMPACT_DTYPE}
+
+
+def _feature_storage(cfg: Config, teacher: TrainedTeacher, paths, batches: Batches, signal: str, samples: int,
+                     log) -> torch.dtype | None:
+    """The dtype the teacher features of `samples` images (or views) are stored in: distill.feature_storage's,
+    or under its auto the first of float16 and int8 that fits in distill.max_signal_memory_gb; stated in
+    the log. Where none fits: None under teacher_signal auto (the teacher runs online), else a one-line error."""
     shapes = feature_shapes(teacher.model, paths, batches, *teacher.where)
-    megabytes = feature_megabytes(shapes, samples)
-    limit = cfg.distill.max_signal_memory_gb
+    limit, chosen = cfg.distill.max_signal_memory_gb, cfg.distill.feature_storage
     described = ", ".join(f"{path} {tuple(shape)}" for path, shape in shapes.items())
-    log(f"teacher signal: features at {described} of {samples} images{' and views' if signal == 'views' else ''} "
-        f"take {megabytes:.1f} MB in {str(FEATURE_DTYPE).removeprefix('torch.')}")
-    if megabytes <= limit * 1024:
-        return True
+    for name, dtype in STORAGE.items():
+        if chosen not in ("auto", name):
+            continue
+        megabytes = feature_megabytes(shapes, samples, dtype)
+        log(f"teacher signal: features at {described} of {samples} images{' and views' if signal == 'views' else ''} "
+            f"take {megabytes:.1f} MB in {name}")
+        if megabytes <= limit * 1024:
+            return dtype
     if cfg.distill.teacher_signal == "auto":
-        return False
+        return None
     fewer = " or fewer distill.views" if signal == "views" else ""
     raise KdistillError(f"setting distill.teacher_signal={signal}: the teacher features of {samples} images need "
-                        f"{megabytes / 1024:.2f} GB, above distill.max_signal_memory_gb={limit}; set "
+                        f"{megabytes / 1024:.2f} GB in {name}, above distill.max_signal_memory_gb={limit}; set "
                         f"distill.teacher_signal=online{fewer}, or raise distill.max_signal_memory_gb")
 
 
@@ -261,6 +271,7 @@ class StoredSignal:
     views: torch.Tensor | None
     log: Callable[[str], None]
     ranks: Ranks
+    feature_dtype: torch.dtype = FEATURE_DTYPE  # FEATURE_DTYPE or COMPACT_DTYPE (_feature_storage)
 
     def key_parts(self, teacher: TrainedTeacher) -> list[str]:
         """What a stored signal depends on: the weights, the data, the views, the transfer set, the device."""
@@ -279,8 +290,8 @@ class StoredSignal:
     def first_pass(self, teacher: TrainedTeacher, paths):
         """A function returning {"logits", "features"} of the teacher over every image, or each
         stored view, at the module paths: one pass, made on the first call. Its features are in
-        float16, or in float32 where a value exceeds float16's range; without views, both drop the
-        view axis."""
+        feature_dtype: float16 (float32 where a value exceeds float16's range) or 8 bits (CompactRows);
+        without views, both drop the view axis."""
         views, batcher = self.views, self.batcher
         view_batches = ([batcher(self.served)] if views is None else
                         [batcher(self.served, views=views[:, k:k + 1]) for k in range(views.shape[1])])
@@ -289,7 +300,8 @@ class StoredSignal:
         def run() -> dict[str, object]:
             if not outputs:
                 total = sum(len(batches) for batches in view_batches)
-                for dtype in (FEATURE_DTYPE, torch.float32):
+                compact = self.feature_dtype == COMPACT_DTYPE  # 8 bits never overflow: no wider retry
+                for dtype in (COMPACT_DTYPE,) if compact else (FEATURE_DTYPE, torch.float32):
                     with progress_bar(total, f"teacher logits and features ({len(view_batches)} views)") as bar:
                         found = hooked_outputs(teacher.model, paths, view_batches, self.cfg.student.batch_size,
                                                *teacher.where, dtype, bar)
@@ -324,14 +336,15 @@ class StoredSignal:
         key = signal_key("views", *self.key_parts(teacher))
         return self._cached(f"views-{key}", rows, views_logits, f"teacher logits for {count} views per image")["train"]
 
-    def features(self, teacher: TrainedTeacher, paths, first_pass) -> dict[str, torch.Tensor]:
+    def features(self, teacher: TrainedTeacher, paths, first_pass) -> dict[str, torch.Tensor | CompactRows]:
         """The teacher's outputs at the module paths for every training image (N, ...), or for each
-        stored view (N, K, ...), in float16 (float32 where a value exceeds float16's range), from
-        first_pass (which gave the logits, if they were not stored)."""
-        key = signal_key("teacher-features", *paths, str(FEATURE_DTYPE), *self.key_parts(teacher))
+        stored view (N, K, ...), in feature_dtype, from first_pass (which gave the logits, if they
+        were not stored)."""
+        key = signal_key("teacher-features", *paths, str(self.feature_dtype), *self.key_parts(teacher))
         what = "teacher features" + ("" if self.views is None else f" for {self.views.shape[1]} views per image")
         rows = {path: len(self.batcher.splits[self.served].files) for path in paths}
-        return self._cached(f"teacher-features-{key}", rows, lambda: first_pass()["features"], what)
+        return from_tensors(self._cached(f"teacher-features-{key}", rows, lambda: as_tensors(first_pass()["features"]),
+                                         what))
 
 
 def without_teacher(batches: Batches, labelled: int) -> Batches:

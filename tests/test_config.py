@@ -12,7 +12,7 @@ from kdistill.errors import KdistillError
 from kdistill.features import output_shapes, resolve_auto_layers
 from kdistill.models import build_model, trainable_part
 from kdistill.settings import leaves, read_yaml
-from kdistill.teacher_signal import feature_megabytes
+from kdistill.teacher_signal import COMPACT_DTYPE, feature_megabytes
 
 SETTING_NAMES = [name for name, _, _ in leaves(Config())]
 
@@ -93,9 +93,9 @@ def test_preset_keys_are_all_settings(preset):
 def test_the_recommended_preset_stores_kd_and_the_hint_for_each_view():
     """Its teacher's logits and hint features are stored for as many views as student epochs where
     they fit. At 64 px both models see 128 px; the hint is matched at 64 px: EfficientNet-Lite0's
-    _blocks.10 for 7,800 images x 30 views (3.1 GiB) fits the default memory limit, the default
-    ResNet34's layer3 (7.3 GiB) does not, so auto runs that teacher online
-    (tests/test_feature_cache.py)."""
+    _blocks.10 for 7,800 images x 30 views (3.1 GiB) fits the default memory limit in float16, the
+    default ResNet34's layer3 (7.3 GiB) does not, but does in 8 bits (3.6 GiB), so auto stores it so
+    rather than running that teacher online (tests/test_compact_features.py)."""
     for teacher, layer, hint, fits in (("resnet34", "layer3", (256, 8, 8), False),
                                        ("kdistill.zoo:efficientnet_lite0", "_blocks.10", (112, 8, 8), True)):
         cfg = resolve_auto_layers(build_config("recommended", overrides={"image_size": 64},
@@ -108,6 +108,8 @@ def test_the_recommended_preset_stores_kd_and_the_hint_for_each_view():
         assert dict(output_shapes(cfg.teacher.arch, 128))[layer] == hint
         gigabytes = feature_megabytes({layer: hint}, 7800 * cfg.distill.views) / 1024
         assert (gigabytes < cfg.distill.max_signal_memory_gb) == fits
+        in_8_bits = feature_megabytes({layer: hint}, 7800 * cfg.distill.views, COMPACT_DTYPE) / 1024
+        assert in_8_bits < cfg.distill.max_signal_memory_gb and cfg.distill.feature_storage == "auto"
 
 
 def test_auto_layers_match_the_teacher_at_the_size_it_sees():
@@ -328,6 +330,7 @@ CASES = {
     "distill.teacher_signal": ("exact", "online", "online"),
     "distill.views": ("0", "4", 4),
     "distill.max_signal_memory_gb": ("0", "0.5", 0.5),
+    "distill.feature_storage": ("int4", "int8", "int8"),
     "distill.ensemble_weights": ("-1", "[2]", [2.0]),
     "distill.unlabeled": ("/no/such/folder", "test", "test"),
     "distill.dkd.tckd_weight": ("-1", "2", 2.0),

@@ -93,12 +93,12 @@ def test_stored_teacher_features_are_the_teachers_on_exactly_the_served_inputs(d
 
 def test_stored_features_above_the_memory_limit_are_refused_in_one_line(digits_dataset, tmp_path):
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False, **TINY,
-                             distill={"method": "fitnets", "teacher_signal": "cached", "max_signal_memory_gb": 1e-4})
+                             distill={"method": "fitnets", "teacher_signal": "cached", "max_signal_memory_gb": 1e-5})
     with pytest.raises(KdistillError) as error:
         kdistill.run(settings, log=lambda message: None)
     assert str(error.value) == (
-        "setting distill.teacher_signal=cached: the teacher features of 72 images need 0.00 GB, above "
-        "distill.max_signal_memory_gb=0.0001; set distill.teacher_signal=online, or raise "
+        "setting distill.teacher_signal=cached: the teacher features of 72 images need 0.00 GB in int8, above "
+        "distill.max_signal_memory_gb=1e-05; set distill.teacher_signal=online, or raise "
         "distill.max_signal_memory_gb")
 
 
@@ -106,15 +106,15 @@ def test_under_auto_features_above_the_limit_make_the_teacher_run_online(digits_
     seen = record_student_training(monkeypatch)
     messages = []
     settings = tiny_settings(digits_dataset, str(tmp_path / "run"), str(tmp_path / "cache"), baseline=False, **TINY,
-                             distill={"method": "fitnets", "max_signal_memory_gb": 1e-4})
+                             distill={"method": "fitnets", "max_signal_memory_gb": 1e-5})
     metrics = kdistill.run(settings, log=messages.append)
     assert metrics["teacher_signal"] == "online" and seen["teacher_forwards"] == 1 + 5  # probe, then each batch
     assert ("teacher signal: online, the teacher runs on every training batch (its features would not fit in "
-            "distill.max_signal_memory_gb=0.0001)") in messages
+            "distill.max_signal_memory_gb=1e-05)") in messages
     with open(tmp_path / "run" / "report.md") as f:
         assert ("teacher signal online (the teacher ran on every training batch; its features would not fit in "
-                "distill.max_signal_memory_gb=0.0001)") in f.read()
-    assert metrics["teacher_signal_reason"] == "its features would not fit in distill.max_signal_memory_gb=0.0001"
+                "distill.max_signal_memory_gb=1e-05)") in f.read()
+    assert metrics["teacher_signal_reason"] == "its features would not fit in distill.max_signal_memory_gb=1e-05"
 
 
 def test_auto_stores_random_crops_with_a_view_per_epoch_and_features_that_fit(digits_dataset, tmp_path, monkeypatch):
@@ -135,10 +135,10 @@ def test_auto_stores_random_crops_with_a_view_per_epoch_and_features_that_fit(di
     metrics, messages = run("stored", 4.0)
     assert metrics["teacher_signal"] == "views" and seen["teacher_forwards"] == 0
     assert len(glob.glob(str(tmp_path / "cache" / "*" / "signal" / "teacher-features-*.pt"))) == 1
-    metrics, messages = run("online", 1e-4)
+    metrics, messages = run("online", 1e-5)
     assert metrics["teacher_signal"] == "online" and seen["teacher_forwards"] == 1 + 2 * 5  # probe, each batch
     assert ("teacher signal: online, the teacher runs on every training batch (its features would not fit in "
-            "distill.max_signal_memory_gb=0.0001)") in messages
+            "distill.max_signal_memory_gb=1e-05)") in messages
 
 
 @pytest.mark.parametrize("augment, passes", [("none", [1]), ("flip", [2])])
