@@ -15,6 +15,7 @@ epochs. Settings come from the recommended preset at --size px, with the teacher
 EfficientNet-Lite0 with its real ImageNet weights), on this machine's precision (auto).
 
     python benchmarks/bench_signal.py --limit 200 --repeats 3     # ~15 min on 2 CPU cores
+    python benchmarks/bench_signal.py --teacher resnet34 --size 128 --feature-storage int8 --limit 50
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--val-per-class", type=int, default=5)
     parser.add_argument("--teacher", default="kdistill.zoo:efficientnet_lite0")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--feature-storage", default="auto", choices=("auto", "float16", "int8"),
+                        help="how the stored views keep the teacher's features (distill.feature_storage)")
     args = parser.parse_args()
     print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs; torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}, {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
@@ -92,7 +95,8 @@ def main() -> None:
         base = build_config(preset="recommended", overrides={
             "data": str(subset), "image_size": args.size, "cache_dir": str(work / "cache"), "device": "cpu",
             "teacher": {"arch": args.teacher, "weights": "none", "input_size": 0},
-            "student": {"epochs": 1, "warmup_epochs": 0, "input_size": 0}})
+            "student": {"epochs": 1, "warmup_epochs": 0, "input_size": 0},
+            "distill": {"feature_storage": args.feature_storage}})
         base = resolve_auto_layers(base, print)
         compute = Compute(torch.device("cpu"), resolve_precision(base.precision, torch.device("cpu")))
         data = prepare(base.data, args.size, base.cache_dir, log=print)
@@ -120,7 +124,7 @@ def main() -> None:
         n = len(data.splits["train"].files)
         print(f"{n} training images at {args.size} px, teacher {args.teacher}, student {base.student.arch}, "
               f"batch {base.student.batch_size}, precision {compute.precision}; {base.distill.views} stored views "
-              f"computed once in {views_seconds:.1f} s")
+              f"(features: {args.feature_storage}) computed once in {views_seconds:.1f} s")
         student_epoch(base, data, plain_batcher, runs["plain"][2], CrossEntropy(), compute, work)  # warm-up
         median = interleaved_medians({
             LABELS[name]: lambda cfg=cfg, batcher=batcher, batches=batches, make_objective=make_objective:

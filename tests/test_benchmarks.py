@@ -30,7 +30,8 @@ def test_the_methods_benchmark_times_every_registered_method_against_a_plain_epo
 
 def test_the_signal_benchmark_compares_stored_views_and_an_online_teacher_with_a_plain_epoch(digits_dataset):
     printed = run_benchmark("bench_signal.py", "--data", digits_dataset, "--size", "16", "--limit", "8",
-                            "--val-per-class", "2", "--repeats", "1")
+                            "--val-per-class", "2", "--repeats", "1", "--feature-storage", "int8")
+    assert "stored views (features: int8) computed once" in printed
     ratios = {line.split(":")[0].strip(): float(line.split(":")[1].split()[0])
               for line in printed.splitlines() if "/ plain" in line}
     assert set(ratios) == {"stored views / plain", "teacher online / plain", "online + mix / plain + mix"}
