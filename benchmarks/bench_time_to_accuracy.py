@@ -5,9 +5,11 @@ Each variant is one `kdistill run --preset recommended --seeds ...` on cifar10-s
 the offline EfficientNet-Lite0 teacher (the figures of docs/results.md), in ROOT/<variant>. A
 variant may run another commit's code (`--variant today@e5a909a=`): the benchmark writes that commit's
 files into ROOT/code-<commit> (git archive) and runs it with the same interpreter, so "today's code
-against the new" is one command. Resumable: rerun the same command; a finished variant is read, not
-retrained, and the wall time of every invocation is kept in ROOT/<variant>/wall.json (a variant that
-was interrupted says so: its wall time sums its invocations).
+against the new" is one command. Each variant has a cache of its own (ROOT/<variant>.cache), so it is
+timed as a first run: nothing another variant computed shortens it (an identical teacher's stored
+signal, a precision measured before, the decoded images). Resumable: rerun the same command; a
+finished variant is read, not retrained, and the wall time of every invocation is kept in
+ROOT/<variant>.wall.json (a variant that was interrupted says so: its wall time sums its invocations).
 
 Prints per variant: wall time per stage and in all, the teacher's best val accuracy (epoch), the
 student's and the baseline's mean ± std over the seeds (best epochs), and each variant's wall time
@@ -108,8 +110,9 @@ def run_variant(root: Path, name: str, commit: str | None, arguments: list[str],
     if not metrics_path.exists():
         # One seed is a plain run with that seed; several, kdistill's --seeds.
         seeding = ["--seeds", seeds] if "," in seeds else ["--set", f"seed={seeds}"]
+        own_cache = set_flags([f"cache_dir={root / (name + '.cache')}"])  # a variant's arguments may name another
         command = [sys.executable, "-m", "kdistill", "run", "--data", str(data), "--out", str(folder),
-                   "--preset", "recommended", *seeding, *set_flags(PRESET_SETS), *arguments]
+                   "--preset", "recommended", *seeding, *set_flags(PRESET_SETS), *own_cache, *arguments]
         print(f"{name}: {' '.join(shlex.quote(part) for part in command)}", flush=True)
         walls = json.loads(wall_path.read_text()) if wall_path.exists() else []
         started = time.perf_counter()
