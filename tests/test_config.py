@@ -94,7 +94,7 @@ def test_the_recommended_preset_stores_kd_and_the_hint_for_each_view():
     """Its teacher's logits and hint features are stored for as many views as student epochs where
     they fit. At 64 px both models see 128 px; the hint is matched at 64 px: EfficientNet-Lite0's
     _blocks.10 for 7,800 images x 30 views (3.1 GiB) fits the default memory limit in float16, the
-    default ResNet34's layer3 (7.3 GiB) does not, but does in 8 bits (3.6 GiB), so auto stores it so
+    default ResNet34's layer3 (7.1 GiB) does not, but does in 8 bits (3.6 GiB), so auto stores it so
     rather than running that teacher online (tests/test_compact_features.py)."""
     for teacher, layer, hint, fits in (("resnet34", "layer3", (256, 8, 8), False),
                                        ("kdistill.zoo:efficientnet_lite0", "_blocks.10", (112, 8, 8), True)):
