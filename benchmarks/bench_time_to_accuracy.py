@@ -138,13 +138,18 @@ def progressive(part: dict) -> bool:
     return part.get("progressive_from", 1.0) < 1
 
 
+def sampled_head_epochs(part: dict) -> int:
+    """How many head warm-up epochs a model's sample runs: one where its schedule has any."""
+    return min(part.get("head_epochs", 0), 1)
+
+
 def sample_settings(settings: dict) -> list[str]:
     """`--set` flags for a variant's sample run, from its resolved settings: the teacher's first head
     warm-up epoch (if it has them) and its whole-model epochs, three student (and baseline) epochs; a
     progressive model's sampled epochs span its sides (progressive_until 1: the first at
     progressive_from, the last whole), so the cost of every side of the full schedule is known."""
     teacher, student = settings["teacher"], settings["student"]
-    head = min(teacher.get("head_epochs", 0), 1)
+    head = sampled_head_epochs(teacher)
     sample = {"teacher.epochs": head + (3 if progressive(teacher) else 2 - head), "student.epochs": 3,
               "distill.views": SAMPLE_VIEWS, "distill.teacher_signal": "views"}
     # Settings an older commit may not have are only set where the variant uses them.
@@ -173,9 +178,9 @@ def epoch_cost(epochs: list[tuple[float, float | None]]):
     return lambda side: intercept + slope * side ** 2
 
 
-def schedule_seconds(sample: list[tuple[float, float | None]], part: dict, sample_head: int, side: int) -> float:
+def schedule_seconds(sample: list[tuple[float, float | None]], part: dict, side: int) -> float:
     """The seconds of a model's full schedule (part: its resolved settings; side: its view side)."""
-    head_epochs = part.get("head_epochs", 0)
+    head_epochs, sample_head = part.get("head_epochs", 0), sampled_head_epochs(part)
     total = statistics.mean(seconds for seconds, _ in sample[:sample_head]) * head_epochs if head_epochs else 0.0
     cost = epoch_cost(sample[sample_head:])
     for epoch in range(head_epochs + 1, part["epochs"] + 1):
@@ -194,9 +199,8 @@ def extrapolated(folder: Path, settings: dict, stage_seconds: dict[str, float], 
     for model, part in parts.items():
         sample = sampled_epochs(folder, model)
         side = max(part.get("input_size", 0), settings.get("image_size", 0))
-        sample_head = min(part.get("head_epochs", 0), 1)
         stages[model] = (stage_seconds[model] - sum(seconds for seconds, _ in sample)
-                         + schedule_seconds(sample, part, sample_head, side))
+                         + schedule_seconds(sample, part, side))
     stages["teacher_signal"] = stage_seconds["teacher_signal"] * settings["distill"]["views"] / SAMPLE_VIEWS
     return stages
 
