@@ -13,6 +13,9 @@ NON_RESULT_KEYS = {"out", "device", "threads", "workers", "loggers", "keep_check
 # Model settings added later whose value then reproduces what kdistill did before them.
 LATER_MODEL_SETTINGS = {"steps": 0, "patience": 0, "progressive_from": 1.0, "progressive_until": 0.75,
                         "head_epochs": 0}
+# Other settings added later whose given value reproduces what kdistill did before them (float16 was the
+# only storage for teacher features; auto may store them in 8 bits where float16 does not fit).
+LATER_SETTINGS = {"distill.feature_storage": "float16"}
 
 
 def _unused_method_section(section: str, *methods: str | None) -> bool:
@@ -40,9 +43,17 @@ def missing_setting_keeps_results(name: str, cfg: Config) -> bool:
         return getattr(cfg.student if top == "student" else cfg.teacher, rest) == LATER_MODEL_SETTINGS[rest]
     return ((name == "ensemble" and not cfg.ensemble)
             or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
-            or (name == "distill.max_signal_memory_gb" and not cfg.distiller().teacher_features())
+            or (name in ("distill.max_signal_memory_gb", "distill.feature_storage")
+                and not cfg.distiller().teacher_features())
+            or (name in LATER_SETTINGS and _value(cfg.to_dict(), name) == LATER_SETTINGS[name])
             or (name == "teacher.input_size" and not upsampled_side(cfg.teacher, cfg.image_size))
             or (name == "student.input_size" and not upsampled_side(cfg.student, cfg.image_size)))
+
+
+def _value(settings: dict, name: str):
+    for part in name.split("."):
+        settings = settings[part]
+    return settings
 
 
 def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -105,6 +116,8 @@ def saved_differences(saved: dict, cfg: Config, holder: str) -> list[str]:
         missing.remove(name)
         _copy_setting(current, saved, name)  # so that it is not reported as a difference below
     if missing:
+        repeat = [f"{name}={LATER_SETTINGS[name]}" for name in missing if name in LATER_SETTINGS]
         raise KdistillError(f"{holder} a run made by an older kdistill (it has no setting "
-                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use another --out")
+                            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); use another --out"
+                            + (f", or set {' '.join(repeat)} to go on as it began" if repeat else ""))
     return result_differences(saved, current)

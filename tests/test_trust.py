@@ -341,7 +341,7 @@ def test_a_run_folder_without_the_settings_added_later_resumes_when_their_values
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     later = ["sync_bn", "ddp_timeout_s", "deploy_check", "ensemble", "distill.ensemble_weights",
              "distill.max_signal_memory_gb", "teacher.input_size", "student.input_size", "distill.dml.peer",
-             "distill.born_again.generations"]
+             "distill.born_again.generations", "distill.feature_storage"]
     out_folder.check_out_folder(saved_without(later, method="kd"), None, {})  # none of them changes a kd run
     # Stored teacher features replaced features computed online: a feature method's folder is refused,
     # and so is one missing a setting of the method it uses.
@@ -349,6 +349,13 @@ def test_a_run_folder_without_the_settings_added_later_resumes_when_their_values
         with pytest.raises(KdistillError, match="older kdistill") as error:
             out_folder.check_out_folder(saved_without(names, method=method), None, {})
         assert names[-1 if method == "dml" else 5] in str(error.value)
+    # Teacher features had one storage, float16: under auto a feature method's folder is refused with the
+    # setting that repeats it, and resumes under that setting.
+    with pytest.raises(KdistillError, match="older kdistill") as error:
+        out_folder.check_out_folder(saved_without(["distill.feature_storage"], method="fitnets"), None, {})
+    assert "or set distill.feature_storage=float16 to go on as it began" in str(error.value)
+    out_folder.check_out_folder(saved_without(["distill.feature_storage"], method="fitnets",
+                                              feature_storage="float16"), None, {})
 
 
 def test_auto_precision_is_bf16_on_cuda_and_on_cpus_with_bf16_units(monkeypatch):
