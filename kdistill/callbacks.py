@@ -2,8 +2,8 @@
 line, early stopping, loggers and tests observe training instead of patching it.
 
 Events, in order: on_fit_start(state) once (after a resume: with the resumed history), then for
-every epoch on_epoch_start(state, epoch) before it trains and on_epoch_end(state, row) after it
-(row: that epoch's numbers, already in state.history),
+every epoch on_epoch_start(state, epoch) before it trains, on_batch_end(state, batch) after each of
+its steps, and on_epoch_end(state, row) after it (row: that epoch's numbers, already in state.history),
 on_fit_end(state) when the loop ends normally, and close(state) always, last (also on an error or an
 interrupt). Every process runs the callbacks (a collective call such as a gather needs them all);
 state.session.ranks.main tells the one that writes.
@@ -70,6 +70,9 @@ class Callback:
         pass
 
     def on_epoch_start(self, state: FitState, epoch: int) -> None:
+        pass
+
+    def on_batch_end(self, state: FitState, batch: int) -> None:
         pass
 
     def on_epoch_end(self, state: FitState, row: dict) -> None:

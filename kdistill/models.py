@@ -148,7 +148,7 @@ class Standardized(nn.Module):
         if side and images01.shape[-2:] != (side, side):
             images01 = nn.functional.interpolate(images01, size=(side, side), mode="bilinear",
                                                  antialias=side < images01.shape[-1])
-        if self.training:
+        if torch.is_grad_enabled():  # a training step: a head warm-up's frozen wrapper is in eval mode
             self.trained_side = images01.shape[-1]
         return self.model((images01 - self.mean) / self.std)
 

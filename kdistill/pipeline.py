@@ -34,6 +34,7 @@ from .student_plan import TEACHER, PlannedStudent
 from .finish import Stopwatch, Trained, best_and_final, finish_run, run_name
 from .fileio import (append_text, atomic_write_text, folder_in_use, mark_as_ours, refuse_foreign_folder,
                      remove_stale_temporaries, save_weights)
+from .load_follow import threads_following_load
 from .loggers import make_loggers
 from .models import Standardized, check_train_output, fetch_pretrained, standardized_model, weights_source
 from .out_folder import RUN_SUBFOLDERS, check_out_folder, check_out_outside_data, describe_data
@@ -93,7 +94,8 @@ def train_student(training: StudentTraining, name: str, seed: int, train: Batche
         student.compile()
     history = fit(name, student, student, train, training.val, objective, s, Session(
         checkpoint_dir or os.path.join(RunFolder(cfg.out).checkpoints, name), compute.device, seed + 1, log,
-        compute.precision, training.ranks, make_loggers(cfg.loggers, cfg.out) if training.ranks.main else [],
+        compute.precision, training.ranks, [*(make_loggers(cfg.loggers, cfg.out) if training.ranks.main else []),
+                                            *threads_following_load(cfg.threads, compute.device, training.ranks)],
         cfg.keep_checkpoints, layout=compute.layout, clock=training.clock,
         # A method that trains a model of its own beside the student (DML's peer) gets it built like
         # the student, from scratch.

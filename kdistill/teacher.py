@@ -27,6 +27,7 @@ from .errors import KdistillError
 from .fileio import save_weights, tensors_sha256
 from .given_teacher import load_given_teacher
 from .head_warmup import head_warmup
+from .load_follow import threads_following_load
 from .loggers import make_loggers
 from .models import Standardized, standardized_model, trainable_part, weights_source
 from .progress import progress_bar
@@ -127,7 +128,8 @@ def train_teacher(cfg: Config, data: PreparedData, batcher: ImageBatcher, comput
     train, val = data.splits["train"], data.splits["val"]
     session = Session(checkpoint_dir, compute.device, seed, log, compute.precision, ranks,
                       [*(make_loggers(cfg.loggers, cfg.out) if ranks.main else []),
-                       *head_warmup(teacher, head, t.head_epochs if not head_only else 0, ranks.joined)],
+                       *head_warmup(teacher, head, t.head_epochs if not head_only else 0, ranks.joined),
+                       *threads_following_load(cfg.threads, compute.device, ranks)],
                       cfg.keep_checkpoints, layout=compute.layout, clock=scope.clock, eval_precision=compute.outputs)
     features = None
     if head_only and cfg.augment == "none":

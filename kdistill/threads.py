@@ -4,8 +4,8 @@ When another process competes for the cores, each of torch's OpenMP parallel reg
 slowest thread, and a thread whose core is taken waits a whole scheduler slice: bf16 steps, short
 and many, collapse (a ResNet18 step 5.9x slower beside another bf16 training, against 2.5x for
 float32; benchmarks/RESULTS.md, "Threads under a competing load"). With one thread per free core
-the same step slows 1.8x instead. The count is chosen when a run starts and kept for the run
-(thread counts change the last bits of every sum, so a resumed model keeps its count).
+the same step slows 1.8x instead. The count is chosen when a run starts (a resumed model starts
+with its first count), and under auto follows the load while a model trains (load_follow.py).
 """
 from __future__ import annotations
 
@@ -47,16 +47,37 @@ def _busy_seconds(cpus: set[int]) -> float | None:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
+class LoadWindow:
+    """The CPUs of this process that other processes keep busy, over the time since the window opened
+    or was last read: their busy time (/proc/stat) less this process's own."""
+
+    def __init__(self):
+        self.cpus = _affinity()
+        self._open()
+
+    def _open(self) -> None:
+        self.busy, self.own, self.opened = _busy_seconds(self.cpus), sum(os.times()[:2]), time.monotonic()
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.opened
+
+    def others(self) -> float | None:
+        """Cores others kept busy since the window opened (None where /proc/stat is unreadable); it
+        opens again from now."""
+        busy, own, opened = self.busy, self.own, self.opened
+        self._open()
+        elapsed = self.opened - opened
+        if busy is None or self.busy is None or elapsed <= 0:
+            return None
+        return max(0.0, (self.busy - busy - (self.own - own)) / elapsed)
+
+
 def others_busy_cores(seconds: float = SAMPLE_SECONDS) -> float:
-    """How many of this process's CPUs other processes keep busy, watched for `seconds`: their busy
-    time less this process's own; 0 where /proc/stat is not available."""
-    cpus = _affinity()
-    before, own_before, start = _busy_seconds(cpus), sum(os.times()[:2]), time.monotonic()
+    """How many of this process's CPUs other processes keep busy, watched for `seconds`; 0 where
+    /proc/stat is not available."""
+    window = LoadWindow()
     time.sleep(seconds)
-    after, own_after, elapsed = _busy_seconds(cpus), sum(os.times()[:2]), time.monotonic() - start
-    if before is None or after is None:
-        return 0.0
-    return max(0.0, (after - before - (own_after - own_before)) / elapsed)
+    return window.others() or 0.0
 
 
 def auto_threads(cpus: int, others: float, quota: int | None = None) -> int:

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .batches import Batches, hard_labels, shard_size
 from .inference import evaluate
-from .callbacks import Checkpointer, EarlyStopping, EpochLog, FitState, Session, offered_val_acc
+from .callbacks import Callback, Checkpointer, EarlyStopping, EpochLog, FitState, Session, offered_val_acc
 from .config import TrainConfig
 from .distillers import Distiller, Outputs, Step
 from .errors import KdistillError
@@ -240,7 +240,7 @@ def _finished(name: str, saved: dict, state: FitState, path: str) -> None:
 
 
 def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train: Batches,
-                 student_taps: FeatureTaps) -> dict:
+                 student_taps: FeatureTaps, callbacks: list[Callback]) -> dict:
     """One pass over the training batches; the epoch's training numbers (those of the global batch)."""
     session, cfg, parts = state.session, state.cfg, state.parts
     ranks, device, precision = session.ranks, session.device, session.precision
@@ -285,6 +285,8 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
             sums[key] = sums.get(key, 0) + value.detach() * len(y)
         correct += (logits.argmax(1) == hard_labels(y)).sum()  # an unlabelled image (-1) never counts
         seen += len(y)
+        for callback in callbacks:
+            callback.on_batch_end(state, batch)
         labelled += (hard_labels(y) >= 0).sum()
     sums = {key: ranks.sum(value) for key, value in sums.items()}
     seen = int(ranks.sum(torch.tensor(seen, device=device)))
@@ -349,7 +351,7 @@ def fit(name: str, model: nn.Module, trainable: nn.Module, train: Batches, val: 
             trainable.train()
             for callback in callbacks:  # after the modes are set: a callback may change them (head warm-up)
                 callback.on_epoch_start(state, epoch)
-            row = _train_epoch(state, epoch, forward, objective_forward, train, student_taps)
+            row = _train_epoch(state, epoch, forward, objective_forward, train, student_taps, callbacks)
             offered = _validate(state, model, val, row)
             row["seconds"] = time.perf_counter() - started
             state.history.append(row)

@@ -74,15 +74,25 @@ def test_the_student_and_the_baseline_train_on_the_same_growing_views(digits_dat
         assert "view_side" not in next(csv.DictReader(f))  # the teacher's own schedule is off
 
 
-def _fit(folder, cfg, log=lambda message: None):
+def _fit(folder, cfg, log=lambda message: None, callbacks=()):
     torch.manual_seed(0)
     images = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(24) % 3
     model = Standardized(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                        nn.Flatten(), nn.Linear(8, 3)), [0.5] * 3, [0.25] * 3, input_size=32)
     history = fit("model", model, model, Batches(images, labels, lambda x: x), Batches(images, labels, lambda x: x),
-                  CrossEntropy(), cfg, Session(str(folder), CPU, seed=0, log=log))
+                  CrossEntropy(), cfg, Session(str(folder), CPU, seed=0, log=log, callbacks=[
+                      callback(model) for callback in callbacks]))
     return model, history
+
+
+def test_a_head_warm_up_epoch_logs_the_whole_views_its_frozen_model_sees(tmp_path):
+    """The warm-up keeps the model in eval mode, where it does not resize: its epoch sees whole views."""
+    from kdistill.head_warmup import HeadWarmup
+
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, progressive_from=0.5, progressive_until=1.0)
+    _, history = _fit(tmp_path, cfg, callbacks=[lambda model: HeadWarmup(model, "model.5", 1)])
+    assert [row["view_side"] for row in history] == [32, 24, 32]
 
 
 class Killed(Exception):
