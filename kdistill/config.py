@@ -94,8 +94,8 @@ class Config:
                                      "shape and cached per machine; on CUDA bf16; fp32 or bf16 for every model",
                              choices=("auto", "fp32", "bf16"))
     threads: int = setting(0, "CPU threads; 0 (auto): OMP_NUM_THREADS where set, else one per core this process may "
-                              "use that other processes leave free, chosen when the run starts and followed while it trains; N: fixed",
-                             ge=0)
+                              "use that other processes leave free, chosen when the run starts and followed while it "
+                              "trains; N: fixed", ge=0)
     baseline: bool = setting(True, "also train the student without a teacher, for comparison")
     skip_bad: bool = setting(False, "skip unreadable images with a warning instead of stopping")
     keep_checkpoints: bool = setting(False, "keep each model's whole training state (optimizer, weight average, an "
