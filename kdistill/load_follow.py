@@ -7,7 +7,7 @@ core they leave free, back up to the start's count when they leave.
 
 The count changes the last bits of sums, so under a changing load a run is not bit-for-bit the run
 it would be on a quiet machine; a fixed `threads` (or OMP_NUM_THREADS) keeps it, and the count
-with it, fixed. The model trains with the run's start count again after each fit.
+with it, fixed. What follows a fit (the teacher's signal, the next model) starts on the run's count again.
 """
 from __future__ import annotations
 

@@ -285,9 +285,9 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
             sums[key] = sums.get(key, 0) + value.detach() * len(y)
         correct += (logits.argmax(1) == hard_labels(y)).sum()  # an unlabelled image (-1) never counts
         seen += len(y)
+        labelled += (hard_labels(y) >= 0).sum()
         for callback in callbacks:
             callback.on_batch_end(state, batch)
-        labelled += (hard_labels(y) >= 0).sum()
     sums = {key: ranks.sum(value) for key, value in sums.items()}
     seen = int(ranks.sum(torch.tensor(seen, device=device)))
     first_bad_batch, first_bad_teacher = ranks.earliest(first_bad_batch), ranks.earliest(first_bad_teacher)
