@@ -2,6 +2,8 @@
 distributed run must agree on, and what a run folder saved before a setting existed may lack."""
 from __future__ import annotations
 
+import functools
+
 from .compute import Ranks
 from .config import Config, upsampled_side
 from .errors import KdistillError
@@ -45,15 +47,9 @@ def missing_setting_keeps_results(name: str, cfg: Config) -> bool:
             or (name == "distill.ensemble_weights" and not cfg.distill.ensemble_weights)
             or (name in ("distill.max_signal_memory_gb", "distill.feature_storage")
                 and not cfg.distiller().teacher_features())
-            or (name in LATER_SETTINGS and _value(cfg.to_dict(), name) == LATER_SETTINGS[name])
+            or (name in LATER_SETTINGS and functools.reduce(getattr, name.split("."), cfg) == LATER_SETTINGS[name])
             or (name == "teacher.input_size" and not upsampled_side(cfg.teacher, cfg.image_size))
             or (name == "student.input_size" and not upsampled_side(cfg.student, cfg.image_size)))
-
-
-def _value(settings: dict, name: str):
-    for part in name.split("."):
-        settings = settings[part]
-    return settings
 
 
 def result_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
