@@ -283,9 +283,10 @@ def _train_epoch(state: FitState, epoch: int, forward, objective_forward, train:
             ema.update_parameters(parts["model"])
         for key, value in terms.items():
             sums[key] = sums.get(key, 0) + value.detach() * len(y)
-        correct += (logits.argmax(1) == hard_labels(y)).sum()  # an unlabelled image (-1) never counts
+        classes = hard_labels(y)
+        correct += (logits.argmax(1) == classes).sum()  # an unlabelled image (-1) never counts
         seen += len(y)
-        labelled += (hard_labels(y) >= 0).sum()
+        labelled += (classes >= 0).sum()
         for callback in callbacks:
             callback.on_batch_end(state, batch)
     sums = {key: ranks.sum(value) for key, value in sums.items()}

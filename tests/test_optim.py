@@ -14,20 +14,9 @@ from kdistill.models import build_model
 from kdistill.batches import Batches
 from kdistill.train import build_optimizer, fit, offered_val_acc
 from kdistill.callbacks import Session
+from lr_rates import learning_rates
 
 CPU = torch.device("cpu")
-
-
-def learning_rates(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
-    """The learning rate of every step, from the optimizer and schedule fit builds."""
-    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg, steps_per_epoch)
-    rates = []
-    for _ in range(cfg.epochs * steps_per_epoch):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    return rates
 
 
 # ---------------------------------------------------------------- schedules

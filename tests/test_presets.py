@@ -8,28 +8,15 @@ from kdistill.features import output_shapes, resolve_auto_layers
 from kdistill.models import build_model, trainable_part
 from kdistill.settings import leaves
 from kdistill.teacher_signal import COMPACT_DTYPE, feature_megabytes
+from lr_rates import learning_rates
 
 SETTING_NAMES = [name for name, _, _ in leaves(Config())]
 
 
-def student_learning_rates(cfg) -> list[float]:
-    """The learning rate of each epoch, from an optimizer and scheduler built as kdistill.train.fit builds them."""
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.Adam([parameter], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma) if cfg.lr_step else None
-    rates = []
-    for _ in range(cfg.epochs):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    return rates
-
-
 def test_seed_nguyen_student_learning_rate_drops_tenfold_every_ten_epochs():
-    rates = student_learning_rates(build_config("seed-nguyen").student)
+    rates = learning_rates(build_config("seed-nguyen").student, 1)
     assert rates == pytest.approx([1e-3] * 10 + [1e-4] * 10 + [1e-5] * 10 + [1e-6] * 10, rel=1e-9)
-    shen = student_learning_rates(build_config("seed-shen").student)
+    shen = learning_rates(build_config("seed-shen").student, 1)
     assert len(shen) > 1 and len(set(shen)) == 1  # Shen: a constant learning rate
 
 
